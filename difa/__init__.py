@@ -1,0 +1,15 @@
+"""difa: one planner for post-training attention compression of diffusion models.
+
+    plan = difa.calibrate_pipeline(pipe, inputs, threshold=0.05, steps=20, guidance_scale=4.0)
+    plan.save("plans/my.json")
+    difa.apply_plan(pipe, difa.load_plan("plans/my.json"))   # then call pipe(...) as usual
+    difa.remove_plan(pipe)                                   # exact undo
+"""
+
+from difa.calibration import calibrate_pipeline
+from difa.engine import apply_plan, remove_plan
+from difa.errors import DifaError
+from difa.plan import Plan, load_plan
+
+__all__ = ["Plan", "DifaError", "apply_plan", "calibrate_pipeline", "load_plan", "remove_plan"]
+__version__ = "0.1.0"

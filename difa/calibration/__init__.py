@@ -1,0 +1,133 @@
+"""Calibration: runs the stock pipeline once with the greedy search attached and returns a Plan. Nothing else."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from difa.attention import window_tokens
+from difa.calibration.cost import plan_flops
+from difa.calibration.greedy import GreedySearch
+from difa.engine import Engine, plan_layers
+from difa.errors import DifaError
+from difa.plan import CFG_METHODS, FULL, ModelIdentity, Plan, config_hash
+from difa.techniques import REGISTRY, wars
+
+DEFAULT_CANDIDATES = ("ast", "wars", "asc", "wars+asc")
+
+
+def check_candidates(candidates: Sequence[str]) -> list[str]:
+    bad = [c for c in candidates if c not in REGISTRY]
+    if bad:
+        raise DifaError(f"unknown candidate method(s) {', '.join(map(repr, bad))}; choose from {', '.join(sorted(REGISTRY))}")
+    return [c for c in dict.fromkeys(candidates) if c != FULL]
+
+
+def denoiser_calls(scheduler: Any, steps: int) -> int:
+    """Denoiser forwards per generation: num_inference_steps, +1 for PNDM's warm-up, x2 for Heun-type solvers."""
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(steps)
+    return len(probe.timesteps)
+
+
+def model_identity(model: Any, layers: Sequence[tuple[str, Any]], name: str, family: str) -> ModelIdentity:
+    return ModelIdentity(type(model).__name__, config_hash(model.config), tuple(n for n, _ in layers), name, family)
+
+
+def fixed_plan(
+    pipe: Any,
+    method: Callable[[int, int], str],
+    *,
+    steps: int,
+    guidance_scale: float,
+    window: float | int = wars.DEFAULT_WINDOW,
+    name: str = "",
+) -> Plan:
+    """A plan without calibration: `method(layer, step)` picks each cell (step 0 is forced to full)."""
+    adapter, model, layers = plan_layers(pipe)
+    calls = denoiser_calls(pipe.scheduler, steps)
+    methods = tuple(tuple(FULL if t == 0 else method(i, t) for t in range(calls)) for i in range(len(layers)))
+    return Plan(model=model_identity(model, layers, name, adapter.family), scheduler=type(pipe.scheduler).__name__,
+                steps=calls, num_inference_steps=steps, methods=methods, cfg_enabled=guidance_scale > 1,
+                cfg_layout=adapter.cfg_layout, guidance_scale=float(guidance_scale),
+                techniques={wars.NAME: {"window": window}})
+
+
+def calibrate_pipeline(
+    pipe: Any,
+    inputs: Sequence,
+    *,
+    threshold: float,
+    steps: int,
+    guidance_scale: float,
+    seed: int = 0,
+    candidates: Sequence[str] = DEFAULT_CANDIDATES,
+    window: float | int = wars.DEFAULT_WINDOW,
+    call_kwargs: Mapping[str, Any] | None = None,
+    name: str = "",
+    progress: Any = None,
+) -> Plan:
+    """Greedy DiTFastAttn-style calibration of `pipe` on `inputs` (class ids or prompts) -> Plan.
+
+    threshold: δ; layer i of L accepts a method whose relative-L1 error on the final model output is below
+    δ·(i+1)/L. 0 gives an all-full plan; larger is faster and less faithful (DiTFastAttn's D1..D6 are
+    0.025..0.15).
+    """
+    if not isinstance(threshold, (int, float)) or threshold < 0:
+        raise DifaError(f"threshold must be a number >= 0 (got {threshold!r}); try threshold=0.05")
+    if not isinstance(steps, int) or steps < 1:
+        raise DifaError(f"steps must be a positive integer (got {steps!r})")
+    if not inputs:
+        raise DifaError("calibration needs at least one prompt or class id; set n_calib >= 1")
+    try:
+        window_tokens(window, 1 << 20)
+    except ValueError as e:
+        raise DifaError(str(e)) from None
+    cands = check_candidates(candidates)
+    cfg_on = guidance_scale > 1
+    if not cfg_on:
+        cands = [c for c in cands if c not in CFG_METHODS]
+
+    adapter, model, layers = plan_layers(pipe)
+    if not layers:
+        raise DifaError(f"found no self-attention layers in {type(model).__name__}")
+    params = {wars.NAME: {"window": window}}
+    calls = denoiser_calls(pipe.scheduler, steps)
+    methods = [[FULL] * calls for _ in layers]
+    search = GreedySearch(methods, cands, float(threshold), params, progress=progress)
+    engine = Engine(model, adapter, layers, methods, params, scheduler=pipe.scheduler, calibrating=True,
+                    on_step=search.on_step, inference_steps=steps)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    t0 = time.perf_counter()
+    with engine:
+        adapter.call_pipeline(pipe, inputs, steps=steps, guidance_scale=guidance_scale, generator=generator,
+                              output_type=adapter.calib_output_type, extra=call_kwargs)
+    wall = time.perf_counter() - t0
+    shapes = [engine.shapes[i] for i in range(len(layers))]
+    flops = plan_flops(methods, shapes, params)
+    flops["shapes"] = [s.to_dict() for s in shapes]
+    return Plan(
+        model=model_identity(model, layers, name, adapter.family),
+        scheduler=type(pipe.scheduler).__name__,
+        steps=calls,
+        num_inference_steps=steps,
+        methods=tuple(tuple(r) for r in methods),
+        cfg_enabled=cfg_on,
+        cfg_layout=adapter.cfg_layout,
+        guidance_scale=float(guidance_scale),
+        techniques=params,
+        calibration={
+            "threshold": float(threshold),
+            "inputs": list(inputs),
+            "seed": seed,
+            "candidates": cands,
+            "loss": "relative_l1",
+            "wall_time_s": round(wall, 3),
+            "forwards": engine.forwards,
+            "decisions": search.decisions,
+        },
+        flops=flops,
+    )

@@ -1,0 +1,55 @@
+"""Greedy per-step, per-layer search (DiTFastAttn §3.4, with the post-paper threshold δ·(i+1)/L).
+
+Runs inside the real sampler loop: the engine calls `on_step` at the start of every denoiser forward, and
+the search runs trial forwards of that same call before letting it proceed with the decided methods, so
+the trajectory is the compressed one and errors accumulate as they will at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from difa.calibration.cost import order_candidates
+from difa.calibration.loss import relative_l1
+from difa.plan import CFG_METHODS, FULL
+
+
+@dataclass
+class GreedySearch:
+    methods: list[list[str]]  # (n_layers, steps), mutated in place; the engine reads it
+    candidates: Sequence[str]  # non-full methods allowed
+    threshold: float  # δ
+    params: Mapping[str, Mapping]
+    loss: Callable[[torch.Tensor, torch.Tensor], float] = relative_l1
+    progress: Callable[[int], None] | None = None  # called with the step index after each decided step
+    decisions: list[dict] = field(default_factory=list)
+
+    def layer_threshold(self, i: int) -> float:
+        return self.threshold * (i + 1) / len(self.methods)
+
+    def on_step(self, engine, trial: Callable[[], torch.Tensor]) -> None:
+        t = engine.step
+        if t == 0:  # nothing is cached yet: step 0 is always full
+            return
+        for row in self.methods:
+            row[t] = FULL
+        reference = trial()
+        for i, row in enumerate(self.methods):
+            thr = self.layer_threshold(i)
+            order = order_candidates(self.candidates, engine.shapes[i], self.params)
+            tried: dict[str, float] = {}
+            for m in order:
+                if m in CFG_METHODS and engine.cond is None:
+                    continue
+                row[t] = m
+                tried[m] = self.loss(trial(), reference)
+                if tried[m] < thr:
+                    break
+            else:
+                row[t] = FULL
+            self.decisions.append({"step": t, "layer": i, "threshold": thr, "tried": tried, "chosen": row[t]})
+        if self.progress is not None:
+            self.progress(t)

@@ -1,0 +1,81 @@
+"""Shared CLI plumbing: model configs, pipeline loading, error reporting. Hydra stays in this package."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from difa.errors import DifaError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO_ROOT / "conf"
+MODEL_DIR = CONF_DIR / "model"
+
+
+def model_names() -> list[str]:
+    return sorted(p.stem for p in MODEL_DIR.glob("*.yaml"))
+
+
+def model_config(name: str) -> DictConfig:
+    path = MODEL_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise DifaError(f"no model config {name!r}; choose one of: {', '.join(model_names())}")
+    return OmegaConf.load(path)
+
+
+def take_inputs(inputs: Sequence, n: int | None) -> list:
+    """The first n inputs, cycling through the list when n is larger than it."""
+    items = list(inputs)
+    if not items:
+        raise DifaError("the model config has no calibration inputs; pass inputs=[...]")
+    n = len(items) if n is None else int(n)
+    if n < 1:
+        raise DifaError(f"the number of inputs must be >= 1 (got {n})")
+    return [items[i % len(items)] for i in range(n)]
+
+
+def load_model(m: DictConfig, device: str, dtype: str) -> Any:
+    import diffusers
+
+    from difa.models import load_pipeline
+
+    pipe = load_pipeline(OmegaConf.to_container(m, resolve=True), device=device, dtype=dtype)
+    scheduler = m.get("scheduler")
+    if scheduler:
+        cls = getattr(diffusers, scheduler, None)
+        if cls is None:
+            raise DifaError(f"diffusers has no scheduler {scheduler!r}; fix model.scheduler")
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def call_kwargs(m: DictConfig) -> dict:
+    from difa.models import pipeline_call_kwargs
+
+    kw = pipeline_call_kwargs(m.family)  # what the family needs offline; the model config may override
+    kw.update(OmegaConf.to_container(m.get("call_kwargs") or OmegaConf.create({}), resolve=True))
+    return kw
+
+
+def reject_unplussed_model(argv: Sequence[str], command: str) -> None:
+    """`model` is not in the defaults list, so Hydra needs +model=...; say so in one line instead of Hydra's."""
+    for a in argv:
+        hit = re.match(r"^model=(.*)$", a)
+        if hit:
+            sys.stderr.write(
+                f"difa: error: write +model={hit.group(1)} (with a plus): `model` is chosen with +model=<name> "
+                f"in `python -m {command}`; available: {', '.join(model_names())}\n"
+            )
+            raise SystemExit(2)
+
+
+def report_errors(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except DifaError as e:
+        sys.stderr.write(f"difa: error: {e}\n")
+        raise SystemExit(2) from None

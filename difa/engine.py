@@ -1,0 +1,253 @@
+"""The engine: executes a method table on a stock diffusers model. It knows nothing about what a method does.
+
+It installs one processor per planned attention layer (the original processor is kept for `full` cells
+and for undo), one forward pre-hook on the denoiser that advances the single step counter, and, on a
+pipeline, a wrapper around `scheduler.set_timesteps`, which every diffusers pipeline calls once at the
+start of a generation: that call resets the caches and checks the step count. On a bare model the
+counter wraps after `steps` forwards (a new generation), and `Engine.reset()` restarts it by hand.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from difa.adapters import Adapter, adapter_for
+from difa.errors import DifaError
+from difa.plan import AST, CFG_METHODS, FULL, Plan, config_hash, output_steps, residual_steps
+from difa.techniques import REGISTRY
+from difa.techniques.base import Cell, LayerShape, LayerState
+
+ENGINE_ATTR = "_difa_engine"  # the handle on the denoiser, so that remove_plan(pipe) can find it
+
+StepHook = Callable[["Engine", Callable[[], torch.Tensor]], None]
+
+
+class PlanProcessor:
+    """Attention processor for one planned layer; forwards every call to the engine."""
+
+    def __init__(self, engine: "Engine", layer: int, original: Callable):
+        self.engine = engine
+        self.layer = layer
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if temb is not None:
+            kwargs["temb"] = temb
+        return self.engine.run_cell(self.layer, self.original, attn, hidden_states, encoder_hidden_states, attention_mask, kwargs)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        adapter: Adapter,
+        layers: Sequence[tuple[str, torch.nn.Module]],
+        methods: Sequence[Sequence[str]],  # (n_layers, steps); calibration mutates it between trial forwards
+        params: Mapping[str, Mapping[str, Any]],
+        *,
+        scheduler: Any = None,
+        calibrating: bool = False,
+        on_step: StepHook | None = None,
+        inference_steps: int | None = None,
+    ):
+        self.model, self.adapter, self.layers = model, adapter, list(layers)
+        self.methods, self.params = methods, params
+        self.steps = len(methods[0]) if methods else 0  # denoiser calls per generation
+        self.inference_steps = inference_steps or self.steps  # num_inference_steps, for messages
+        self.scheduler, self.calibrating, self.on_step = scheduler, calibrating, on_step
+        self.states = [LayerState() for _ in self.layers]
+        self.shapes: dict[int, LayerShape] = {}
+        if calibrating:  # future decisions are unknown: keep every cache that a later cell could read
+            self.keep_residual = [[m == FULL for m in row] for row in methods]
+            self.keep_output = [[True] * self.steps for _ in methods]
+        else:
+            self.keep_residual = residual_steps(methods)
+            self.keep_output = output_steps(methods)
+        self.cfg_steps = [any(row[t] in CFG_METHODS for row in methods) for t in range(self.steps)]
+        self.step: int | None = None  # step of the forward in progress
+        self.cond: slice | None = None  # conditional half of the current batch, None if not a CFG batch
+        self.forwards = 0
+        self._next = 0
+        self._inside = False
+        self._handles: list[Any] = []
+        self._installed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def install(self) -> "Engine":
+        if self._installed:
+            return self
+        old = getattr(self.model, ENGINE_ATTR, None)
+        if old is not None:
+            old.remove()
+        for i, (_, attn) in enumerate(self.layers):
+            attn.set_processor(PlanProcessor(self, i, attn.processor))
+        self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        if self.scheduler is not None:
+            self._wrap_scheduler()
+        setattr(self.model, ENGINE_ATTR, self)
+        self._installed = True
+        return self
+
+    def remove(self) -> None:
+        """Undo install(): original processors back, hooks and the scheduler wrapper gone."""
+        if not self._installed:
+            return
+        for _, attn in self.layers:
+            if isinstance(attn.processor, PlanProcessor) and attn.processor.engine is self:
+                attn.set_processor(attn.processor.original)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self.scheduler is not None and "set_timesteps" in vars(self.scheduler):
+            del self.scheduler.set_timesteps
+        if getattr(self.model, ENGINE_ATTR, None) is self:
+            delattr(self.model, ENGINE_ATTR)
+        self._installed = False
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new generation: step counter to 0, every cache emptied."""
+        self._next = 0
+        self.step = None
+        for s in self.states:
+            s.reset()
+
+    def __enter__(self) -> "Engine":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def _wrap_scheduler(self) -> None:
+        original = self.scheduler.set_timesteps
+
+        @functools.wraps(original)
+        def set_timesteps(*args, **kwargs):
+            out = original(*args, **kwargs)
+            n = len(self.scheduler.timesteps)
+            if n != self.steps:
+                asked = getattr(self.scheduler, "num_inference_steps", n)
+                raise DifaError(
+                    f"the plan was made for num_inference_steps={self.inference_steps} ({self.steps} denoiser calls) "
+                    f"but the pipeline runs {asked} ({n} calls); pass num_inference_steps={self.inference_steps} "
+                    f"or recalibrate with steps={asked}"
+                )
+            self.reset()
+            return out
+
+        self.scheduler.set_timesteps = set_timesteps
+
+    # -- per forward -----------------------------------------------------------------------
+    def _pre_forward(self, module, args, kwargs):
+        if self._inside:
+            return None
+        if self._next >= self.steps:
+            self.reset()
+        self.step, self._next = self._next, self._next + 1
+        b = self.adapter.latent_input(args, kwargs).shape[0]
+        self.cond = self.adapter.cond_slice(b) if self.adapter.is_cfg_batch(args, kwargs) else None
+        if self.cond is None and self.cfg_steps[self.step]:
+            raise DifaError(
+                f"step {self.step} of the plan shares attention across CFG halves but this call runs without "
+                "classifier-free guidance; use guidance_scale > 1 or a plan calibrated with CFG off"
+            )
+        if self.on_step is not None:
+            snapshot = [s.snapshot() for s in self.states]
+
+            def trial() -> torch.Tensor:
+                for s, snap in zip(self.states, snapshot):
+                    s.restore(snap)
+                self.forwards += 1
+                out = module(*args, **kwargs)
+                return out.sample if hasattr(out, "sample") else out[0]
+
+            self._inside = True
+            try:
+                self.on_step(self, trial)
+            finally:
+                self._inside = False
+                for s, snap in zip(self.states, snapshot):
+                    s.restore(snap)
+        self.forwards += 1
+        return None
+
+    def run_cell(self, layer: int, original: Callable, attn, hidden_states, encoder_hidden_states, attention_mask, kwargs):
+        step = self.step
+        if step is None:  # called outside a denoiser forward (e.g. the module used alone)
+            return original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        if layer not in self.shapes:
+            self.shapes[layer] = _shape(attn, hidden_states, encoder_hidden_states)
+        method = self.methods[layer][step]
+        keep_residual = self.keep_residual[layer][step]
+        if method == FULL and not keep_residual and not self.keep_output[layer][step]:
+            return original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        cell = Cell(attn, self.layers[layer][0], layer, step, self.states[layer], self.params, original,
+                    self.cond, keep_residual)
+        out = REGISTRY[method].execute(cell, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        if method != AST and self.keep_output[layer][step]:
+            self.states[layer].out = out
+        return out
+
+
+def _shape(attn, x: torch.Tensor, context: torch.Tensor | None) -> LayerShape:
+    b, n, c = x.shape[0], x.shape[-2], x.shape[-1]  # x: (B, N, C)
+    n_kv = n if context is None else context.shape[-2]
+    return LayerShape(batch=b, n_q=n, n_kv=n_kv, dim=c, inner=attn.inner_dim, heads=attn.heads)
+
+
+def plan_layers(obj: Any) -> tuple[Adapter, torch.nn.Module, list[tuple[str, torch.nn.Module]]]:
+    adapter = adapter_for(obj)
+    model = adapter.denoiser(obj)
+    return adapter, model, adapter.attention_layers(model)
+
+
+def check_identity(plan: Plan, model: torch.nn.Module, names: Sequence[str]) -> None:
+    cls = type(model).__name__
+    if plan.model.cls != cls:
+        raise DifaError(f"the plan was made for a {plan.model.cls} but this model is a {cls}; load the plan made for this model or recalibrate")
+    if tuple(names) != plan.model.layers:
+        raise DifaError(
+            f"the plan lists {len(plan.model.layers)} attention layers but this model has {len(names)} "
+            f"(first difference: {_first_diff(plan.model.layers, names)}); recalibrate for this model"
+        )
+    h = config_hash(model.config)
+    if plan.model.config_hash != h:
+        raise DifaError(
+            f"the plan was made for a {cls} with config hash {plan.model.config_hash} but this one has {h} "
+            "(different architecture or settings); recalibrate for this model"
+        )
+
+
+def _first_diff(a: Sequence[str], b: Sequence[str]) -> str:
+    for x, y in zip(a, b):
+        if x != y:
+            return f"{x} vs {y}"
+    return f"{len(a)} vs {len(b)} layers"
+
+
+def apply_plan(obj: Any, plan: Plan) -> Engine:
+    """Execute `plan` on a diffusers pipeline or bare denoiser; returns the engine handle.
+
+    Applying again replaces the previous plan; `remove_plan(obj)` (or `handle.remove()`) restores the model
+    exactly.
+    """
+    adapter, model, layers = plan_layers(obj)
+    check_identity(plan, model, [n for n, _ in layers])
+    if plan.cfg_layout != adapter.cfg_layout:
+        raise DifaError(f"the plan assumes CFG layout {plan.cfg_layout} but {adapter.family} uses {adapter.cfg_layout}; recalibrate")
+    scheduler = getattr(obj, "scheduler", None) if obj is not model else None
+    return Engine(model, adapter, layers, plan.methods, plan.techniques, scheduler=scheduler,
+                  inference_steps=plan.inference_steps).install()
+
+
+def remove_plan(obj: Any) -> bool:
+    """Remove whatever plan is applied to `obj`; returns False if none was."""
+    adapter = adapter_for(obj)
+    engine = getattr(adapter.denoiser(obj), ENGINE_ATTR, None)
+    if engine is None:
+        return False
+    engine.remove()
+    return True

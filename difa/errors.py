@@ -1,0 +1,2 @@
+class DifaError(Exception):
+    """A user-facing error: one line saying what was wrong and how to fix it."""

@@ -1,0 +1,243 @@
+"""The plan: which attention method each (layer, step) cell runs. A plain, frozen value.
+
+JSON schema version 1 (no pickle anywhere; loading never executes code):
+
+    {"schema": "difa.plan", "version": 1,
+     "model":      {"class", "config_hash", "layers": [attention module names, block order], "name", "family"},
+     "scheduler":  {"class", "steps": denoiser calls per generation, "num_inference_steps"},
+     "cfg":        {"enabled", "layout", "guidance_scale"},
+     "techniques": {method name: {parameter: value}},       e.g. {"wars": {"window": 0.125}}
+     "methods":    {layer name: [method at step 0, 1, ...]},
+     "calibration": {...}  free-form record: threshold, inputs, seed, per-decision losses, time, forwards
+     "flops":      {...}   summary from the cost model}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from difa.errors import DifaError
+
+SCHEMA = "difa.plan"
+VERSION = 1
+
+FULL = "full"
+WARS = "wars"
+AST = "ast"
+ASC = "asc"
+WARS_ASC = "wars+asc"
+# Methods that need the two CFG halves in one batch.
+CFG_METHODS = frozenset({ASC, WARS_ASC})
+# Methods that add the window-attention residual cached at the last `full` step.
+RESIDUAL_METHODS = frozenset({WARS, WARS_ASC})
+CFG_LAYOUTS = ("cond_first", "uncond_first")
+
+
+def known_methods() -> frozenset[str]:
+    from difa.techniques import REGISTRY
+
+    return frozenset(REGISTRY)
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """Stable short hash of a diffusers model config (private `_` keys such as the load path excluded)."""
+    public = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+    text = json.dumps(public, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    cls: str
+    config_hash: str
+    layers: tuple[str, ...]
+    name: str = ""
+    family: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: ModelIdentity
+    scheduler: str
+    steps: int  # denoiser calls per generation (= num_inference_steps, +1 for PNDM, x2 for Heun)
+    methods: tuple[tuple[str, ...], ...]  # (n_layers, steps), same order as model.layers
+    num_inference_steps: int | None = None  # what the pipeline was called with
+    cfg_enabled: bool = True
+    cfg_layout: str = "cond_first"
+    guidance_scale: float | None = None
+    techniques: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    calibration: Mapping[str, Any] = field(default_factory=dict)
+    flops: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def inference_steps(self) -> int:
+        return self.num_inference_steps if self.num_inference_steps is not None else self.steps
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.model.layers
+
+    def method(self, layer: int, step: int) -> str:
+        return self.methods[layer][step]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for row in self.methods:
+            for m in row:
+                out[m] = out.get(m, 0) + 1
+        return dict(sorted(out.items()))
+
+    def technique_params(self, name: str) -> Mapping[str, Any]:
+        return self.techniques.get(name, {})
+
+    def with_(self, **changes: Any) -> "Plan":
+        return replace(self, **changes)
+
+    # -- JSON ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "version": VERSION,
+            "model": {
+                "class": self.model.cls,
+                "config_hash": self.model.config_hash,
+                "layers": list(self.model.layers),
+                "name": self.model.name,
+                "family": self.model.family,
+            },
+            "scheduler": {"class": self.scheduler, "steps": self.steps, "num_inference_steps": self.num_inference_steps},
+            "cfg": {"enabled": self.cfg_enabled, "layout": self.cfg_layout, "guidance_scale": self.guidance_scale},
+            "techniques": {k: dict(v) for k, v in self.techniques.items()},
+            "methods": {name: list(row) for name, row in zip(self.model.layers, self.methods)},
+            "calibration": dict(self.calibration),
+            "flops": dict(self.flops),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "plan") -> "Plan":
+        if not isinstance(d, Mapping) or d.get("schema") != SCHEMA:
+            raise DifaError(f"{source} is not a difa plan (missing \"schema\": \"{SCHEMA}\"); pass a file written by difa.calibrate")
+        if d.get("version") != VERSION:
+            raise DifaError(f"{source} has plan schema version {d.get('version')!r}, this difa reads version {VERSION}; recalibrate or upgrade difa")
+        try:
+            m, s, c = d["model"], d["scheduler"], d["cfg"]
+            layers = tuple(m["layers"])
+            rows = d["methods"]
+            if set(rows) != set(layers):
+                raise DifaError(f"{source}: \"methods\" must have one row per layer in model.layers; recalibrate to get a consistent plan")
+            return cls(
+                model=ModelIdentity(m["class"], m["config_hash"], layers, m.get("name", ""), m.get("family", "")),
+                scheduler=s["class"],
+                steps=int(s["steps"]),
+                num_inference_steps=s.get("num_inference_steps"),
+                methods=tuple(tuple(rows[name]) for name in layers),
+                cfg_enabled=bool(c["enabled"]),
+                cfg_layout=c["layout"],
+                guidance_scale=c.get("guidance_scale"),
+                techniques=d.get("techniques", {}),
+                calibration=d.get("calibration", {}),
+                flops=d.get("flops", {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise DifaError(f"{source} is missing or has a malformed field ({type(e).__name__}: {e}); recalibrate to rewrite it") from None
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "plan") -> "Plan":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DifaError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}); recalibrate or restore the file") from None
+        return cls.from_dict(d, source)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a temporary file in the same folder, then rename over the target."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    path = Path(path)
+    if not path.is_file():
+        raise DifaError(f"plan file {str(path)!r} does not exist; pass plan=<path to a .json written by difa.calibrate>")
+    source = f"plan {str(path)!r}"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise DifaError(f"{source} is not valid JSON (it is binary, e.g. a pickle); pass a .json written by difa.calibrate") from None
+    return Plan.from_json(text, source=source)
+
+
+def validate(plan: Plan) -> None:
+    """Raise DifaError (one line) if the plan is not executable as written."""
+    known = known_methods()
+    n = len(plan.model.layers)
+    if plan.steps < 1:
+        raise DifaError(f"plan has steps={plan.steps}; a plan needs at least one denoising step")
+    if len(plan.methods) != n:
+        raise DifaError(f"plan has {len(plan.methods)} method rows for {n} layers; recalibrate to get a consistent plan")
+    if plan.cfg_layout not in CFG_LAYOUTS:
+        raise DifaError(f"plan cfg layout {plan.cfg_layout!r} is unknown; use one of {', '.join(CFG_LAYOUTS)}")
+    for name, row in zip(plan.model.layers, plan.methods):
+        if len(row) != plan.steps:
+            raise DifaError(f"plan row for {name} has {len(row)} steps, expected {plan.steps}; recalibrate to get a consistent plan")
+        for step, m in enumerate(row):
+            if m not in known:
+                raise DifaError(f"plan cell ({name}, step {step}) has unknown method {m!r}; known methods: {', '.join(sorted(known))}")
+            if step == 0 and m != FULL:
+                raise DifaError(f"plan cell ({name}, step 0) is {m!r}; step 0 must be 'full' (nothing is cached yet)")
+            if m in CFG_METHODS and not plan.cfg_enabled:
+                raise DifaError(f"plan cell ({name}, step {step}) uses {m!r} (CFG sharing) but the plan has CFG off; use guidance_scale > 1 or drop {m!r}")
+
+
+def residual_steps(methods: Sequence[Sequence[str]]) -> list[list[bool]]:
+    """[layer][step]: this `full` cell must cache the window residual, because a `wars` cell of the same layer
+    follows before the next `full` one. Derived from the plan, never tracked by hand."""
+    out = []
+    for row in methods:
+        keep, needed = [False] * len(row), False
+        for t in range(len(row) - 1, -1, -1):  # scan backwards: is a residual reader ahead?
+            if row[t] == FULL:
+                keep[t], needed = needed, False
+            elif row[t] in RESIDUAL_METHODS:
+                needed = True
+        out.append(keep)
+    return out
+
+
+def output_steps(methods: Sequence[Sequence[str]]) -> list[list[bool]]:
+    """[layer][step]: this computed cell's output must be cached, because the next step of the layer is `ast`."""
+    return [[m != AST and t + 1 < len(row) and row[t + 1] == AST for t, m in enumerate(row)] for row in methods]
+
+
+def build_plan(
+    model: ModelIdentity,
+    scheduler: str,
+    methods: Sequence[Sequence[str]],
+    **kw: Any,
+) -> Plan:
+    return Plan(model=model, scheduler=scheduler, steps=len(methods[0]) if methods else 0,
+                methods=tuple(tuple(r) for r in methods), **kw)

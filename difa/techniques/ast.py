@@ -1,0 +1,33 @@
+"""`ast`: attention sharing across timesteps (DiTFastAttn). Returns the layer's last *computed* module output
+(after to_out, before the block's adaLN gate, so the current step's gate still applies). Costs nothing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from difa.errors import DifaError
+from difa.techniques.base import Cell, LayerShape
+
+NAME = "ast"
+
+
+@dataclass(frozen=True)
+class Config:
+    pass
+
+
+def flops(shape: LayerShape, params: Mapping[str, Mapping]) -> float:
+    return 0.0
+
+
+def execute(cell: Cell, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+    out = cell.state.out
+    if out is None:
+        raise DifaError(f"{cell.name} step {cell.step}: 'ast' has no earlier output to reuse; the step before must compute")
+    if out.shape[0] != hidden_states.shape[0]:
+        raise DifaError(
+            f"{cell.name} step {cell.step}: 'ast' cached a batch of {out.shape[0]} but this call has "
+            f"{hidden_states.shape[0]}; keep the batch fixed within a generation"
+        )
+    return out

@@ -1,0 +1,35 @@
+"""`full`: the layer's own attention, untouched. At a full step that a `wars` step will reuse, also cache
+the window-attention residual R = O_full - O_window (before to_out), as DiTFastAttn does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from difa.attention import full_attention
+from difa.techniques import wars
+from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, project_out, project_qkv, projection_flops
+
+NAME = "full"
+
+
+@dataclass(frozen=True)
+class Config:
+    pass
+
+
+def flops(shape: LayerShape, params: Mapping[str, Mapping]) -> float:
+    return projection_flops(shape) + core_flops(shape, shape.n_q * shape.n_kv)
+
+
+def execute(cell: Cell, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+    if not cell.keep_residual:
+        return cell.original(cell.attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+    check_plain(cell, attention_mask, NAME)
+    attn = cell.attn
+    q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)  # (B, H, N, D)
+    o = full_attention(q, k, v)  # (B, H, N, D)
+    cell.state.residual = o - wars.window(cell, q, k, v)
+    return project_out(attn, o, hidden_states, q.dtype)

@@ -1,0 +1,57 @@
+"""`wars`: window attention + residual sharing (DiTFastAttn, arXiv 2406.08552, thu-nics/DiTFastAttn).
+
+Returns to_out(O_window + R) where R = O_full - O_window was cached, before to_out, at the layer's last
+`full` step. The window is a 1-D band |i - j| <= w over raster-flattened tokens (the paper's), with w given
+as a fraction of the token count (1/8 by default) or as a number of tokens per side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from difa.attention import band_pairs, window_attention, window_tokens
+from difa.errors import DifaError
+from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, project_out, project_qkv, projection_flops
+
+NAME = "wars"
+DEFAULT_WINDOW = 0.125  # DiTFastAttn: w = N/8 tokens on each side
+
+
+@dataclass(frozen=True)
+class Config:
+    window: float | int = DEFAULT_WINDOW
+
+
+def flops(shape: LayerShape, params: Mapping[str, Mapping]) -> float:
+    w = window_tokens(Config(**params.get(NAME, {})).window, shape.n_kv)
+    return projection_flops(shape) + core_flops(shape, band_pairs(shape.n_kv, w))
+
+
+def window(cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    w = window_tokens(Config(**cell.params.get(NAME, {})).window, k.shape[-2])
+    return window_attention(q, k, v, w)  # (B, H, N, D)
+
+
+def windowed_output(cell: Cell, hidden_states: torch.Tensor, residual: torch.Tensor, method: str) -> torch.Tensor:
+    """to_out(O_window + R) for the batch in `hidden_states`; `residual` must cover the same batch."""
+    if residual is None:
+        raise DifaError(f"{cell.name} step {cell.step}: {method!r} needs a residual from an earlier 'full' step; fix the plan")
+    q, k, v = project_qkv(cell.attn, hidden_states)  # (B, H, N, D)
+    if residual.shape != q.shape:
+        raise DifaError(
+            f"{cell.name} step {cell.step}: cached residual has shape {tuple(residual.shape)} but this call has "
+            f"{tuple(q.shape)}; the batch or resolution changed mid-generation, keep them fixed"
+        )
+    o = window(cell, q, k, v) + residual  # (B, H, N, D)
+    return project_out(cell.attn, o, hidden_states, q.dtype)
+
+
+def execute(cell: Cell, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+    check_plain(cell, attention_mask, NAME)
+    if encoder_hidden_states is not None:
+        raise DifaError(f"{cell.name}: {NAME!r} applies to self-attention only; set this layer to 'full'")
+    return windowed_output(cell, hidden_states, cell.state.residual, NAME)
+

@@ -1,0 +1,34 @@
+"""`wars+asc`: both DiTFastAttn savings at once: window attention + residual on the conditional CFG half
+only, copied to the unconditional half."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from difa.errors import DifaError
+from difa.techniques import wars
+from difa.techniques.base import Cell, LayerShape, check_plain
+
+NAME = "wars+asc"
+
+
+@dataclass(frozen=True)
+class Config:
+    pass  # the window comes from the `wars` entry of the plan's techniques
+
+
+def flops(shape: LayerShape, params: Mapping[str, Mapping]) -> float:
+    return 0.5 * wars.flops(shape, params)
+
+
+def execute(cell: Cell, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+    cond = cell.require_cfg(NAME)
+    check_plain(cell, attention_mask, NAME)
+    if encoder_hidden_states is not None:
+        raise DifaError(f"{cell.name}: {NAME!r} applies to self-attention only; set this layer to 'full'")
+    r = cell.state.residual
+    out = wars.windowed_output(cell, hidden_states[cond], None if r is None else r[cond], NAME)  # (B/2, N, C)
+    return torch.cat([out, out], dim=0)  # (B, N, C)

@@ -1,0 +1,103 @@
+"""Greedy calibration end to end on the tiny pipelines, its loss, and its cost-model ordering."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import difa
+from difa.calibration import calibrate_pipeline
+from difa.calibration.cost import order_candidates, plan_flops
+from difa.calibration.loss import relative_l1
+from difa.errors import DifaError
+from difa.models import pipeline_call_kwargs
+from difa.techniques.base import LayerShape
+from tests.conftest import GUIDANCE, INPUTS, STEPS, generate, tiny
+
+
+def calibrate(pipe, family, threshold, **kw):
+    return calibrate_pipeline(pipe, INPUTS[family], threshold=threshold, steps=STEPS, guidance_scale=GUIDANCE[family],
+                              call_kwargs=pipeline_call_kwargs(family), **kw)
+
+
+def test_threshold_zero_gives_all_full(family):
+    plan = calibrate(tiny(family), family, 0.0)
+    assert plan.counts() == {"full": len(plan.layers) * plan.steps}
+    assert plan.flops["fraction"] == pytest.approx(1.0)
+
+
+def test_huge_threshold_gives_cheapest_everywhere_but_step_0(family):
+    plan = calibrate(tiny(family), family, 1e6)
+    for row in plan.methods:
+        assert row == ("full",) + ("ast",) * (plan.steps - 1)
+    assert plan.flops["fraction"] == pytest.approx(1 / plan.steps)
+
+
+def test_moderate_threshold_records_every_decision(family):
+    pipe = tiny(family)
+    plan = calibrate(pipe, family, 0.05)
+    decisions = plan.calibration["decisions"]
+    assert len(decisions) == len(plan.layers) * (plan.steps - 1)
+    for d in decisions:
+        assert d["chosen"] == plan.methods[d["layer"]][d["step"]]
+        if d["chosen"] != "full":
+            assert d["tried"][d["chosen"]] < d["threshold"]
+            assert list(d["tried"])[-1] == d["chosen"]  # the first passing candidate stops the search
+        assert all(loss >= d["threshold"] for m, loss in d["tried"].items() if m != d["chosen"])
+    assert plan.calibration["forwards"] > plan.steps
+    assert 0 < plan.flops["fraction"] < 1
+    # The calibrated plan, applied, differs from full but stays close to it
+    ref = generate(pipe, family)
+    difa.apply_plan(pipe, plan)
+    out = generate(pipe, family)
+    assert 0 < relative_l1(out, ref) < 1
+
+
+def test_calibration_inputs_are_validated():
+    pipe = tiny("dit")
+    with pytest.raises(DifaError, match="threshold must be a number >= 0"):
+        calibrate(pipe, "dit", -0.1)
+    with pytest.raises(DifaError, match="unknown candidate"):
+        calibrate(pipe, "dit", 0.1, candidates=["ast", "magic"])
+    with pytest.raises(DifaError, match="window"):
+        calibrate(pipe, "dit", 0.1, window=-3)
+
+
+def test_cfg_off_never_picks_cfg_sharing():
+    plan = calibrate_pipeline(tiny("dit"), INPUTS["dit"], threshold=1e6, steps=STEPS, guidance_scale=1.0,
+                              candidates=["asc", "wars"])
+    assert not plan.cfg_enabled and set(plan.counts()) <= {"full", "wars"}
+
+
+def test_relative_l1_matches_naive_formula():
+    a = torch.tensor([1.0, -2.0, 0.0, -1e-9])
+    b = torch.tensor([1.5, -2.0, 0.0, 1e-9])
+    naive = sum(abs(x - y) / (max(abs(x), abs(y)) + 1e-8) for x, y in zip(a.tolist(), b.tolist())) / 4
+    assert relative_l1(a, b) == pytest.approx(naive)
+    # signed max (the reference's bug) would divide by ~0 here; magnitudes keep the ratio <= 2
+    assert relative_l1(torch.tensor([-5.0]), torch.tensor([-4.0])) == pytest.approx(0.2, rel=1e-6)
+
+
+def pixart_shape(n: int) -> LayerShape:
+    return LayerShape(batch=2, n_q=n, n_kv=n, dim=1152, inner=1152, heads=16)
+
+
+def test_candidates_are_ordered_by_cost_not_by_a_fixed_list():
+    params = {"wars": {"window": 0.125}}
+    # 1024 tokens: projections dominate, so CFG sharing (50%) beats WA-RS (~77%)
+    assert order_candidates(["wars", "asc", "wars+asc", "ast"], pixart_shape(1024), params) == ["ast", "wars+asc", "asc", "wars"]
+    # 16384 tokens: quadratic attention dominates, so WA-RS beats CFG sharing
+    assert order_candidates(["asc", "wars"], pixart_shape(16384), params) == ["wars", "asc"]
+
+
+def test_plan_flops_charge_residual_caching():
+    shape = pixart_shape(1024)
+    params = {"wars": {"window": 0.125}}
+    full = plan_flops([["full", "full"]], [shape], params)
+    wars = plan_flops([["full", "wars"]], [shape], params)
+    assert full["fraction"] == 1.0
+    assert 0.5 < wars["fraction"] < 1.0
+    # the first step pays for the window attention that makes R
+    ast_only = plan_flops([["full", "ast"]], [shape], params)
+    assert ast_only["fraction"] == pytest.approx(0.5)
+    assert wars["plan_gflops"] > ast_only["plan_gflops"] + 0.25 * full["full_gflops"] / 2

@@ -1,0 +1,106 @@
+"""difa.models: tiny pipelines run, save and load back bit-exact; loading failures are one-line DifaErrors."""
+
+from __future__ import annotations
+
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+from diffusers import DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusionPipeline
+
+from difa.errors import DifaError
+from difa.models import FAMILIES, build_tiny_pipeline, load_pipeline, pipeline_call_kwargs
+
+PIPELINES = {"dit": DiTPipeline, "pixart": PixArtAlphaPipeline, "sd": StableDiffusionPipeline}
+CONDITIONS = {"dit": {"class_labels": [0, 7]}, "pixart": {"prompt": ["a red bird", "A blue car, at night!"]}}
+CONDITIONS["sd"] = CONDITIONS["pixart"]
+STEPS = 3
+
+
+def path_cfg(family: str, path: str) -> dict:
+    return {"name": family, "family": family, "pipeline": PIPELINES[family].__name__, "path": path, "tiny": None}
+
+
+def generate(pipe, family: str) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        **CONDITIONS[family],
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",  # DiTPipeline has no "latent" output
+        **pipeline_call_kwargs(family),
+    )
+    return out.images  # (B, H, W, 3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_pipeline_round_trips_through_save_pretrained(family, tmp_path):
+    pipe = build_tiny_pipeline(family, seed=0)
+    assert type(pipe) is PIPELINES[family]
+    images = generate(pipe, family)
+    assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
+
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_pipeline(path_cfg(family, str(tmp_path)))
+
+    assert type(loaded) is PIPELINES[family]
+    np.testing.assert_array_equal(generate(loaded, family), images)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_pipeline_is_deterministic_in_seed_and_leaves_global_rng_alone(family):
+    rng_state = torch.get_rng_state()
+    first, again, other = (build_tiny_pipeline(family, seed=s) for s in (0, 0, 1))
+    assert torch.equal(torch.get_rng_state(), rng_state)
+
+    denoiser = "unet" if family == "sd" else "transformer"
+    weights = [getattr(p, denoiser).state_dict() for p in (first, again, other)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
+def test_tiny_config_honours_resolution_and_pipeline_class():
+    cfg = {"name": "t", "family": "pixart", "pipeline": "PixArtSigmaPipeline", "path": None, "tiny": "pixart"}
+    pipe = load_pipeline({**cfg, "seed": 0, "resolution": 128})
+
+    assert type(pipe) is PixArtSigmaPipeline
+    assert pipe.transformer.config.sample_size == 16  # 128 px / 8
+    assert generate(pipe, "pixart").shape == (2, 128, 128, 3)
+
+
+def test_bundled_tiny_dit_loads_from_a_repo_relative_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the relative path resolves against the repository root, not the cwd
+    pipe = load_pipeline(path_cfg("dit", "data/models/tiny-dit"))
+
+    assert type(pipe) is DiTPipeline
+    assert pipe.get_label_ids(["cat", "truck"]) == [3, 9]  # id2label survives save_pretrained
+    np.testing.assert_array_equal(generate(pipe, "dit"), generate(build_tiny_pipeline("dit", seed=0, sample_size=16), "dit"))
+
+
+@pytest.mark.parametrize("path", ["data/models/no-such-model", "/no/such/dir", "difa-test/no-such-repo"])
+def test_unloadable_path_raises_a_one_line_difa_error(path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE at import, so also flip the flag it checks before any request.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    with pytest.raises(DifaError) as excinfo:
+        load_pipeline(path_cfg("dit", path))
+
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert repr(path) in message and "network" in message and "model.path=<local dir>" in message
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"path": None, "tiny": None},
+        {"path": "data/models/tiny-dit", "tiny": "dit"},
+        {"path": None, "tiny": "unet"},
+        {"path": None, "tiny": "dit", "pipeline": "NoSuchPipeline"},
+        {"path": None, "tiny": "dit", "resolution": 72},  # latent 9: odd, patch size 2 does not fit
+    ],
+)
+def test_bad_model_config_raises_difa_error(cfg):
+    with pytest.raises(DifaError):
+        load_pipeline({"name": "bad", "family": "dit", **cfg})

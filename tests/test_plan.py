@@ -1,0 +1,93 @@
+"""Plan value: JSON round trip, atomic save, validation errors (one line each), derived cache needs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from difa.errors import DifaError
+from difa.plan import ModelIdentity, Plan, load_plan, output_steps, residual_steps
+
+IDENTITY = ModelIdentity("DiTTransformer2DModel", "abc123", ("b.0.attn1", "b.1.attn1"), "tiny", "dit")
+
+
+def make(methods=(("full", "wars", "ast"), ("full", "asc", "wars+asc")), **kw) -> Plan:
+    return Plan(model=IDENTITY, scheduler="DDIMScheduler", steps=len(methods[0]), methods=tuple(map(tuple, methods)),
+                techniques={"wars": {"window": 0.125}}, calibration={"threshold": 0.05, "decisions": [{"tried": {"ast": 0.1}}]},
+                **kw)
+
+
+def one_line_error(fn, match: str) -> str:
+    with pytest.raises(DifaError, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_json_round_trip(tmp_path):
+    plan = make()
+    path = plan.save(tmp_path / "sub" / "p.json")
+    back = load_plan(path)
+    assert back == plan and back.to_dict() == plan.to_dict()
+    assert json.loads(path.read_text())["methods"]["b.1.attn1"] == ["full", "asc", "wars+asc"]
+    assert [p.name for p in path.parent.iterdir()] == ["p.json"]  # no temporary file left behind
+
+
+def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
+    path = make().save(tmp_path / "p.json")
+    before = path.read_text()
+    import os
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        make(methods=(("full", "full", "full"), ("full", "full", "full"))).save(path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["p.json"]
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("{not json", "not valid JSON"),
+        ("[]", "not a difa plan"),
+        ('{"schema": "difa.plan", "version": 99}', "schema version 99"),
+        ('{"schema": "difa.plan", "version": 1, "model": {}}', "missing or has a malformed field"),
+    ],
+)
+def test_corrupt_files_are_clear_errors(tmp_path, text, match):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    one_line_error(lambda: load_plan(path), match)
+
+
+def test_missing_file(tmp_path):
+    one_line_error(lambda: load_plan(tmp_path / "nope.json"), "does not exist")
+
+
+def test_invalid_plans_are_rejected():
+    one_line_error(lambda: make(methods=(("full", "fast", "ast"), ("full", "full", "full"))), "unknown method 'fast'")
+    one_line_error(lambda: make(methods=(("ast", "full", "ast"), ("full", "full", "full"))), "step 0 must be 'full'")
+    one_line_error(lambda: make(cfg_enabled=False), "CFG off")
+    one_line_error(lambda: make(methods=(("full", "full"), ("full", "full", "full"))), "has 3 steps, expected 2")
+    d = make().to_dict()
+    d["methods"].pop("b.0.attn1")
+    one_line_error(lambda: Plan.from_dict(d), "one row per layer")
+
+
+def test_pickle_is_never_read(tmp_path):
+    import pickle
+
+    path = tmp_path / "p.json"
+    path.write_bytes(pickle.dumps(make().to_dict()))
+    one_line_error(lambda: load_plan(path), "not valid JSON|not a difa plan")
+
+
+def test_cache_needs_are_derived_from_the_plan():
+    rows = [["full", "wars", "ast", "full", "asc", "full", "wars+asc"]]
+    assert residual_steps(rows) == [[True, False, False, False, False, True, False]]
+    assert output_steps(rows) == [[False, True, False, False, False, False, False]]
+    assert residual_steps([["full", "ast", "ast"]]) == [[False, False, False]]
