@@ -9,6 +9,7 @@ Full and window runs are interleaved within every repeat so machine noise hits b
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -76,12 +77,17 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="token counts N")
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help=f"most timed rounds per size (>= {MIN_REPEATS})")
+    parser.add_argument(
+        "--repeats", type=int, default=DEFAULT_REPEATS, help=f"most timed rounds per size (at least {MIN_REPEATS} run)"
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--blocks", type=int, nargs="+", default=[None], help="query block sizes (default: automatic)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, B={BATCH} H={HEADS} D={HEAD_DIM} float32, w = N/8 per side")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, B={BATCH} H={HEADS} D={HEAD_DIM} float32, "
+        f"w = N/8 per side, 1-min load average {os.getloadavg()[0]:.2f} (other processes skew the timings)"
+    )
     rows = []
     for n in args.sizes:
         for r in bench_size(n, args.blocks, args.repeats):
