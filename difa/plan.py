@@ -97,9 +97,6 @@ class Plan:
                 out[m] = out.get(m, 0) + 1
         return dict(sorted(out.items()))
 
-    def technique_params(self, name: str) -> Mapping[str, Any]:
-        return self.techniques.get(name, {})
-
     def with_(self, **changes: Any) -> "Plan":
         return replace(self, **changes)
 
@@ -232,12 +229,3 @@ def output_steps(methods: Sequence[Sequence[str]]) -> list[list[bool]]:
     """[layer][step]: this computed cell's output must be cached, because the next step of the layer is `ast`."""
     return [[m != AST and t + 1 < len(row) and row[t + 1] == AST for t, m in enumerate(row)] for row in methods]
 
-
-def build_plan(
-    model: ModelIdentity,
-    scheduler: str,
-    methods: Sequence[Sequence[str]],
-    **kw: Any,
-) -> Plan:
-    return Plan(model=model, scheduler=scheduler, steps=len(methods[0]) if methods else 0,
-                methods=tuple(tuple(r) for r in methods), **kw)

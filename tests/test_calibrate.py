@@ -101,3 +101,26 @@ def test_plan_flops_charge_residual_caching():
     ast_only = plan_flops([["full", "ast"]], [shape], params)
     assert ast_only["fraction"] == pytest.approx(0.5)
     assert wars["plan_gflops"] > ast_only["plan_gflops"] + 0.25 * full["full_gflops"] / 2
+
+
+def test_calibration_runs_the_compressed_trajectory(family):
+    """The denoiser outputs the sampler saw during calibration are exactly those of the finished plan."""
+    pipe = tiny(family)
+    seen: list[torch.Tensor] = []
+    step = pipe.scheduler.step
+
+    def recording_step(model_output, *args, **kwargs):
+        seen.append(model_output.clone())
+        return step(model_output, *args, **kwargs)
+
+    pipe.scheduler.step = recording_step
+    plan = calibrate_pipeline(pipe, INPUTS[family], threshold=0.05, steps=STEPS, guidance_scale=GUIDANCE[family],
+                              seed=3, call_kwargs=pipeline_call_kwargs(family))
+    during = list(seen)
+    assert set(plan.counts()) != {"full"}
+    seen.clear()
+    difa.apply_plan(pipe, plan)
+    generate(pipe, family, seed=3)
+    assert len(seen) == len(during) == plan.steps
+    for t, (a, b) in enumerate(zip(during, seen)):
+        assert torch.equal(a, b), f"step {t}"

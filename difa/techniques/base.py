@@ -7,7 +7,7 @@ module's output. Techniques know nothing about the model family; the engine buil
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -65,7 +65,6 @@ class Cell:
     original: Callable  # the processor the module had before the plan was applied
     cond: slice | None = None  # batch slice of the conditional CFG half; None when the batch is not a CFG batch
     keep_residual: bool = False  # a `wars` cell follows before the next `full` one: cache R now
-    extra: dict = field(default_factory=dict)
 
     def require_cfg(self, method: str) -> slice:
         if self.cond is None:
