@@ -70,3 +70,14 @@ def test_user_errors_are_one_line(tmp_path):
     r = cli("difa.calibrate", "+model=tiny_dit", "threshold=-1", f"hydra.run.dir={tmp_path}")
     assert r.returncode == 2 and r.stderr.strip() == (
         "difa: error: threshold must be a number >= 0 (got -1); try threshold=0.05")
+
+
+def test_generate_refuses_a_mismatched_run(tmp_path):
+    plan_path = tmp_path / "plan.json"
+    calibrate_cli.run(config("calibrate", ["+model=tiny_dit", "threshold=0.05", "steps=5", f"out={plan_path}"]))
+    from difa.errors import DifaError
+
+    with pytest.raises(DifaError, match="made for 5 steps"):
+        generate_cli.run(config("generate", [f"plan={plan_path}", "steps=7", f"out={tmp_path}"]))
+    with pytest.raises(DifaError, match="needs a model"):
+        generate_cli.run(config("generate", ["plan=none", f"out={tmp_path}"]))
