@@ -147,8 +147,10 @@ class Engine:
         if self._next >= self.steps:
             self.reset()
         self.step, self._next = self._next, self._next + 1
-        b = self.adapter.latent_input(args, kwargs).shape[0]
-        self.cond = self.adapter.cond_slice(b) if self.adapter.is_cfg_batch(args, kwargs) else None
+        self.cond = None
+        if self.cfg_steps[self.step] or self.on_step is not None:  # only CFG-sharing cells read the halves
+            b = self.adapter.latent_input(args, kwargs).shape[0]
+            self.cond = self.adapter.cond_slice(b) if self.adapter.is_cfg_batch(args, kwargs) else None
         if self.cond is None and self.cfg_steps[self.step]:
             raise DifaError(
                 f"step {self.step} of the plan shares attention across CFG halves but this call runs without "

@@ -15,7 +15,7 @@ from difa.adapters import get_adapter
 from difa.cli.common import CONF_DIR, call_kwargs, load_model, model_config, report_errors, take_inputs
 from difa.engine import apply_plan, remove_plan
 from difa.errors import DifaError
-from difa.plan import Plan, load_plan
+from difa.plan import CFG_METHODS, Plan, load_plan
 
 NO_PLAN = "none"
 
@@ -39,7 +39,7 @@ def run(cfg: DictConfig) -> tuple[list, Path]:
     if plan is not None and steps != plan.inference_steps:
         raise DifaError(f"the plan was made for {plan.inference_steps} steps; drop steps={steps} or recalibrate with steps={steps}")
     if plan is not None and plan.cfg_enabled != (guidance > 1):
-        uses = [m_ for m_ in plan.counts() if m_ in ("asc", "wars+asc")]
+        uses = [m_ for m_ in plan.counts() if m_ in CFG_METHODS]
         if uses:
             raise DifaError(f"the plan uses {', '.join(uses)} (CFG sharing) but guidance_scale={guidance} turns CFG off; use guidance_scale > 1")
     inputs = take_inputs(cfg.inputs if cfg.inputs is not None else m.inputs, cfg.n)
@@ -57,7 +57,7 @@ def run(cfg: DictConfig) -> tuple[list, Path]:
     name = Path(str(cfg.plan)).stem if plan is not None else f"{m.name}_full"
     out = Path(cfg.out) if cfg.out else Path("outputs") / "generate" / name
     out.mkdir(parents=True, exist_ok=True)
-    for i, (img, x) in enumerate(zip(images, inputs)):
+    for i, img in enumerate(images):
         img.save(out / f"{i:03d}.png")
     grid(images).save(out / "grid.png")
     print(f"{len(images)} images ({m.name}, {steps} steps, guidance {guidance}, plan {cfg.plan}) in {wall:.2f} s "

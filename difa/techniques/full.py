@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-import torch
 
 from difa.attention import full_attention
 from difa.techniques import wars
