@@ -24,6 +24,7 @@ class Adapter:
     inputs_kind: str  # "classes" (class ids) or "prompts" (text)
     calib_output_type: str = "latent"  # cheapest output_type the pipeline accepts (DiTPipeline always decodes)
     null_class: int | None = None  # class id the pipeline uses for the unconditional half
+    patched: bool = True  # tokens are the latent's patch grid at every block (transformers); False: UNet levels
 
     def denoiser(self, obj: Any) -> torch.nn.Module:
         return getattr(obj, self.denoiser_attr) if hasattr(obj, self.denoiser_attr) else obj
@@ -33,6 +34,17 @@ class Adapter:
         from diffusers.models.attention_processor import Attention
 
         return [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and n.rsplit(".", 1)[-1] == kind]
+
+    def planned_layers(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        """Self- and cross-attention modules in execution order (registration order: attn1 before attn2 per block)."""
+        from diffusers.models.attention_processor import Attention
+
+        kinds = (SELF_ATTN, CROSS_ATTN)
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and n.rsplit(".", 1)[-1] in kinds]
+
+    def patch_size(self, model: torch.nn.Module) -> int | None:
+        """Side of a token in latent pixels for transformers; None for the UNet (tokens depend on the level)."""
+        return int(model.config.patch_size) if self.patched else None
 
     def cond_slice(self, batch: int) -> slice:
         half = batch // 2
@@ -71,7 +83,7 @@ ADAPTERS: dict[str, Adapter] = {
     # PixArt*Pipeline: prompt_embeds = cat([negative, positive]) -> unconditional half first
     "pixart": Adapter("pixart", ("PixArtTransformer2DModel",), "transformer", "hidden_states", "uncond_first", "prompts"),
     # StableDiffusionPipeline: cat([negative_prompt_embeds, prompt_embeds])
-    "sd": Adapter("sd", ("UNet2DConditionModel",), "unet", "sample", "uncond_first", "prompts"),
+    "sd": Adapter("sd", ("UNet2DConditionModel",), "unet", "sample", "uncond_first", "prompts", patched=False),
 }
 
 

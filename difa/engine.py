@@ -5,6 +5,13 @@ and for undo), one forward pre-hook on the denoiser that advances the single ste
 pipeline, a wrapper around `scheduler.set_timesteps`, which every diffusers pipeline calls once at the
 start of a generation: that call resets the caches and checks the step count. On a bare model the
 counter wraps after `steps` forwards (a new generation), and `Engine.reset()` restarts it by hand.
+Layers whose methods need the transformer block's input (ToMe's similarity metric) get a pre-hook on
+their block that hands it over.
+
+CFG collapse: when every cross-attention layer of a CFG step is `tgate`, the two halves of the batch
+see identical inputs everywhere, so the engine runs the denoiser on one half and duplicates its output.
+It does so only when that is exact: a self-attention cell that reuses a cache (`ast`, `wars`) must find
+the cache's two halves equal; otherwise the step runs on the whole batch.
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from difa.adapters import Adapter, adapter_for
+from difa.adapters import CROSS_ATTN, Adapter, adapter_for
+from difa.attention.merge import token_grid
 from difa.errors import DifaError
-from difa.plan import AST, CFG_METHODS, FULL, Plan, config_hash, output_steps, residual_steps
-from difa.techniques import REGISTRY
+from difa.plan import (AST, ASC, CFG_METHODS, FULL, OUTPUT_READERS, TGATE, WARS, WARS_ASC, Plan, config_hash,
+                       output_steps, residual_steps)
+from difa.techniques import REGISTRY, kind_of
 from difa.techniques.base import Cell, LayerShape, LayerState
 
 ENGINE_ATTR = "_difa_engine"  # the handle on the denoiser, so that remove_plan(pipe) can find it
@@ -52,6 +61,8 @@ class Engine:
         calibrating: bool = False,
         on_step: StepHook | None = None,
         inference_steps: int | None = None,
+        collapse_cfg: bool = True,
+        metric_layers: Sequence[int] | None = None,
     ):
         self.model, self.adapter, self.layers = model, adapter, list(layers)
         self.methods, self.params = methods, params
@@ -61,12 +72,22 @@ class Engine:
         self.states = [LayerState() for _ in self.layers]
         self.shapes: dict[int, LayerShape] = {}
         if calibrating:  # future decisions are unknown: keep every cache that a later cell could read
-            self.keep_residual = [[m == FULL for m in row] for row in methods]
+            self.keep_residual = [[m == FULL and WARS in REGISTRY and kind_of(n) in REGISTRY[WARS].KINDS for m in row]
+                                  for (n, _), row in zip(self.layers, methods)]
             self.keep_output = [[True] * self.steps for _ in methods]
         else:
             self.keep_residual = residual_steps(methods)
             self.keep_output = output_steps(methods)
         self.cfg_steps = [any(row[t] in CFG_METHODS for row in methods) for t in range(self.steps)]
+        self.tgate_steps = [any(row[t] == TGATE for row in methods) for t in range(self.steps)]
+        self.cross = [i for i, (n, _) in enumerate(self.layers) if kind_of(n) == CROSS_ATTN]
+        self.collapse_cfg = collapse_cfg and bool(self.cross)
+        if metric_layers is None:  # layers whose plan uses a method that reads the block input
+            metric_layers = [i for i, row in enumerate(methods) if any(REGISTRY[m].NEEDS_METRIC for m in row)]
+        self.metric_layers = list(metric_layers)
+        self.patch = adapter.patch_size(model)
+        self.latent_hw: tuple[int, int] | None = None
+        self.collapsed = False  # the forward in progress runs on one CFG half
         self.step: int | None = None  # step of the forward in progress
         self.cond: slice | None = None  # conditional half of the current batch, None if not a CFG batch
         self.forwards = 0
@@ -85,6 +106,11 @@ class Engine:
         for i, (_, attn) in enumerate(self.layers):
             attn.set_processor(PlanProcessor(self, i, attn.processor))
         self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        if self.collapse_cfg:
+            self._handles.append(self.model.register_forward_hook(self._post_forward))
+        for i in self.metric_layers:
+            block = self.model.get_submodule(self.layers[i][0].rsplit(".", 1)[0])
+            self._handles.append(block.register_forward_pre_hook(functools.partial(self._block_input, i), with_kwargs=True))
         if self.scheduler is not None:
             self._wrap_scheduler()
         setattr(self.model, ENGINE_ATTR, self)
@@ -112,6 +138,7 @@ class Engine:
         """Start a new generation: step counter to 0, every cache emptied."""
         self._next = 0
         self.step = None
+        self.collapsed = False
         for s in self.states:
             s.reset()
 
@@ -148,8 +175,11 @@ class Engine:
             self.reset()
         self.step, self._next = self._next, self._next + 1
         self.cond = None
-        if self.cfg_steps[self.step] or self.on_step is not None:  # only CFG-sharing cells read the halves
-            b = self.adapter.latent_input(args, kwargs).shape[0]
+        self.collapsed = False
+        latents = self.adapter.latent_input(args, kwargs)  # (B, C, H, W)
+        self.latent_hw = (int(latents.shape[-2]), int(latents.shape[-1]))
+        b = latents.shape[0]
+        if self.cfg_steps[self.step] or self.tgate_steps[self.step] or self.on_step is not None:  # halves matter
             self.cond = self.adapter.cond_slice(b) if self.adapter.is_cfg_batch(args, kwargs) else None
         if self.cond is None and self.cfg_steps[self.step]:
             raise DifaError(
@@ -174,36 +204,100 @@ class Engine:
                 for s, snap in zip(self.states, snapshot):
                     s.restore(snap)
         self.forwards += 1
+        if self._can_collapse(self.step, b):
+            self.collapsed = True
+            keep = self.cond
+            self.cond = None
+            return _take_half(args, b, keep), _take_half(kwargs, b, keep)
         return None
+
+    def _gates(self, step: int) -> bool:
+        return self.collapse_cfg and all(self.methods[i][step] == TGATE for i in self.cross)
+
+    def _can_collapse(self, step: int, b: int) -> bool:
+        if self.cond is None or not self._gates(step):
+            return False
+        for i, row in enumerate(self.methods):  # exact only if every cache read at this step has equal halves
+            cache = {AST: self.states[i].out, WARS: self.states[i].residual}.get(row[step])
+            if cache is not None and cache.shape[0] == b and not torch.equal(cache[: b // 2], cache[b // 2:]):
+                return False
+        return True
+
+    def _post_forward(self, module, args, output):
+        if not self.collapsed or self._inside:
+            return None
+        self.collapsed = False
+        if isinstance(output, tuple):
+            return (torch.cat([output[0], output[0]]), *output[1:])
+        output.sample = torch.cat([output.sample, output.sample])
+        return output
+
+    def _block_input(self, layer: int, module, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        self.states[layer].metric = x if torch.is_tensor(x) and x.ndim == 3 else None
+        return None
+
+    def _fit_caches(self, state: LayerState, b: int) -> None:
+        """Caches made on the whole CFG batch used on one half (collapse), or the other way round."""
+        for field in ("out", "residual"):
+            c = getattr(state, field)
+            if c is None or c.shape[0] == b:
+                continue
+            if c.shape[0] == 2 * b and self.collapsed:
+                sl = self.adapter.cond_slice(2 * b)  # halves checked equal (or only the cond half is read)
+                setattr(state, field, c[sl])
+            elif 2 * c.shape[0] == b:
+                setattr(state, field, torch.cat([c, c]))
 
     def run_cell(self, layer: int, original: Callable, attn, hidden_states, encoder_hidden_states, attention_mask, kwargs):
         step = self.step
         if step is None:  # called outside a denoiser forward (e.g. the module used alone)
             return original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        grid = None
+        if self.latent_hw is not None and encoder_hidden_states is None:
+            grid = token_grid(self.latent_hw, hidden_states.shape[-2], self.patch)
         if layer not in self.shapes:
-            self.shapes[layer] = _shape(attn, hidden_states, encoder_hidden_states)
+            self.shapes[layer] = _shape(attn, hidden_states, encoder_hidden_states, grid)
         method = self.methods[layer][step]
+        if self.collapsed and method in CFG_METHODS:  # one half only: sharing across halves is plain attention
+            method = {ASC: FULL, WARS_ASC: WARS}[method]
         keep_residual = self.keep_residual[layer][step]
         if method == FULL and not keep_residual and not self.keep_output[layer][step]:
             return original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-        cell = Cell(attn, self.layers[layer][0], layer, step, self.states[layer], self.params, original,
-                    self.cond, keep_residual)
+        state = self.states[layer]
+        if REGISTRY[method].READS_CACHE and method != TGATE:  # tgate averages the halves itself
+            self._fit_caches(state, hidden_states.shape[0])
+        cell = Cell(attn, self.layers[layer][0], layer, step, state, self.params, original,
+                    self.cond, keep_residual, grid, self.collapsed)
         out = REGISTRY[method].execute(cell, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-        if method != AST and self.keep_output[layer][step]:
-            self.states[layer].out = out
+        if method not in OUTPUT_READERS and self.keep_output[layer][step]:
+            state.out = out
+            state.gated = None
         return out
 
 
-def _shape(attn, x: torch.Tensor, context: torch.Tensor | None) -> LayerShape:
+def _shape(attn, x: torch.Tensor, context: torch.Tensor | None, grid: tuple[int, int, int] | None) -> LayerShape:
     b, n, c = x.shape[0], x.shape[-2], x.shape[-1]  # x: (B, N, C)
     n_kv = n if context is None else context.shape[-2]
-    return LayerShape(batch=b, n_q=n, n_kv=n_kv, dim=c, inner=attn.inner_dim, heads=attn.heads)
+    return LayerShape(batch=b, n_q=n, n_kv=n_kv, dim=c, inner=attn.inner_dim, heads=attn.heads,
+                      downsample=grid[2] if grid else 1)
+
+
+def _take_half(obj: Any, b: int, half: slice) -> Any:
+    """Every tensor of batch size b in `obj` (args tuple, kwargs dict, nested) cut to `half`; the rest as is."""
+    if torch.is_tensor(obj):
+        return obj[half] if obj.ndim >= 1 and obj.shape[0] == b else obj
+    if isinstance(obj, dict):
+        return {k: _take_half(v, b, half) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_take_half(v, b, half) for v in obj)
+    return obj
 
 
 def plan_layers(obj: Any) -> tuple[Adapter, torch.nn.Module, list[tuple[str, torch.nn.Module]]]:
     adapter = adapter_for(obj)
     model = adapter.denoiser(obj)
-    return adapter, model, adapter.attention_layers(model)
+    return adapter, model, adapter.planned_layers(model)
 
 
 def check_identity(plan: Plan, model: torch.nn.Module, names: Sequence[str]) -> None:
@@ -230,11 +324,12 @@ def _first_diff(a: Sequence[str], b: Sequence[str]) -> str:
     return f"{len(a)} vs {len(b)} layers"
 
 
-def apply_plan(obj: Any, plan: Plan) -> Engine:
+def apply_plan(obj: Any, plan: Plan, *, collapse_cfg: bool = True) -> Engine:
     """Execute `plan` on a diffusers pipeline or bare denoiser; returns the engine handle.
 
     Applying again replaces the previous plan; `remove_plan(obj)` (or `handle.remove()`) restores the model
-    exactly.
+    exactly. `collapse_cfg=False` keeps whole CFG batches at steps where every cross-attention is gated
+    (same result, for checking the collapse).
     """
     adapter, model, layers = plan_layers(obj)
     check_identity(plan, model, [n for n, _ in layers])
@@ -242,7 +337,7 @@ def apply_plan(obj: Any, plan: Plan) -> Engine:
         raise DifaError(f"the plan assumes CFG layout {plan.cfg_layout} but {adapter.family} uses {adapter.cfg_layout}; recalibrate")
     scheduler = getattr(obj, "scheduler", None) if obj is not model else None
     return Engine(model, adapter, layers, plan.methods, plan.techniques, scheduler=scheduler,
-                  inference_steps=plan.inference_steps).install()
+                  inference_steps=plan.inference_steps, collapse_cfg=collapse_cfg).install()
 
 
 def remove_plan(obj: Any) -> bool:

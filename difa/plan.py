@@ -1,12 +1,14 @@
 """The plan: which attention method each (layer, step) cell runs. A plain, frozen value.
 
-JSON schema version 1 (no pickle anywhere; loading never executes code):
+JSON schema version 2 (no pickle anywhere; loading never executes code). Version 2 lists cross-attention
+(`*.attn2`) layers too; version 1 files (self-attention only) still load:
 
     {"schema": "difa.plan", "version": 1,
-     "model":      {"class", "config_hash", "layers": [attention module names, block order], "name", "family"},
+     "model":      {"class", "config_hash", "layers": [attention module names (attn1 and attn2), execution order],
+                   "name", "family"},
      "scheduler":  {"class", "steps": denoiser calls per generation, "num_inference_steps"},
      "cfg":        {"enabled", "layout", "guidance_scale"},
-     "techniques": {method name: {parameter: value}},       e.g. {"wars": {"window": 0.125}}
+     "techniques": {method name: {parameter: value}},       e.g. {"wars": {"window": 0.125}, "tome": {"ratio": 0.5}}
      "methods":    {layer name: [method at step 0, 1, ...]},
      "calibration": {...}  free-form record: threshold, inputs, seed, per-decision losses, time, forwards
      "flops":      {...}   summary from the cost model}
@@ -25,17 +27,23 @@ from typing import Any, Mapping, Sequence
 from difa.errors import DifaError
 
 SCHEMA = "difa.plan"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 FULL = "full"
 WARS = "wars"
 AST = "ast"
 ASC = "asc"
 WARS_ASC = "wars+asc"
+TOME = "tome"
+AGENT = "agent"
+TGATE = "tgate"
 # Methods that need the two CFG halves in one batch.
 CFG_METHODS = frozenset({ASC, WARS_ASC})
 # Methods that add the window-attention residual cached at the last `full` step.
 RESIDUAL_METHODS = frozenset({WARS, WARS_ASC})
+# Methods that return a cached module output instead of computing one.
+OUTPUT_READERS = frozenset({AST, TGATE})
 CFG_LAYOUTS = ("cond_first", "uncond_first")
 
 
@@ -127,7 +135,7 @@ class Plan:
     def from_dict(cls, d: Mapping[str, Any], source: str = "plan") -> "Plan":
         if not isinstance(d, Mapping) or d.get("schema") != SCHEMA:
             raise DifaError(f"{source} is not a difa plan (missing \"schema\": \"{SCHEMA}\"); pass a file written by difa.calibrate")
-        if d.get("version") != VERSION:
+        if d.get("version") not in READABLE_VERSIONS:
             raise DifaError(f"{source} has plan schema version {d.get('version')!r}, this difa reads version {VERSION}; recalibrate or upgrade difa")
         try:
             m, s, c = d["model"], d["scheduler"], d["cfg"]
@@ -190,6 +198,8 @@ def load_plan(path: str | os.PathLike) -> Plan:
 
 def validate(plan: Plan) -> None:
     """Raise DifaError (one line) if the plan is not executable as written."""
+    from difa.techniques import REGISTRY, kind_of
+
     known = known_methods()
     n = len(plan.model.layers)
     if plan.steps < 1:
@@ -204,8 +214,13 @@ def validate(plan: Plan) -> None:
         for step, m in enumerate(row):
             if m not in known:
                 raise DifaError(f"plan cell ({name}, step {step}) has unknown method {m!r}; known methods: {', '.join(sorted(known))}")
-            if step == 0 and m != FULL:
-                raise DifaError(f"plan cell ({name}, step 0) is {m!r}; step 0 must be 'full' (nothing is cached yet)")
+            if step == 0 and REGISTRY[m].READS_CACHE:
+                raise DifaError(f"plan cell ({name}, step 0) is {m!r}, which reuses an earlier step; nothing is cached at step 0")
+            if kind_of(name) not in REGISTRY[m].KINDS:
+                raise DifaError(f"plan cell ({name}, step {step}) is {m!r}, which applies to {'/'.join(REGISTRY[m].KINDS)} "
+                                f"layers only, not {kind_of(name)}; use 'full' there")
+            if m in RESIDUAL_METHODS and FULL not in row[:step]:
+                raise DifaError(f"plan cell ({name}, step {step}) is {m!r}, which needs a 'full' step of the layer before it")
             if m in CFG_METHODS and not plan.cfg_enabled:
                 raise DifaError(f"plan cell ({name}, step {step}) uses {m!r} (CFG sharing) but the plan has CFG off; use guidance_scale > 1 or drop {m!r}")
 
@@ -226,6 +241,8 @@ def residual_steps(methods: Sequence[Sequence[str]]) -> list[list[bool]]:
 
 
 def output_steps(methods: Sequence[Sequence[str]]) -> list[list[bool]]:
-    """[layer][step]: this computed cell's output must be cached, because the next step of the layer is `ast`."""
-    return [[m != AST and t + 1 < len(row) and row[t + 1] == AST for t, m in enumerate(row)] for row in methods]
+    """[layer][step]: this computed cell's output must be cached, because the next step of the layer reuses it
+    (`ast`, `tgate`)."""
+    return [[m not in OUTPUT_READERS and t + 1 < len(row) and row[t + 1] in OUTPUT_READERS for t, m in enumerate(row)]
+            for row in methods]
 

@@ -78,5 +78,5 @@ def test_generate_refuses_a_mismatched_run(tmp_path):
 
     with pytest.raises(DifaError, match="made for 5 steps"):
         generate_cli.run(config("generate", [f"plan={plan_path}", "steps=7", f"out={tmp_path}"]))
-    with pytest.raises(DifaError, match="needs a model"):
-        generate_cli.run(config("generate", ["plan=none", f"out={tmp_path}"]))
+    with pytest.raises(DifaError, match="only apply to plan=preset"):
+        generate_cli.run(config("generate", [f"plan={plan_path}", "ratio=0.5", f"out={tmp_path}"]))

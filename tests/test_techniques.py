@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import difa
 from difa.calibration import fixed_plan
+from difa.engine import plan_layers
 from tests.conftest import GUIDANCE, STEPS, generate, tiny
 
 ATOL = 2e-5  # float32: blocked/fused attention vs the explicit softmax below
@@ -54,11 +55,12 @@ def capture(module):
 def test_plan_row_matches_naive_reference(family, layer):
     pipe = tiny(family)
     model = pipe.unet if family == "sd" else pipe.transformer
-    attns = [m for n, m in model.named_modules() if n.endswith("attn1")]
-    attn = attns[layer]
-    plan = fixed_plan(pipe, lambda i, t: PATTERN[t] if i == layer else "full", steps=STEPS,
+    attns = [(n, m) for n, m in model.named_modules() if n.endswith("attn1")]
+    name, attn = attns[layer]
+    row = [n for n, _ in plan_layers(pipe)[2]].index(name)  # the plan lists attn2 layers too
+    plan = fixed_plan(pipe, lambda i, t: PATTERN[t] if i == row else "full", steps=STEPS,
                       guidance_scale=GUIDANCE[family], window=WINDOW)
-    assert plan.methods[layer] == tuple(PATTERN)
+    assert plan.methods[row] == tuple(PATTERN)
     calls, handle = capture(attn)
     difa.apply_plan(pipe, plan)
     generate(pipe, family)

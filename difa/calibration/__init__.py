@@ -13,10 +13,11 @@ from difa.calibration.cost import plan_flops
 from difa.calibration.greedy import GreedySearch
 from difa.engine import Engine, plan_layers
 from difa.errors import DifaError
-from difa.plan import CFG_METHODS, FULL, ModelIdentity, Plan, config_hash
-from difa.techniques import REGISTRY, wars
+from difa.plan import CFG_METHODS, FULL, RESIDUAL_METHODS, ModelIdentity, Plan, config_hash
+from difa.techniques import REGISTRY, kind_of, wars
 
-DEFAULT_CANDIDATES = ("ast", "wars", "asc", "wars+asc")
+DITFASTATTN_CANDIDATES = ("ast", "wars", "asc", "wars+asc")
+DEFAULT_CANDIDATES = DITFASTATTN_CANDIDATES + ("tome", "agent", "tgate")
 
 
 def check_candidates(candidates: Sequence[str]) -> list[str]:
@@ -45,15 +46,33 @@ def fixed_plan(
     guidance_scale: float,
     window: float | int = wars.DEFAULT_WINDOW,
     name: str = "",
+    techniques: Mapping[str, Mapping[str, Any]] | None = None,
+    kinds: Sequence[str] = ("attn1", "attn2"),
 ) -> Plan:
-    """A plan without calibration: `method(layer, step)` picks each cell (step 0 is forced to full)."""
+    """A plan without calibration: `method(layer, step)` picks each cell of the layers of `kinds`.
+
+    Cells stay `full` where the method does not apply to the layer's kind (e.g. `asc` on cross-attention) and
+    at step 0 for methods that reuse an earlier step. `techniques` adds parameters (e.g. {"tome": {"ratio": 0.5}}).
+    """
     adapter, model, layers = plan_layers(pipe)
     calls = denoiser_calls(pipe.scheduler, steps)
-    methods = tuple(tuple(FULL if t == 0 else method(i, t) for t in range(calls)) for i in range(len(layers)))
+
+    def row(i: int) -> tuple[str, ...]:
+        kind, out = kind_of(layers[i][0]), []
+        for t in range(calls):
+            m = method(i, t) if kind in kinds else FULL
+            if m not in REGISTRY:
+                raise DifaError(f"unknown method {m!r}; choose from {', '.join(sorted(REGISTRY))}")
+            no_residual = m in RESIDUAL_METHODS and FULL not in out
+            out.append(FULL if kind not in REGISTRY[m].KINDS or (t == 0 and REGISTRY[m].READS_CACHE) or no_residual
+                       else m)
+        return tuple(out)
+
+    methods = tuple(row(i) for i in range(len(layers)))
+    params = {wars.NAME: {"window": window}, **{k: dict(v) for k, v in (techniques or {}).items()}}
     return Plan(model=model_identity(model, layers, name, adapter.family), scheduler=type(pipe.scheduler).__name__,
                 steps=calls, num_inference_steps=steps, methods=methods, cfg_enabled=guidance_scale > 1,
-                cfg_layout=adapter.cfg_layout, guidance_scale=float(guidance_scale),
-                techniques={wars.NAME: {"window": window}})
+                cfg_layout=adapter.cfg_layout, guidance_scale=float(guidance_scale), techniques=params)
 
 
 def calibrate_pipeline(
@@ -69,6 +88,7 @@ def calibrate_pipeline(
     call_kwargs: Mapping[str, Any] | None = None,
     name: str = "",
     progress: Any = None,
+    techniques: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Plan:
     """Greedy DiTFastAttn-style calibration of `pipe` on `inputs` (class ids or prompts) -> Plan.
 
@@ -94,12 +114,15 @@ def calibrate_pipeline(
     adapter, model, layers = plan_layers(pipe)
     if not layers:
         raise DifaError(f"found no self-attention layers in {type(model).__name__}")
-    params = {wars.NAME: {"window": window}}
+    params = {wars.NAME: {"window": window}, **{k: dict(v) for k, v in (techniques or {}).items()}}
     calls = denoiser_calls(pipe.scheduler, steps)
     methods = [[FULL] * calls for _ in layers]
-    search = GreedySearch(methods, cands, float(threshold), params, progress=progress)
+    search = GreedySearch(methods, cands, float(threshold), params, kinds=[kind_of(n) for n, _ in layers],
+                          progress=progress)
+    metric = [i for i, (n, _) in enumerate(layers) if any(REGISTRY[c].NEEDS_METRIC and kind_of(n) in REGISTRY[c].KINDS
+                                                          for c in cands)]
     engine = Engine(model, adapter, layers, methods, params, scheduler=pipe.scheduler, calibrating=True,
-                    on_step=search.on_step, inference_steps=steps)
+                    on_step=search.on_step, inference_steps=steps, metric_layers=metric)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     t0 = time.perf_counter()
     with engine:
@@ -107,7 +130,7 @@ def calibrate_pipeline(
                               output_type=adapter.calib_output_type, extra=call_kwargs)
     wall = time.perf_counter() - t0
     shapes = [engine.shapes[i] for i in range(len(layers))]
-    flops = plan_flops(methods, shapes, params)
+    flops = plan_flops(methods, shapes, params, [n for n, _ in layers], cfg_on)
     flops["shapes"] = [s.to_dict() for s in shapes]
     return Plan(
         model=model_identity(model, layers, name, adapter.family),

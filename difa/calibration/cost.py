@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Sequence
 
 from difa.attention import band_pairs, window_tokens
-from difa.plan import FULL, residual_steps
-from difa.techniques import REGISTRY, wars
+from difa.plan import FULL, TGATE, residual_steps
+from difa.techniques import REGISTRY, kind_of, wars
 from difa.techniques.base import LayerShape, core_flops
 
 
@@ -31,14 +31,26 @@ def order_candidates(candidates: Iterable[str], shape: LayerShape, params: Mappi
     return sorted(cands, key=lambda m: (method_flops(m, shape, params), cands.index(m)))
 
 
-def plan_flops(methods: Sequence[Sequence[str]], shapes: Sequence[LayerShape], params: Mapping[str, Mapping]) -> dict:
+def collapsed_steps(methods: Sequence[Sequence[str]], names: Sequence[str], cfg: bool) -> list[bool]:
+    """Steps the engine can run on one CFG half: every cross-attention layer is `tgate` (T-GATE's CFG drop)."""
+    cross = [row for row, n in zip(methods, names) if kind_of(n) == "attn2"]
+    steps = len(methods[0]) if methods else 0
+    return [cfg and bool(cross) and all(row[t] == TGATE for row in cross) for t in range(steps)]
+
+
+def plan_flops(methods: Sequence[Sequence[str]], shapes: Sequence[LayerShape], params: Mapping[str, Mapping],
+               names: Sequence[str] = (), cfg: bool = False) -> dict:
+    """Attention FLOPs of the plan vs all-full. With `names` and `cfg`, steps that collapse CFG (all cross-attention
+    gated) count self-attention at half the batch (the engine skips the collapse when a cache's halves differ)."""
     keep_r = residual_steps(methods)
+    collapsed = collapsed_steps(methods, names, cfg) if names else [False] * (len(methods[0]) if methods else 0)
     full_total = plan_total = 0.0
     for row, keep, shape in zip(methods, keep_r, shapes):
         f = method_flops(FULL, shape, params)
         full_total += f * len(row)
-        for m, k in zip(row, keep):
-            plan_total += method_flops(m, shape, params) + (residual_flops(shape, params) if k else 0.0)
+        for t, (m, k) in enumerate(zip(row, keep)):
+            cost = method_flops(m, shape, params) + (residual_flops(shape, params) if k else 0.0)
+            plan_total += cost / 2 if collapsed[t] else cost
     return {
         "full_gflops": full_total / 1e9,
         "plan_gflops": plan_total / 1e9,

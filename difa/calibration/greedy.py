@@ -15,6 +15,7 @@ import torch
 from difa.calibration.cost import order_candidates
 from difa.calibration.loss import relative_l1
 from difa.plan import CFG_METHODS, FULL
+from difa.techniques import REGISTRY
 
 
 @dataclass
@@ -23,6 +24,7 @@ class GreedySearch:
     candidates: Sequence[str]  # non-full methods allowed
     threshold: float  # δ
     params: Mapping[str, Mapping]
+    kinds: Sequence[str] = ()  # per layer: "attn1" | "attn2"; a candidate is tried only on the kinds it applies to
     loss: Callable[[torch.Tensor, torch.Tensor], float] = relative_l1
     progress: Callable[[int], None] | None = None  # called with the step index after each decided step
     decisions: list[dict] = field(default_factory=list)
@@ -39,7 +41,8 @@ class GreedySearch:
         reference = trial()
         for i, row in enumerate(self.methods):
             thr = self.layer_threshold(i)
-            order = order_candidates(self.candidates, engine.shapes[i], self.params)
+            allowed = [c for c in self.candidates if not self.kinds or self.kinds[i] in REGISTRY[c].KINDS]
+            order = order_candidates(allowed, engine.shapes[i], self.params)
             tried: dict[str, float] = {}
             for m in order:
                 if m in CFG_METHODS and engine.cond is None:

@@ -13,7 +13,8 @@ from difa.cli.common import CONF_DIR, call_kwargs, load_model, model_config, rej
 from difa.plan import Plan
 
 # One character per cell in the summary's plan map.
-METHOD_CHARS = {"full": "F", "wars": "W", "ast": "A", "asc": "C", "wars+asc": "X"}
+METHOD_CHARS = {"full": "F", "wars": "W", "ast": "A", "asc": "C", "wars+asc": "X", "tome": "M", "agent": "G",
+                "tgate": "T"}
 MAX_MAP_LAYERS = 40
 
 
@@ -30,6 +31,7 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
     plan = calibrate_pipeline(
         pipe, inputs, threshold=cfg.threshold, steps=steps, guidance_scale=guidance, seed=int(cfg.seed),
         candidates=list(cfg.candidates), window=cfg.window, call_kwargs=call_kwargs(m), name=m.name,
+        techniques=OmegaConf.to_container(cfg.get("techniques") or OmegaConf.create({}), resolve=True),
     )
     record = {**plan.calibration, "model_config": OmegaConf.to_container(m, resolve=True), "device": cfg.device, "dtype": cfg.dtype}
     plan = plan.with_(calibration=record)
@@ -44,7 +46,7 @@ def summary(plan: Plan, path: Path) -> str:
     counts = " | ".join(f"{k} {v}" for k, v in plan.counts().items())
     lines = [
         f"difa plan written to {path}",
-        f"model      {plan.model.cls} ({plan.model.name}): {len(plan.layers)} self-attention layers x {plan.steps} steps, "
+        f"model      {plan.model.cls} ({plan.model.name}): {len(plan.layers)} attention layers x {plan.steps} steps, "
         f"{plan.scheduler}, CFG {'on, scale ' + str(plan.guidance_scale) if plan.cfg_enabled else 'off'}",
         f"methods    {counts}",
         f"attention  {100 * plan.flops['fraction']:.1f}% of full attention FLOPs "
@@ -56,7 +58,7 @@ def summary(plan: Plan, path: Path) -> str:
         legend = ", ".join(f"{ch} {m}" for m, ch in METHOD_CHARS.items())
         lines.append(f"plan map   (row = layer, column = step; {legend})")
         for i, row in enumerate(plan.methods):
-            lines.append(f"  {i:>3} " + "".join(METHOD_CHARS.get(x, "?") for x in row))
+            lines.append(f"  {i:>3} " + "".join(METHOD_CHARS.get(x, "?") for x in row) + f"  {plan.layers[i]}")
     return "\n".join(lines)
 
 

@@ -18,16 +18,34 @@ from difa.errors import DifaError
 from difa.plan import CFG_METHODS, Plan, load_plan
 
 NO_PLAN = "none"
+PRESET = "preset:"
+PRESET_KEYS = ("ratio", "sx", "sy", "max_downsample", "use_rand", "agent_ratio", "switch", "gate_step", "sp_interval",
+               "fi_interval", "warm_up", "threshold")
 
 
 def resolve(cfg: DictConfig) -> tuple[Plan | None, DictConfig]:
-    plan = None if str(cfg.plan) == NO_PLAN else load_plan(cfg.plan)
-    if "model" in cfg and cfg.model is not None:
-        return plan, cfg.model
-    if plan is None:
-        raise DifaError("plan=none needs a model: add +model=<name>")
+    given = cfg.model if "model" in cfg and cfg.model is not None else None
+    if str(cfg.plan) == NO_PLAN or str(cfg.plan).startswith(PRESET):
+        return None, given if given is not None else model_config(cfg.get("default_model") or "fmnist_dit")
+    plan = load_plan(cfg.plan)
+    if given is not None:
+        return plan, given
     recorded = plan.calibration.get("model_config")
     return plan, OmegaConf.create(recorded) if recorded else model_config(plan.model.name)
+
+
+def preset(cfg: DictConfig, pipe, m: DictConfig, steps: int, guidance: float, inputs: list) -> Plan:
+    from difa.presets import preset_plan
+
+    name = str(cfg.plan)[len(PRESET):]
+    params = {k: cfg.get(k) for k in PRESET_KEYS if cfg.get(k) is not None}
+    if name == "ditfastattn":
+        params.update(inputs=inputs, call_kwargs=call_kwargs(m))
+    plan = preset_plan(name, pipe, steps=steps, guidance_scale=guidance, name=m.name, **params)
+    plan = plan.with_(calibration={**plan.calibration, "model_config": OmegaConf.to_container(m, resolve=True)})
+    if cfg.get("save_plan"):
+        print(f"preset plan written to {plan.save(cfg.save_plan)}")
+    return plan
 
 
 def run(cfg: DictConfig) -> tuple[list, Path]:
@@ -44,6 +62,12 @@ def run(cfg: DictConfig) -> tuple[list, Path]:
             raise DifaError(f"the plan uses {', '.join(uses)} (CFG sharing) but guidance_scale={guidance} turns CFG off; use guidance_scale > 1")
     inputs = take_inputs(cfg.inputs if cfg.inputs is not None else m.inputs, cfg.n)
     pipe = load_model(m, cfg.device, cfg.dtype)
+    if str(cfg.plan).startswith(PRESET):
+        plan = preset(cfg, pipe, m, steps, guidance, inputs)
+    else:
+        stray = [k for k in PRESET_KEYS if cfg.get(k) is not None]
+        if stray:
+            raise DifaError(f"{', '.join(stray)} only apply to plan=preset:<name>; drop them or use a preset")
     if plan is not None:
         apply_plan(pipe, plan)
     generator = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
@@ -54,7 +78,8 @@ def run(cfg: DictConfig) -> tuple[list, Path]:
     finally:
         remove_plan(pipe)
     wall = time.perf_counter() - t0
-    name = Path(str(cfg.plan)).stem if plan is not None else f"{m.name}_full"
+    name = (str(cfg.plan).replace(":", "_") if str(cfg.plan).startswith(PRESET)
+            else Path(str(cfg.plan)).stem if plan is not None else f"{m.name}_full")
     out = Path(cfg.out) if cfg.out else Path("outputs") / "generate" / name
     out.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):

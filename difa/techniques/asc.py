@@ -12,6 +12,9 @@ from difa.techniques import full
 from difa.techniques.base import Cell, LayerShape
 
 NAME = "asc"
+KINDS = ("attn1",)
+READS_CACHE = False
+NEEDS_METRIC = False
 
 
 @dataclass(frozen=True)

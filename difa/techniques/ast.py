@@ -10,6 +10,9 @@ from difa.errors import DifaError
 from difa.techniques.base import Cell, LayerShape
 
 NAME = "ast"
+KINDS = ("attn1", "attn2")
+READS_CACHE = True
+NEEDS_METRIC = False
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
 """What every technique receives, and the projections they share.
 
-A technique file has one shape: NAME, a frozen `Config`, `flops(shape, config)` for the cost model and
-`execute(cell, hidden_states, encoder_hidden_states, attention_mask, **kw)` returning the attention
-module's output. Techniques know nothing about the model family; the engine builds the `Cell`.
+A technique file has one shape: NAME, KINDS (the attention kinds it applies to: "attn1" self-, "attn2"
+cross-attention), READS_CACHE (it reuses something an earlier step computed, so it cannot run at step 0),
+NEEDS_METRIC (it needs the transformer block's input, e.g. ToMe's similarity metric), a frozen `Config`,
+`flops(shape, params)` for the cost model and `execute(cell, hidden_states, encoder_hidden_states,
+attention_mask, **kw)` returning the attention module's output. Techniques know nothing about the model
+family; the engine builds the `Cell`.
 """
 
 from __future__ import annotations
@@ -19,18 +22,19 @@ from difa.errors import DifaError
 class LayerState:
     """Per-layer caches for one generation; the engine calls reset() when a generation starts."""
 
-    out: torch.Tensor | None = None  # (B, N, C) last computed module output, after to_out (for `ast`)
+    out: torch.Tensor | None = None  # (B, N, C) last computed module output, after to_out (`ast`, `tgate`)
     residual: torch.Tensor | None = None  # (B, H, N, D) O_full - O_window at the last full step (for `wars`)
+    gated: torch.Tensor | None = None  # (B, N, C) `out` averaged over the CFG halves (`tgate`); None when stale
+    metric: torch.Tensor | None = None  # (B, N, C) input of the layer's transformer block in this forward (ToMe)
 
     def reset(self) -> None:
-        self.out = None
-        self.residual = None
+        self.out = self.residual = self.gated = self.metric = None
 
     def snapshot(self) -> tuple:
-        return (self.out, self.residual)
+        return (self.out, self.residual, self.gated)
 
     def restore(self, snap: tuple) -> None:
-        self.out, self.residual = snap
+        self.out, self.residual, self.gated = snap
 
 
 @dataclass(frozen=True)
@@ -43,13 +47,15 @@ class LayerShape:
     dim: int  # query input channels C
     inner: int  # heads * head_dim
     heads: int
+    downsample: int = 1  # UNet block downsampling relative to the latent (ToMe's max_downsample); 1 in transformers
 
     @property
     def head_dim(self) -> int:
         return self.inner // self.heads
 
     def to_dict(self) -> dict[str, int]:
-        return dict(batch=self.batch, n_q=self.n_q, n_kv=self.n_kv, dim=self.dim, inner=self.inner, heads=self.heads)
+        return dict(batch=self.batch, n_q=self.n_q, n_kv=self.n_kv, dim=self.dim, inner=self.inner, heads=self.heads,
+                    downsample=self.downsample)
 
 
 @dataclass
@@ -65,6 +71,8 @@ class Cell:
     original: Callable  # the processor the module had before the plan was applied
     cond: slice | None = None  # batch slice of the conditional CFG half; None when the batch is not a CFG batch
     keep_residual: bool = False  # a `wars` cell follows before the next `full` one: cache R now
+    grid: tuple[int, int, int] | None = None  # (h, w, downsample) of the layer's token grid, from the adapter
+    collapsed: bool = False  # the engine runs one CFG half only (every cross-attention gated): halves are equal
 
     def require_cfg(self, method: str) -> slice:
         if self.cond is None:

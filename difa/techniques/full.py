@@ -12,6 +12,9 @@ from difa.techniques import wars
 from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, project_out, project_qkv, projection_flops
 
 NAME = "full"
+KINDS = ("attn1", "attn2")
+READS_CACHE = False
+NEEDS_METRIC = False
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ from difa.errors import DifaError
 from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, project_out, project_qkv, projection_flops
 
 NAME = "wars"
+KINDS = ("attn1",)
+READS_CACHE = True
+NEEDS_METRIC = False
 DEFAULT_WINDOW = 0.125  # DiTFastAttn: w = N/8 tokens on each side
 
 

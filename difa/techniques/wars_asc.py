@@ -13,6 +13,9 @@ from difa.techniques import wars
 from difa.techniques.base import Cell, LayerShape, check_plain
 
 NAME = "wars+asc"
+KINDS = ("attn1",)
+READS_CACHE = True
+NEEDS_METRIC = False
 
 
 @dataclass(frozen=True)

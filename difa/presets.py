@@ -1,0 +1,108 @@
+"""The seed methods as published, as ordinary plans (no calibration): same engine, same saving, same experiments.
+
+    tomesd       ToMe for SD: every self-attention layer merges `ratio` of its tokens at every step
+    agentsd      AgentSD's two phases: agent attention (sx=sy=4, ratio 0.4, agent_ratio 0.95) for the first
+                 40% of the steps (20 of 50), then plain ToMe (sx=sy=2, ratio 0.4; AgentSD's size check turns
+                 the agents off there)
+    tgate        T-GATE: cross-attention computed until `gate_step`, then its CFG mean is reused (and the
+                 engine runs one CFG half); self-attention cached at `warm_up`, recomputed every
+                 `sp_interval` steps before the gate and every `fi_interval` steps after it
+    ditfastattn  DiTFastAttn is its calibration: `difa.calibrate_pipeline` (`python -m difa.calibrate`)
+
+Steps are denoiser calls (= num_inference_steps for DPM-Solver and DDIM).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from difa.calibration import DITFASTATTN_CANDIDATES, calibrate_pipeline, fixed_plan
+from difa.engine import plan_layers
+from difa.errors import DifaError
+from difa.plan import AGENT, AST, FULL, TGATE, TOME, Plan
+from difa.techniques import agent, kind_of, tome
+
+
+def tomesd(pipe: Any, *, steps: int, guidance_scale: float, ratio: float = 0.5, sx: int = 2, sy: int = 2,
+           max_downsample: int = 1, use_rand: bool = True, seed: int = 0, name: str = "") -> Plan:
+    params = dict(ratio=ratio, sx=sx, sy=sy, max_downsample=max_downsample, use_rand=use_rand, seed=seed)
+    tome.config({TOME: params})  # one-line errors and the ratio-cap warning before anything runs
+    return _tag(fixed_plan(pipe, lambda i, t: TOME, steps=steps, guidance_scale=guidance_scale, name=name,
+                           techniques={TOME: params}, kinds=("attn1",)), "tomesd", params)
+
+
+def agentsd(pipe: Any, *, steps: int, guidance_scale: float, ratio: float = 0.4, agent_ratio: float = 0.95,
+            sx: int = 4, sy: int = 4, late_sx: int = 2, late_sy: int = 2, switch: float = 0.4,
+            k_scale2: float = 0.3, k_shortcut: float = 0.075, fp32: bool = False, max_downsample: int = 1,
+            use_rand: bool = True, seed: int = 0, name: str = "") -> Plan:
+    if not 0 <= switch <= 1:
+        raise DifaError(f"agentsd switch must be a fraction of the steps in [0, 1], got {switch}")
+    early = dict(ratio=ratio, agent_ratio=agent_ratio, sx=sx, sy=sy, k_scale2=k_scale2, k_shortcut=k_shortcut,
+                 fp32=fp32, max_downsample=max_downsample, use_rand=use_rand, seed=seed)
+    late = dict(ratio=ratio, sx=late_sx, sy=late_sy, max_downsample=max_downsample, use_rand=use_rand, seed=seed)
+    tome.config({AGENT: early}, AGENT, agent.Config)
+    tome.config({TOME: late})
+    cut = round(switch * steps)  # AgentSD: steps 0-19 of 50
+    return _tag(fixed_plan(pipe, lambda i, t: AGENT if t < cut else TOME, steps=steps, guidance_scale=guidance_scale,
+                           name=name, techniques={AGENT: early, TOME: late}, kinds=("attn1",)),
+                "agentsd", {**early, "late_sx": late_sx, "late_sy": late_sy, "switch": switch})
+
+
+def tgate(pipe: Any, *, steps: int, guidance_scale: float, gate_step: int = 10, sp_interval: int = 5,
+          fi_interval: int = 1, warm_up: int = 2, name: str = "") -> Plan:
+    """T-GATE's defaults for SD (gate_step 10, sp_interval 5, fi_interval 1, warm_up 2)."""
+    for key, v in dict(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval).items():
+        if int(v) != v or v < 1:
+            raise DifaError(f"tgate {key} must be an integer >= 1, got {v}")
+    if int(warm_up) != warm_up or warm_up < 0:
+        raise DifaError(f"tgate warm_up must be an integer >= 0, got {warm_up}")
+    _, _, layers = plan_layers(pipe)
+    if not any(kind_of(n) == "attn2" for n, _ in layers):
+        raise DifaError(f"tgate gates cross-attention, and {type(pipe).__name__} has none (class-conditional "
+                        "models condition through adaLN); use tomesd, agentsd or calibration instead")
+
+    def self_attention(t: int) -> str:
+        if t < gate_step:
+            fresh = t <= warm_up or (t - warm_up) % sp_interval == 0
+        else:
+            fresh = (t - gate_step) % fi_interval == 0
+        return FULL if fresh else AST
+
+    def method(i: int, t: int) -> str:
+        if kind_of(layers[i][0]) == "attn2":
+            return TGATE if t >= gate_step else FULL
+        return self_attention(t)
+
+    params = dict(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up)
+    return _tag(fixed_plan(pipe, method, steps=steps, guidance_scale=guidance_scale, name=name), "tgate", params)
+
+
+def ditfastattn(pipe: Any, *, steps: int, guidance_scale: float, inputs, threshold: float = 0.05,
+                 name: str = "", **kw) -> Plan:
+    """DiTFastAttn is calibration with its four candidates."""
+    return calibrate_pipeline(pipe, inputs, threshold=threshold, steps=steps, guidance_scale=guidance_scale,
+                              candidates=DITFASTATTN_CANDIDATES, name=name, **kw)
+
+
+PRESETS: dict[str, Callable[..., Plan]] = {"tomesd": tomesd, "agentsd": agentsd, "tgate": tgate,
+                                           "ditfastattn": ditfastattn}
+
+
+def preset_plan(preset: str, pipe: Any, *, steps: int, guidance_scale: float, **params) -> Plan:
+    """Build the named preset's plan; `params` are the preset's keyword arguments (None values are dropped)."""
+    if preset not in PRESETS:
+        raise DifaError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    fn = PRESETS[preset]
+    import inspect
+
+    accepted = set(inspect.signature(fn).parameters) - {"pipe"}
+    given = {k: v for k, v in params.items() if v is not None}
+    bad = sorted(set(given) - accepted)
+    if bad:
+        raise DifaError(f"preset {preset} does not take {', '.join(bad)}; it takes "
+                        f"{', '.join(sorted(accepted - {'steps', 'guidance_scale', 'name'}))}")
+    return fn(pipe, steps=steps, guidance_scale=guidance_scale, **given)
+
+
+def _tag(plan: Plan, preset: str, params: Mapping[str, Any]) -> Plan:
+    return plan.with_(calibration={"preset": preset, "params": dict(params)})

@@ -1,0 +1,63 @@
+"""`tgate`: cross-attention gating (T-GATE, Liu et al. 2024, HaozheLiu-ST/T-GATE).
+
+A gated cross-attention layer returns the output it computed at its last computed step, averaged over the
+two CFG halves (T-GATE caches (uncond + cond) / 2 at gate_step - 1 and reuses it from then on). Without CFG
+it is plain reuse. Once every cross-attention layer of a step is gated, the two CFG halves of the model are
+identical, and the engine runs the step on one half only (see Engine: CFG collapse).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from difa.errors import DifaError
+from difa.techniques.base import Cell, LayerShape
+
+NAME = "tgate"
+KINDS = ("attn2",)
+READS_CACHE = True
+NEEDS_METRIC = False
+
+
+@dataclass(frozen=True)
+class Config:
+    pass
+
+
+def flops(shape: LayerShape, params: Mapping[str, Mapping]) -> float:
+    return 0.0
+
+
+def gated(cell: Cell, batch: int) -> torch.Tensor:
+    """The cached output averaged over the CFG halves: (B/2, N, C) for a CFG generation, else (B, N, C)."""
+    st = cell.state
+    if st.gated is not None:
+        return st.gated
+    out = st.out
+    if out is None:
+        raise DifaError(f"{cell.name} step {cell.step}: 'tgate' has no earlier cross-attention output to reuse; "
+                        "the layer must compute at an earlier step")
+    cfg = cell.collapsed or cell.cond is not None
+    if cfg and out.shape[0] == (batch if cell.collapsed else batch // 2):
+        g = out  # cached while collapsed: already one (shared) half
+    elif cfg:
+        h = out.shape[0] // 2
+        g = (out[:h] + out[h:]) / 2  # (B/2, N, C), symmetric in the halves, so layout-free
+    else:
+        g = out
+    st.gated = g
+    return g
+
+
+def execute(cell: Cell, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+    b = hidden_states.shape[0]
+    g = gated(cell, b)
+    if cell.cond is not None and not cell.collapsed:
+        g = torch.cat([g, g], dim=0)  # (B, N, C): both halves get the mean
+    if g.shape[0] != b or g.shape[1] != hidden_states.shape[1]:
+        raise DifaError(f"{cell.name} step {cell.step}: 'tgate' cached {tuple(g.shape[:2])} (batch, tokens) but this "
+                        f"call has {(b, hidden_states.shape[1])}; keep batch and resolution fixed in a generation")
+    return g

@@ -1,0 +1,129 @@
+"""`python -m difa.evaluate`: composed in-process on tiny models, and one user error as a real subprocess."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from difa.calibration import fixed_plan
+from difa.cli import evaluate as evaluate_cli
+from difa.cli.common import CONF_DIR, REPO_ROOT, load_model, model_config
+from difa.errors import DifaError
+from difa.zoo import FMNISTClassifier
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from two, and lose a lot when the other core is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def config(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(config_name="evaluate", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def ast_plan(tmp_path_factory):
+    """A plan without calibration: every layer reuses its attention output after step 0."""
+    pipe = load_model(model_config("tiny_dit"), "cpu", "float32")
+    plan = fixed_plan(pipe, lambda layer, step: "ast", steps=STEPS, guidance_scale=4.0, name="tiny_dit")
+    return plan.save(tmp_path_factory.mktemp("plan") / "tiny_dit_ast.json")
+
+
+def test_baseline_and_plan_side_by_side(tmp_path, ast_plan, capsys):
+    out = tmp_path / "eval.csv"
+    cfg = config(["+model=tiny_dit", f"plan={ast_plan}", "n=4", "batch=2", "fid=false", f"out={out}"])
+    table, path = evaluate_cli.run(cfg)
+    assert path == out and list(table.method) == ["baseline", "tiny_dit_ast"]
+    base, plan = table.iloc[0], table.iloc[1]
+    assert base.rel_l1 == 0.0 and base.psnr_db == math.inf and base.ssim == pytest.approx(1.0)
+    assert base.attn_flops == 1.0 and plan.attn_flops < 0.5  # ast after step 0 of 4: only step 0 computes
+    assert plan.rel_l1 > 0 and plan.psnr_db < math.inf
+    assert (table.s_per_image > 0).all() and (table.peak_mem_mb > 0).all()
+    assert "fid" not in table and "class_acc" not in table
+    saved = pd.read_csv(out)
+    assert list(saved.method) == ["baseline", "tiny_dit_ast"] and (saved.n == 4).all() and (saved.steps == STEPS).all()
+    printed = capsys.readouterr().out
+    assert "tiny_dit_ast" in printed and "FID and class accuracy skipped" in printed and str(out) in printed
+
+
+def test_same_seeds_give_the_same_baseline(tmp_path, monkeypatch):
+    """Batches are seeded per index, so the baseline images do not depend on the batch size."""
+    seen = []
+    original = evaluate_cli.score
+
+    def keep_images(methods, *args, **kwargs):
+        seen.append(torch.cat(methods[0].images))
+        return original(methods, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_cli, "score", keep_images)
+    for batch in (1, 3):
+        evaluate_cli.run(config(["+model=tiny_dit", "n=3", f"batch={batch}", f"steps={STEPS}", "fid=false",
+                                 "warmup=false", f"out={tmp_path / f'b{batch}.csv'}"]))
+    assert not torch.equal(seen[0][0], seen[0][1])  # every image has its own noise
+    torch.testing.assert_close(seen[0][:1], seen[1][:1], atol=1e-4, rtol=0)
+
+
+def test_class_accuracy_with_a_classifier_dir(tmp_path, capsys):
+    torch.manual_seed(0)
+    FMNISTClassifier().save_pretrained(tmp_path / "clf")
+    cfg = config(["+model=tiny_dit", "+model.dataset=fmnist", "n=4", "batch=4", f"steps={STEPS}", "fid=false",
+                  "warmup=false", f"classifier={tmp_path / 'clf'}", f"out={tmp_path / 'e.csv'}"])
+    table, _ = evaluate_cli.run(cfg)
+    assert 0.0 <= table.class_acc.iloc[0] <= 1.0
+    assert "FID skipped" in capsys.readouterr().out
+    cfg = config(["+model=tiny_dit", "+model.dataset=fmnist", "n=2", f"steps={STEPS}", "fid=false", "warmup=false",
+                  f"classifier={tmp_path / 'missing'}", f"out={tmp_path / 'e.csv'}"])
+    table, _ = evaluate_cli.run(cfg)
+    assert "class_acc" not in table and "class accuracy skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["n=0"], "n must be >= 1"),
+    (["batch=0"], "batch must be >= 1"),
+    (["n=many"], "n must be an integer"),
+    (["+model.dataset=fmnist", "fid=true", "n=1"], "FID needs n >= 2"),
+    (["model.resolution=64"], "config hash"),
+    (["fid_source=tf"], "unknown fid_source"),
+    (["plan=/nonexistent.json"], "does not exist"),
+    ([f"steps={STEPS + 1}"], f"made for {STEPS} steps"),
+])
+def test_bad_arguments(ast_plan, overrides, message):
+    plan = [] if any(o.startswith("plan=") for o in overrides) else [f"plan={ast_plan}"]
+    base = ["+model=tiny_dit", "fid=false", *plan]
+    with pytest.raises(DifaError, match=message):
+        evaluate_cli.run(config(base + overrides))
+
+
+def test_user_error_is_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "difa.evaluate", "+model=tiny_dit", "n=0", f"hydra.run.dir={tmp_path}"],
+                       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "difa: error: n must be >= 1 (got 0); e.g. n=2000 for FID"
+    r = subprocess.run([sys.executable, "-m", "difa.evaluate", "model=tiny_dit"], cwd=REPO_ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "+model=tiny_dit" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_fid_against_the_fashion_mnist_test_split(tmp_path, ast_plan, capsys):
+    """The whole FID path on a tiny model posing as a Fashion-MNIST one (its images are noise, so FID is large)."""
+    cfg = config(["+model=tiny_dit", "+model.dataset=fmnist", f"plan={ast_plan}", "n=4", "batch=4", "ref_n=6",
+                  "warmup=false", f"cache_dir={tmp_path / 'cache'}", f"classifier={tmp_path / 'none'}",
+                  f"out={tmp_path / 'e.csv'}"])
+    table, _ = evaluate_cli.run(cfg)
+    assert (table.fid > 0).all() and "inception_score" not in table
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["fmnist-test_n6_fid-helper_v1.npy"]
+    assert "Inception Score not available" in capsys.readouterr().out
