@@ -84,6 +84,8 @@ class Run:
         tmp.replace(self.ckpt)  # atomic
 
     def loop(self, train_step) -> None:
+        if self.args.peek:  # export the checkpoint as it is; never train or write the checkpoint
+            return
         budget = self.args.minutes * 60
         last_ckpt = start = time.perf_counter()
         base = self.elapsed
@@ -107,6 +109,8 @@ class Run:
         return sum(recent) / max(len(recent), 1)
 
     def record(self, extra: str = "") -> None:
+        if self.args.peek:
+            return
         line = (f"{self.kind}: seed {self.args.seed}, {self.step} steps x batch {self.args.batch}, "
                 f"{self.elapsed / 60:.1f} min, final loss (mean of last 200 steps) {self.final_loss():.4f}{extra}")
         with open(RUNS / "log.txt", "a") as f:
@@ -264,7 +268,7 @@ def train_denoiser(args, kind: str) -> None:
     model.load_state_dict(ema.shadow)
     model.eval()
     scheduler = DPMSolverMultistepScheduler(**zoo.TRAIN_BETAS)
-    out = MODELS / f"fmnist-{kind}"
+    out = Path(args.peek) if args.peek else MODELS / f"fmnist-{kind}"
     if kind == "dit":
         id2label = dict(enumerate(data.FMNIST_CLASSES))
         pipe = DiTPipeline(transformer=model, vae=vae, scheduler=scheduler, id2label=id2label)
@@ -325,6 +329,7 @@ def main(argv=None) -> None:
     p.add_argument("--cond-drop", type=float, default=0.1, help="PixArt caption dropout for CFG")
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--peek", default=None, help="denoisers: export the current checkpoint to this dir, no training")
     args = p.parse_args(argv)
     defaults = {"vae": (64, 1e-3), "classifier": (128, 2e-3), "dit": (64, 4e-4), "pixart": (64, 4e-4)}
     args.batch = args.batch or defaults[args.kind][0]

@@ -80,3 +80,30 @@ def test_generate_refuses_a_mismatched_run(tmp_path):
         generate_cli.run(config("generate", [f"plan={plan_path}", "steps=7", f"out={tmp_path}"]))
     with pytest.raises(DifaError, match="only apply to plan=preset"):
         generate_cli.run(config("generate", [f"plan={plan_path}", "ratio=0.5", f"out={tmp_path}"]))
+
+
+@pytest.mark.parametrize("model,preset,extra,expect", [
+    ("tiny_sd", "tomesd", ["ratio=0.5"], {"tome"}),
+    ("tiny_dit", "agentsd", [], {"agent", "tome"}),
+    ("tiny_pixart", "tgate", ["gate_step=3", "sp_interval=2", "warm_up=1"], {"tgate", "ast", "full"}),
+])
+def test_generate_runs_presets_and_saves_their_plan(tmp_path, model, preset, extra, expect):
+    saved = tmp_path / "preset.json"
+    cfg = config("generate", [f"+model={model}", f"plan=preset:{preset}", *extra, "n=2", "steps=5",
+                              f"save_plan={saved}", f"out={tmp_path / 'img'}"])
+    images, _ = generate_cli.run(cfg)
+    plan = load_plan(saved)  # an ordinary plan: saved and loaded the same way
+    assert len(images) == 2 and set(plan.counts()) - {"full"} <= expect and set(plan.counts()) & (expect - {"full"})
+    assert plan.calibration["preset"] == preset
+
+
+def test_preset_errors_are_one_line(tmp_path):
+    from difa.errors import DifaError
+
+    with pytest.raises(DifaError, match="unknown preset 'fast'"):
+        generate_cli.run(config("generate", ["+model=tiny_dit", "plan=preset:fast", "n=1", f"out={tmp_path}"]))
+    with pytest.raises(DifaError, match="does not take gate_step"):
+        generate_cli.run(config("generate", ["+model=tiny_dit", "plan=preset:tomesd", "gate_step=3", "n=1",
+                                             f"out={tmp_path}"]))
+    with pytest.raises(DifaError, match="has none"):
+        generate_cli.run(config("generate", ["+model=tiny_dit", "plan=preset:tgate", "n=1", f"out={tmp_path}"]))

@@ -13,11 +13,13 @@ from difa.calibration.cost import plan_flops
 from difa.calibration.greedy import GreedySearch
 from difa.engine import Engine, plan_layers
 from difa.errors import DifaError
-from difa.plan import CFG_METHODS, FULL, RESIDUAL_METHODS, ModelIdentity, Plan, config_hash
-from difa.techniques import REGISTRY, kind_of, wars
+from difa.plan import AGENT, CFG_METHODS, FULL, RESIDUAL_METHODS, TOME, ModelIdentity, Plan, config_hash
+from difa.techniques import REGISTRY, agent, kind_of, tome, wars
 
 DITFASTATTN_CANDIDATES = ("ast", "wars", "asc", "wars+asc")
-DEFAULT_CANDIDATES = DITFASTATTN_CANDIDATES + ("tome", "agent", "tgate")
+# Ties in the cost model keep this order: `tgate` before `ast` on cross-attention, because gating every
+# cross-attention layer of a step also lets the engine drop one CFG half (which per-layer FLOPs do not show).
+DEFAULT_CANDIDATES = ("tgate",) + DITFASTATTN_CANDIDATES + ("tome", "agent")
 
 
 def check_candidates(candidates: Sequence[str]) -> list[str]:
@@ -113,8 +115,17 @@ def calibrate_pipeline(
 
     adapter, model, layers = plan_layers(pipe)
     if not layers:
-        raise DifaError(f"found no self-attention layers in {type(model).__name__}")
+        raise DifaError(f"found no attention layers in {type(model).__name__}")
+    kinds = {kind_of(n) for n, _ in layers}
+    skipped = {c: f"no {'/'.join(REGISTRY[c].KINDS)} layers in {type(model).__name__}"
+               for c in cands if not kinds & set(REGISTRY[c].KINDS)}  # e.g. T-GATE on class-conditional DiT
+    if not cfg_on:
+        skipped.update({c: "CFG is off" for c in check_candidates(candidates) if c in CFG_METHODS})
+    cands = [c for c in cands if c not in skipped]
     params = {wars.NAME: {"window": window}, **{k: dict(v) for k, v in (techniques or {}).items()}}
+    for merging in (TOME, AGENT):
+        if merging in cands or merging in params:
+            tome.config(params, merging, agent.Config if merging == AGENT else tome.Config)  # one-line errors up front
     calls = denoiser_calls(pipe.scheduler, steps)
     methods = [[FULL] * calls for _ in layers]
     search = GreedySearch(methods, cands, float(threshold), params, kinds=[kind_of(n) for n, _ in layers],
@@ -147,6 +158,7 @@ def calibrate_pipeline(
             "inputs": list(inputs),
             "seed": seed,
             "candidates": cands,
+            "skipped_candidates": skipped,
             "loss": "relative_l1",
             "wall_time_s": round(wall, 3),
             "forwards": engine.forwards,

@@ -54,6 +54,8 @@ def summary(plan: Plan, path: Path) -> str:
         f"calibrated in {c['wall_time_s']:.1f} s wall, {c['forwards']} model forwards; threshold {c['threshold']}, "
         f"{len(c['inputs'])} inputs, seed {c['seed']}",
     ]
+    if c.get("skipped_candidates"):
+        lines.append("skipped    " + "; ".join(f"{k}: {v}" for k, v in c["skipped_candidates"].items()))
     if len(plan.layers) <= MAX_MAP_LAYERS:
         legend = ", ".join(f"{ch} {m}" for m, ch in METHOD_CHARS.items())
         lines.append(f"plan map   (row = layer, column = step; {legend})")

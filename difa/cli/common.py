@@ -79,3 +79,33 @@ def report_errors(fn: Callable[[], Any]) -> Any:
     except DifaError as e:
         sys.stderr.write(f"difa: error: {e}\n")
         raise SystemExit(2) from None
+
+
+PRESET = "preset:"
+PRESET_KEYS = ("ratio", "sx", "sy", "max_downsample", "use_rand", "agent_ratio", "switch", "gate_step", "sp_interval",
+               "fi_interval", "warm_up", "threshold")
+
+
+def is_preset(plan_arg: Any) -> bool:
+    return str(plan_arg).startswith(PRESET)
+
+
+def check_no_preset_keys(cfg: DictConfig) -> None:
+    stray = [k for k in PRESET_KEYS if cfg.get(k) is not None]
+    if stray and not is_preset(cfg.plan):
+        raise DifaError(f"{', '.join(stray)} only apply to plan=preset:<name>; drop them or use a preset")
+
+
+def preset_from_cfg(cfg: DictConfig, pipe: Any, m: DictConfig, steps: int, guidance: float, inputs: list):
+    """`plan=preset:<name>` plus the preset keys of `cfg` -> Plan (saved to `save_plan` when given)."""
+    from difa.presets import preset_plan
+
+    name = str(cfg.plan)[len(PRESET):]
+    params = {k: cfg.get(k) for k in PRESET_KEYS if cfg.get(k) is not None}
+    if name == "ditfastattn":
+        params.update(inputs=inputs, call_kwargs=call_kwargs(m))
+    plan = preset_plan(name, pipe, steps=steps, guidance_scale=guidance, name=m.name, **params)
+    plan = plan.with_(calibration={**plan.calibration, "model_config": OmegaConf.to_container(m, resolve=True)})
+    if cfg.get("save_plan"):
+        print(f"preset plan written to {plan.save(cfg.save_plan)}")
+    return plan

@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from difa import metrics
 from difa.adapters import Adapter, get_adapter
-from difa.cli.common import CONF_DIR, REPO_ROOT, call_kwargs, load_model, model_config, reject_unplussed_model, report_errors
+from difa.cli.common import (CONF_DIR, REPO_ROOT, call_kwargs, check_no_preset_keys, is_preset, load_model, model_config,
+                             preset_from_cfg, reject_unplussed_model, report_errors)
 from difa.data import FMNIST_CLASSES, captions
 from difa.engine import Engine, apply_plan, remove_plan
 from difa.errors import DifaError
@@ -44,7 +45,7 @@ class Method:
 
 def resolve(cfg: DictConfig) -> tuple[DictConfig, Plan | None]:
     """Model: +model=<name>, else the one recorded in the plan, else `default_model`."""
-    plan = None if str(cfg.plan) == NO_PLAN else load_plan(cfg.plan)
+    plan = None if str(cfg.plan) == NO_PLAN or is_preset(cfg.plan) else load_plan(cfg.plan)
     if "model" in cfg and cfg.model is not None:
         return cfg.model, plan
     if plan is not None:
@@ -125,7 +126,7 @@ def flops_fraction(plan: Plan, engine: Engine) -> float:
     shapes = [engine.shapes.get(i) for i in range(len(plan.layers))]
     if any(s is None for s in shapes):
         return math.nan
-    return float(plan_flops(plan.methods, shapes, plan.techniques)["fraction"])
+    return float(plan_flops(plan.methods, shapes, plan.techniques, plan.layers, plan.cfg_enabled)["fraction"])
 
 
 def generate_all(pipe, adapter: Adapter, methods: list[Method], inputs: list, *, seed: int, steps: int,
@@ -192,12 +193,16 @@ def run(cfg: DictConfig):
             notes.append(f"class accuracy skipped: no classifier at {cfg.classifier} (train it or pass classifier=<dir>)")
 
     labels, inputs = class_inputs(adapter, n, int(cfg.seed))
+    check_no_preset_keys(cfg)
     pipe = load_model(m, cfg.device, cfg.dtype)
     pipe.set_progress_bar_config(disable=True)
+    if is_preset(cfg.plan):
+        plan = preset_from_cfg(cfg, pipe, m, steps, guidance, list(dict.fromkeys(inputs))[:10])
     if plan is not None:  # fail before generating anything if the plan does not fit the model
         apply_plan(pipe, plan)
         remove_plan(pipe)
-    methods = [Method(BASELINE, None)] + ([Method(Path(str(cfg.plan)).stem, plan)] if plan is not None else [])
+    label = str(cfg.plan).replace(":", "_") if is_preset(cfg.plan) else Path(str(cfg.plan)).stem
+    methods = [Method(BASELINE, None)] + ([Method(label, plan)] if plan is not None else [])
     generate_all(pipe, adapter, methods, inputs, seed=int(cfg.seed), steps=steps, guidance=guidance, batch=batch,
                  extra=call_kwargs(m), device=cfg.device, warmup=bool(cfg.warmup))
     del pipe

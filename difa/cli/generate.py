@@ -12,40 +12,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from difa.adapters import get_adapter
-from difa.cli.common import CONF_DIR, call_kwargs, load_model, model_config, report_errors, take_inputs
+from difa.cli.common import (CONF_DIR, call_kwargs, check_no_preset_keys, is_preset, load_model, model_config,
+                             preset_from_cfg, report_errors, take_inputs)
 from difa.engine import apply_plan, remove_plan
 from difa.errors import DifaError
 from difa.plan import CFG_METHODS, Plan, load_plan
 
 NO_PLAN = "none"
-PRESET = "preset:"
-PRESET_KEYS = ("ratio", "sx", "sy", "max_downsample", "use_rand", "agent_ratio", "switch", "gate_step", "sp_interval",
-               "fi_interval", "warm_up", "threshold")
-
-
 def resolve(cfg: DictConfig) -> tuple[Plan | None, DictConfig]:
     given = cfg.model if "model" in cfg and cfg.model is not None else None
-    if str(cfg.plan) == NO_PLAN or str(cfg.plan).startswith(PRESET):
+    if str(cfg.plan) == NO_PLAN or is_preset(cfg.plan):
         return None, given if given is not None else model_config(cfg.get("default_model") or "fmnist_dit")
     plan = load_plan(cfg.plan)
     if given is not None:
         return plan, given
     recorded = plan.calibration.get("model_config")
     return plan, OmegaConf.create(recorded) if recorded else model_config(plan.model.name)
-
-
-def preset(cfg: DictConfig, pipe, m: DictConfig, steps: int, guidance: float, inputs: list) -> Plan:
-    from difa.presets import preset_plan
-
-    name = str(cfg.plan)[len(PRESET):]
-    params = {k: cfg.get(k) for k in PRESET_KEYS if cfg.get(k) is not None}
-    if name == "ditfastattn":
-        params.update(inputs=inputs, call_kwargs=call_kwargs(m))
-    plan = preset_plan(name, pipe, steps=steps, guidance_scale=guidance, name=m.name, **params)
-    plan = plan.with_(calibration={**plan.calibration, "model_config": OmegaConf.to_container(m, resolve=True)})
-    if cfg.get("save_plan"):
-        print(f"preset plan written to {plan.save(cfg.save_plan)}")
-    return plan
 
 
 def run(cfg: DictConfig) -> tuple[list, Path]:
@@ -62,12 +44,9 @@ def run(cfg: DictConfig) -> tuple[list, Path]:
             raise DifaError(f"the plan uses {', '.join(uses)} (CFG sharing) but guidance_scale={guidance} turns CFG off; use guidance_scale > 1")
     inputs = take_inputs(cfg.inputs if cfg.inputs is not None else m.inputs, cfg.n)
     pipe = load_model(m, cfg.device, cfg.dtype)
-    if str(cfg.plan).startswith(PRESET):
-        plan = preset(cfg, pipe, m, steps, guidance, inputs)
-    else:
-        stray = [k for k in PRESET_KEYS if cfg.get(k) is not None]
-        if stray:
-            raise DifaError(f"{', '.join(stray)} only apply to plan=preset:<name>; drop them or use a preset")
+    check_no_preset_keys(cfg)
+    if is_preset(cfg.plan):
+        plan = preset_from_cfg(cfg, pipe, m, steps, guidance, inputs)
     if plan is not None:
         apply_plan(pipe, plan)
     generator = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
@@ -78,7 +57,7 @@ def run(cfg: DictConfig) -> tuple[list, Path]:
     finally:
         remove_plan(pipe)
     wall = time.perf_counter() - t0
-    name = (str(cfg.plan).replace(":", "_") if str(cfg.plan).startswith(PRESET)
+    name = (str(cfg.plan).replace(":", "_") if is_preset(cfg.plan)
             else Path(str(cfg.plan)).stem if plan is not None else f"{m.name}_full")
     out = Path(cfg.out) if cfg.out else Path("outputs") / "generate" / name
     out.mkdir(parents=True, exist_ok=True)

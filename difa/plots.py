@@ -1,0 +1,182 @@
+"""Figures: the plan heatmap (layers x steps coloured by method) and the quality-vs-cost Pareto plot.
+
+matplotlib's object API on an Agg canvas: no pyplot, no global backend switch, safe in worker processes.
+Files are written atomically (temporary file, then rename); the format follows the suffix (.png, .pdf, .svg).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from difa.errors import DifaError
+from difa.metrics import save_atomic
+from difa.plan import Plan, load_plan
+
+# One fixed colour per method, so that heatmaps of different plans read alike.
+METHOD_COLORS = {
+    "full": "#d9d9d9",
+    "wars": "#1f77b4",
+    "ast": "#2ca02c",
+    "asc": "#ff7f0e",
+    "wars+asc": "#9467bd",
+    "tome": "#d62728",
+    "agent": "#8c564b",
+    "tgate": "#e377c2",
+}
+EXTRA_COLORS = ("#17becf", "#bcbd22", "#7f7f7f", "#393b79", "#637939")  # methods added later
+# Metrics where larger is better; every other column (FID, rel_l1, latency, FLOPs) is lower-is-better.
+HIGHER_IS_BETTER = frozenset({"inception_score", "class_acc", "psnr_db", "ssim", "clip_score"})
+AXIS_LABELS = {
+    "s_per_image": "latency (s / image)",
+    "rel_latency": "latency relative to the uncompressed model",
+    "attn_flops": "attention FLOPs relative to full",
+    "fid": "FID (lower is better)",
+    "inception_score": "Inception Score (higher is better)",
+    "class_acc": "class accuracy (higher is better)",
+    "rel_l1": "relative L1 to the uncompressed images (lower is better)",
+    "psnr_db": "PSNR to the uncompressed images, dB (higher is better)",
+    "ssim": "SSIM to the uncompressed images (higher is better)",
+}
+BASELINE = "baseline"
+IMAGE_FORMATS = ("png", "pdf", "svg")
+
+
+def method_colors(methods: Sequence[str]) -> dict[str, str]:
+    """Colour of each method: the fixed one where known, else the next spare colour."""
+    extra = iter(EXTRA_COLORS * (1 + len(methods) // len(EXTRA_COLORS)))
+    return {m: METHOD_COLORS[m] if m in METHOD_COLORS else next(extra) for m in methods}
+
+
+def plan_grid(plan: Plan) -> tuple[np.ndarray, list[str]]:
+    """(n_layers, steps) int codes into the returned method list (methods in METHOD_COLORS order, then others)."""
+    used = {m for row in plan.methods for m in row}
+    methods = [m for m in METHOD_COLORS if m in used] + sorted(used - set(METHOD_COLORS))
+    code = {m: i for i, m in enumerate(methods)}
+    return np.array([[code[m] for m in row] for row in plan.methods], dtype=np.int64), methods
+
+
+def _format(path: Path) -> str:
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in IMAGE_FORMATS:
+        raise DifaError(f"figure path {str(path)!r} must end in {', '.join('.' + f for f in IMAGE_FORMATS)}")
+    return fmt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    fmt = _format(path)
+    FigureCanvasAgg(fig)
+    return save_atomic(path, lambda f: fig.savefig(f, format=fmt, dpi=120, bbox_inches="tight"))
+
+
+def plan_title(plan: Plan) -> str:
+    c, parts = plan.calibration, [plan.model.name or plan.model.cls]
+    if "preset" in c:
+        parts.append(f"preset {c['preset']}")
+    elif "threshold" in c:
+        parts.append(f"threshold {c['threshold']}")
+    if "fraction" in plan.flops:
+        parts.append(f"{100 * plan.flops['fraction']:.1f}% of full attention FLOPs")
+    return ", ".join(parts)
+
+
+def plan_heatmap(plan: Plan | str | os.PathLike, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Draw the plan as a layers x steps grid, one colour per method, and write it to `path` (.png/.pdf/.svg)."""
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    _format(Path(path))  # fail before drawing
+    if not isinstance(plan, Plan):
+        plan = load_plan(plan)
+    grid, methods = plan_grid(plan)  # (L, T)
+    colors = method_colors(methods)
+    n_layers, steps = grid.shape
+    fig = Figure(figsize=(min(3 + 0.3 * steps, 24), min(1.5 + 0.22 * n_layers, 40)))
+    ax = fig.subplots()
+    cmap = ListedColormap([colors[m] for m in methods])
+    norm = BoundaryNorm(np.arange(len(methods) + 1) - 0.5, len(methods))
+    ax.imshow(grid, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(n_layers), labels=list(plan.layers), fontsize=7 if n_layers > 20 else 8)
+    tick_every = max(1, math.ceil(steps / 25))
+    ax.set_xticks(range(0, steps, tick_every))
+    ax.set_xlabel("denoising step (denoiser call)")
+    ax.set_ylabel("attention layer")
+    ax.set_xticks(np.arange(-0.5, steps, 1), minor=True)
+    ax.set_yticks(np.arange(-0.5, n_layers, 1), minor=True)
+    ax.grid(which="minor", color="white", linewidth=0.5)
+    ax.tick_params(which="minor", length=0)
+    counts = plan.counts()
+    handles = [Patch(facecolor=colors[m], edgecolor="black", linewidth=0.3, label=f"{m} ({counts[m]})") for m in methods]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    ax.set_title(title if title is not None else plan_title(plan), fontsize=9)
+    return _save(fig, path)
+
+
+def pareto_front(x: Sequence[float], y: Sequence[float], *, maximize_y: bool = False) -> np.ndarray:
+    """Boolean mask of the points that no other point beats on both axes (x lower-is-better; y as given).
+    NaN points are never on the front."""
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if maximize_y:
+        ys = -ys
+    ok = ~(np.isnan(xs) | np.isnan(ys))
+    front = np.zeros(len(xs), dtype=bool)
+    for i in np.flatnonzero(ok):
+        others = ok.copy()
+        others[i] = False
+        dominated = (xs[others] <= xs[i]) & (ys[others] <= ys[i]) & ((xs[others] < xs[i]) | (ys[others] < ys[i]))
+        front[i] = not dominated.any()
+    return front
+
+
+def _column(df, name: str, what: str) -> None:
+    if name not in df.columns:
+        raise DifaError(f"no column {name!r} for the {what} axis; columns: {', '.join(map(str, df.columns))}")
+    if df[name].isna().all():
+        raise DifaError(f"column {name!r} has no values (e.g. FID needs fid=true in difa.evaluate); pick another {what} column")
+
+
+def pareto_plot(df, path: str | os.PathLike, *, x: str = "s_per_image", y: str = "fid", family: str = "family",
+                label: str | None = None, title: str | None = None) -> Path:
+    """Quality `y` against cost `x`, one line per value of the `family` column (points joined in order of x), with
+    the Pareto front over all points dashed. `label` names a column whose values annotate the points (e.g. the
+    threshold). Rows where x or y is NaN are left out."""
+    from matplotlib.figure import Figure
+
+    _format(Path(path))
+    _column(df, x, "x")
+    _column(df, y, "y")
+    if family not in df.columns:
+        raise DifaError(f"no column {family!r} to group the lines by; columns: {', '.join(map(str, df.columns))}")
+    if label is not None and label not in df.columns:
+        raise DifaError(f"no column {label!r} to label the points with")
+    data = df[df[x].notna() & df[y].notna()]
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    names = sorted(data[family].astype(str).unique(), key=lambda f: (f != BASELINE, f))
+    for name in names:
+        part = data[data[family].astype(str) == name].sort_values(x)
+        if name == BASELINE:
+            ax.scatter(part[x], part[y], marker="*", s=120, color="black", zorder=3, label=name)
+        else:
+            ax.plot(part[x], part[y], marker="o", markersize=4, linewidth=1.2, label=name)
+        if label is not None and name != BASELINE:
+            for _, row in part[part[label].notna()].iterrows():
+                ax.annotate(str(row[label]), (row[x], row[y]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    front = data[pareto_front(data[x], data[y], maximize_y=y in HIGHER_IS_BETTER)].sort_values(x)
+    if len(front) > 1:
+        ax.step(front[x], front[y], where="post", linestyle="--", color="grey", linewidth=0.8, label="Pareto front")
+    ax.set_xlabel(AXIS_LABELS.get(x, x))
+    ax.set_ylabel(AXIS_LABELS.get(y, y))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)

@@ -1,0 +1,262 @@
+"""Collect `python -m difa.evaluate -m ...` outputs into one CSV, a markdown table and Pareto plots.
+
+    python experiments/collect.py multirun/evaluate/<sweep dir> [more dirs] --out experiments/results
+    python experiments/collect.py --plan plans/fmnist_dit_d0.05_s20.json --out experiments/results   # heatmap only
+
+Every Hydra job folder (one holding .hydra/overrides.yaml) under the given folders is read: the evaluate CSVs in
+it (run the sweep with out='${hydra:runtime.output_dir}/evaluate.csv' so that each job writes its CSV there),
+with the job's overrides as extra columns. Writes to --out:
+    results.csv          every row of every job, with `family`, `rel_latency` (s_per_image / the same job's
+                         baseline: both were timed side by side), `threshold` (from the override or the plan file)
+    results.md           one markdown table per model (baseline rows of all jobs averaged into one)
+    pareto_<model>.png   quality (--y) against cost (--x), one line per family
+    heatmaps/<plan>.png  with --heatmaps, the heatmap of every plan file the rows name; --plan draws given plans
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+
+from difa.errors import DifaError
+from difa.metrics import save_atomic
+
+DEFAULT_ROOT = "multirun/evaluate"
+BASELINE = "baseline"
+PRESET_PREFIX = "preset_"  # difa.evaluate names a preset's row "preset_<name>"
+METRICS = ["attn_flops", "rel_latency", "s_per_image", "fid", "inception_score", "class_acc", "rel_l1", "psnr_db",
+           "ssim", "peak_mem_mb"]
+QUALITY_ORDER = ("fid", "class_acc", "rel_l1")  # --y auto: the first of these with values
+# Overrides that say where things go or which machine runs them, not what was measured.
+NOT_LABELS = {"model", "plan", "out", "save_plan", "cache_dir", "classifier", "device", "n", "batch", "fid", "warmup",
+              "ref_n", "fid_source", "tag"}
+# Baseline rows agree on these when they come from the same generation settings.
+BASELINE_KEYS = ["model", "steps", "n", "seed", "guidance_scale"]
+
+
+def job_dirs(root: str | Path) -> list[Path]:
+    """Hydra job folders (holding .hydra/overrides.yaml) at or under `root`, in sweep order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DifaError(f"{str(root)!r} is not a folder; pass a Hydra multirun folder such as {DEFAULT_ROOT}/<date>")
+    found = {p.parent.parent for p in root.rglob("overrides.yaml") if p.parent.name == ".hydra"}
+    return sorted(found, key=lambda p: tuple(int(s) if s.isdigit() else -1 for s in p.relative_to(root).parts) + (str(p),))
+
+
+def read_overrides(job: Path) -> dict[str, Any]:
+    """{key: value} of the job's command-line overrides (`+key=v` gives `key`); Hydra's own ones left out."""
+    import yaml
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+    out = {}
+    for o in OverridesParser.create().parse_overrides(lines):
+        if o.is_hydra_override() or o.value() is None:
+            continue
+        v = o.value()
+        out[o.key_or_group] = v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
+    return out
+
+
+@lru_cache(maxsize=None)
+def plan_facts(path: str) -> dict[str, Any]:
+    """What a plan file says about how it was made: preset, threshold, candidates. {} where it cannot be read."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    c = d.get("calibration", {}) if isinstance(d, dict) else {}
+    return {k: c[k] for k in ("preset", "threshold", "candidates") if k in c}
+
+
+def family_of(row: pd.Series) -> str:
+    """The line a row belongs to in the Pareto plot: `tag` override, else the preset, else difa (with its
+    candidates when calibration was restricted to a few), else the method name."""
+    if row["method"] == BASELINE:
+        return BASELINE
+    tag = row.get("tag")
+    if isinstance(tag, str) and tag:
+        return tag
+    if str(row["method"]).startswith(PRESET_PREFIX):
+        return str(row["method"])[len(PRESET_PREFIX):]
+    facts = plan_facts(str(row.get("plan", "")))
+    if "preset" in facts:
+        return str(facts["preset"])
+    if "candidates" in facts:
+        cands = list(facts["candidates"])
+        return "difa" if len(cands) > 3 else f"difa[{'+'.join(cands) if len(cands) > 1 else cands[0]}]"
+    return str(row["method"])
+
+
+def read_job(job: Path) -> pd.DataFrame | None:
+    """The job's evaluate CSV rows with its overrides as columns (the CSV's own columns win), or None."""
+    csvs = sorted(job.glob("*.csv"))
+    if not csvs:
+        return None
+    overrides = read_overrides(job)
+    frames = []
+    for csv in csvs:
+        df = pd.read_csv(csv)
+        if "method" not in df.columns or "s_per_image" not in df.columns:
+            continue  # not an evaluate table
+        base = df.loc[df.method == BASELINE, "s_per_image"]
+        df["rel_latency"] = df.s_per_image / base.iloc[0] if len(base) else math.nan
+        for k, v in overrides.items():
+            if k not in df.columns:
+                df[k] = v
+        df["job"] = str(job)
+        df["csv"] = csv.name
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def collect(roots: Iterable[str | Path]) -> pd.DataFrame:
+    """All rows of all evaluate jobs under `roots`, with `family`, `rel_latency` and `threshold` columns."""
+    frames, empty = [], []
+    for root in roots:
+        for job in job_dirs(root):
+            df = read_job(job)
+            (empty if df is None else frames).append(job if df is None else df)
+    if not frames:
+        where = ", ".join(map(str, roots))
+        raise DifaError(f"no evaluate CSV in any Hydra job folder under {where}; run the sweep with "
+                        "out='${hydra:runtime.output_dir}/evaluate.csv'")
+    if empty:
+        print(f"collect: {len(empty)} job folder(s) without an evaluate CSV skipped, e.g. {empty[0]}", file=sys.stderr)
+    df = pd.concat(frames, ignore_index=True)
+    df["family"] = df.apply(family_of, axis=1)
+    from_plan = df.get("plan", pd.Series([""] * len(df))).map(lambda p: plan_facts(str(p)).get("threshold", math.nan))
+    df["threshold"] = df["threshold"].fillna(from_plan) if "threshold" in df.columns else from_plan
+    df.loc[df.method == BASELINE, "threshold"] = math.nan
+    return df
+
+
+def merge_baselines(df: pd.DataFrame) -> pd.DataFrame:
+    """One baseline row per generation setting (numeric columns averaged over the jobs), then the other rows."""
+    base, rest = df[df.method == BASELINE], df[df.method != BASELINE]
+    if base.empty:
+        return rest
+    keys = [k for k in BASELINE_KEYS if k in df.columns]
+    numeric = [c for c in base.columns if c not in keys and pd.api.types.is_numeric_dtype(base[c])]
+    merged = base.groupby(keys, dropna=False)[numeric].mean().reset_index() if keys else base[numeric].mean().to_frame().T
+    merged["method"], merged["family"] = BASELINE, BASELINE
+    merged["jobs"] = base.groupby(keys, dropna=False).size().values if keys else len(base)
+    return pd.concat([merged, rest], ignore_index=True)
+
+
+def label_columns(df: pd.DataFrame) -> list[str]:
+    """Columns that tell the rows of a sweep apart: overrides (and the threshold) that take more than one value."""
+    rows = df[df.method != BASELINE]
+    known = set(METRICS) | {"method", "family", "job", "csv", "jobs", "plan", "model", "mem_measure", "dtype", "device"}
+    cols = [c for c in df.columns if c not in known and c not in NOT_LABELS]
+    return [c for c in cols if rows[c].nunique(dropna=True) > 1 or (c == "threshold" and rows[c].notna().any())]
+
+
+def quality_column(df: pd.DataFrame, y: str) -> str:
+    if y != "auto":
+        return y
+    for c in QUALITY_ORDER:
+        if c in df.columns and df[c].notna().any():
+            return c
+    raise DifaError(f"none of {', '.join(QUALITY_ORDER)} has values; pass --y <column>")
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def markdown_table(df: pd.DataFrame, columns: Sequence[str]) -> str:
+    """A GitHub markdown table of `columns` (numbers to 4 significant digits, NaN empty)."""
+    head = "| " + " | ".join(columns) + " |"
+    rule = "|" + "|".join("---" if df[c].dtype == object else "---:" for c in columns) + "|"
+    body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in df[list(columns)].itertuples(index=False)]
+    return "\n".join([head, rule, *body])
+
+
+def model_tables(df: pd.DataFrame) -> str:
+    parts = []
+    for model, part in df.groupby("model", sort=True):
+        part = merge_baselines(part)
+        labels = label_columns(part)
+        metrics = [c for c in METRICS if c in part.columns and part[c].notna().any()]
+        part = part.assign(_later=part.method != BASELINE).sort_values(["_later", "family", *labels])
+        jobs = int(part.loc[part.method == BASELINE, "jobs"].sum()) if "jobs" in part.columns else 0
+        parts.append(f"### {model}\n\n" + markdown_table(part, ["family", "method", *labels, *metrics])
+                     + (f"\n\nbaseline: mean over the {jobs} jobs' baseline runs" if jobs > 1 else ""))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_text(path: Path, text: str) -> Path:
+    return save_atomic(path, lambda f: f.write(text.encode()))
+
+
+def draw_pareto(df: pd.DataFrame, out: Path, x: str, y: str) -> list[Path]:
+    from difa.plots import pareto_plot
+
+    paths = []
+    for model, part in df.groupby("model", sort=True):
+        part = merge_baselines(part)
+        labels = label_columns(part)
+        label = "threshold" if "threshold" in labels else (labels[0] if labels else None)
+        try:
+            paths.append(pareto_plot(part, out / f"pareto_{model}.png", x=x, y=quality_column(part, y), label=label,
+                                     title=f"{model}: quality vs cost"))
+        except DifaError as e:
+            print(f"collect: no Pareto plot for {model}: {e}", file=sys.stderr)
+    return paths
+
+
+def draw_heatmaps(plans: Iterable[str], out: Path) -> list[Path]:
+    from difa.plots import plan_heatmap
+
+    return [plan_heatmap(p, out / f"{Path(p).stem}.png") for p in dict.fromkeys(plans)]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("roots", nargs="*", help=f"multirun folders (default {DEFAULT_ROOT} unless only --plan is given)")
+    ap.add_argument("--out", default="experiments/results", help="output folder")
+    ap.add_argument("--x", default="rel_latency", help="cost column: rel_latency, s_per_image or attn_flops")
+    ap.add_argument("--y", default="auto", help=f"quality column; auto = the first of {', '.join(QUALITY_ORDER)} with values")
+    ap.add_argument("--heatmaps", action="store_true", help="also draw the heatmap of every plan file in the rows")
+    ap.add_argument("--plan", action="append", default=[], help="draw this plan's heatmap (repeatable)")
+    return ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    out = Path(args.out)
+    written = draw_heatmaps(args.plan, out / "heatmaps")
+    roots = args.roots or ([] if args.plan else [DEFAULT_ROOT])
+    if not roots:
+        return written
+    df = collect(roots)
+    written.append(write_text(out / "results.csv", df.to_csv(index=False)))
+    written.append(write_text(out / "results.md", model_tables(df)))
+    written += draw_pareto(df, out, args.x, args.y)
+    if args.heatmaps:
+        files = [p for p in df.get("plan", pd.Series(dtype=str)).dropna().astype(str).unique() if Path(p).is_file()]
+        written += draw_heatmaps(files, out / "heatmaps")
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        for path in run(parse_args(argv)):
+            print(f"written {path}")
+    except DifaError as e:
+        print(f"collect: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
