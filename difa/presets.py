@@ -95,9 +95,11 @@ def preset_plan(preset: str, pipe: Any, *, steps: int, guidance_scale: float, **
     fn = PRESETS[preset]
     import inspect
 
-    accepted = set(inspect.signature(fn).parameters) - {"pipe"}
+    sig = inspect.signature(fn).parameters
+    accepted = {k for k, p in sig.items() if p.kind is not p.VAR_KEYWORD} - {"pipe"}
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in sig.values())  # ditfastattn passes the rest to calibration
     given = {k: v for k, v in params.items() if v is not None}
-    bad = sorted(set(given) - accepted)
+    bad = [] if open_ended else sorted(set(given) - accepted)
     if bad:
         raise DifaError(f"preset {preset} does not take {', '.join(bad)}; it takes "
                         f"{', '.join(sorted(accepted - {'steps', 'guidance_scale', 'name'}))}")

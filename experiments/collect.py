@@ -77,8 +77,8 @@ def plan_facts(path: str) -> dict[str, Any]:
 
 
 def family_of(row: pd.Series) -> str:
-    """The line a row belongs to in the Pareto plot: `tag` override, else the preset, else difa (with its
-    candidates when calibration was restricted to a few), else the method name."""
+    """The line a row belongs to in the Pareto plot: `tag` override, else the preset, else how the plan was
+    calibrated (see candidates_family), else the method name."""
     if row["method"] == BASELINE:
         return BASELINE
     tag = row.get("tag")
@@ -90,9 +90,20 @@ def family_of(row: pd.Series) -> str:
     if "preset" in facts:
         return str(facts["preset"])
     if "candidates" in facts:
-        cands = list(facts["candidates"])
-        return "difa" if len(cands) > 3 else f"difa[{'+'.join(cands) if len(cands) > 1 else cands[0]}]"
+        return candidates_family(facts["candidates"])
     return str(row["method"])
+
+
+def candidates_family(candidates: Sequence[str]) -> str:
+    """difa with every candidate, ditfastattn with DiTFastAttn's four, else difa[a+b] for a restricted set."""
+    from difa.calibration import DEFAULT_CANDIDATES, DITFASTATTN_CANDIDATES
+
+    cands = set(candidates)
+    if cands == set(DITFASTATTN_CANDIDATES):
+        return "ditfastattn"
+    if cands >= set(DEFAULT_CANDIDATES) - {"tgate"}:  # T-GATE is dropped where there is no cross-attention
+        return "difa"
+    return f"difa[{'+'.join(c for c in DEFAULT_CANDIDATES if c in cands)}]"
 
 
 def read_job(job: Path) -> pd.DataFrame | None:
@@ -109,7 +120,7 @@ def read_job(job: Path) -> pd.DataFrame | None:
         base = df.loc[df.method == BASELINE, "s_per_image"]
         df["rel_latency"] = df.s_per_image / base.iloc[0] if len(base) else math.nan
         for k, v in overrides.items():
-            if k not in df.columns:
+            if k not in df.columns and k not in METRICS:  # fid=false is a switch, not a metric
                 df[k] = v
         df["job"] = str(job)
         df["csv"] = csv.name
@@ -123,7 +134,10 @@ def collect(roots: Iterable[str | Path]) -> pd.DataFrame:
     for root in roots:
         for job in job_dirs(root):
             df = read_job(job)
-            (empty if df is None else frames).append(job if df is None else df)
+            if df is None:
+                empty.append(job)
+            else:
+                frames.append(df)
     if not frames:
         where = ", ".join(map(str, roots))
         raise DifaError(f"no evaluate CSV in any Hydra job folder under {where}; run the sweep with "
@@ -144,7 +158,7 @@ def merge_baselines(df: pd.DataFrame) -> pd.DataFrame:
     if base.empty:
         return rest
     keys = [k for k in BASELINE_KEYS if k in df.columns]
-    numeric = [c for c in base.columns if c not in keys and pd.api.types.is_numeric_dtype(base[c])]
+    numeric = [c for c in METRICS if c in base.columns and pd.api.types.is_numeric_dtype(base[c])]
     merged = base.groupby(keys, dropna=False)[numeric].mean().reset_index() if keys else base[numeric].mean().to_frame().T
     merged["method"], merged["family"] = BASELINE, BASELINE
     merged["jobs"] = base.groupby(keys, dropna=False).size().values if keys else len(base)
@@ -156,7 +170,7 @@ def label_columns(df: pd.DataFrame) -> list[str]:
     rows = df[df.method != BASELINE]
     known = set(METRICS) | {"method", "family", "job", "csv", "jobs", "plan", "model", "mem_measure", "dtype", "device"}
     cols = [c for c in df.columns if c not in known and c not in NOT_LABELS]
-    return [c for c in cols if rows[c].nunique(dropna=True) > 1 or (c == "threshold" and rows[c].notna().any())]
+    return [c for c in cols if rows[c].nunique(dropna=False) > 1 or (c == "threshold" and rows[c].notna().any())]
 
 
 def quality_column(df: pd.DataFrame, y: str) -> str:
@@ -177,7 +191,7 @@ def _cell(v: Any) -> str:
 def markdown_table(df: pd.DataFrame, columns: Sequence[str]) -> str:
     """A GitHub markdown table of `columns` (numbers to 4 significant digits, NaN empty)."""
     head = "| " + " | ".join(columns) + " |"
-    rule = "|" + "|".join("---" if df[c].dtype == object else "---:" for c in columns) + "|"
+    rule = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(df[c]) else "---" for c in columns) + "|"
     body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in df[list(columns)].itertuples(index=False)]
     return "\n".join([head, rule, *body])
 
@@ -190,8 +204,9 @@ def model_tables(df: pd.DataFrame) -> str:
         metrics = [c for c in METRICS if c in part.columns and part[c].notna().any()]
         part = part.assign(_later=part.method != BASELINE).sort_values(["_later", "family", *labels])
         jobs = int(part.loc[part.method == BASELINE, "jobs"].sum()) if "jobs" in part.columns else 0
-        parts.append(f"### {model}\n\n" + markdown_table(part, ["family", "method", *labels, *metrics])
-                     + (f"\n\nbaseline: mean over the {jobs} jobs' baseline runs" if jobs > 1 else ""))
+        note = (f"\n\nbaseline rows: the mean of the baseline runs of the jobs with the same steps, n, seed and "
+                f"guidance scale ({jobs} jobs)" if jobs > 1 else "")
+        parts.append(f"### {model}\n\n" + markdown_table(part, ["family", "method", *labels, *metrics]) + note)
     return "\n\n".join(parts) + "\n"
 
 

@@ -30,15 +30,16 @@ def test_calibrate_then_generate(tmp_path, model, capsys):
     assert path == plan_path and load_plan(path) == plan
     printed = capsys.readouterr().out
     assert "attention FLOPs" in printed and "model forwards" in printed and str(plan_path) in printed
+    assert plan_path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"  # the plan heatmap next to the plan
     cfg = config("generate", [f"plan={plan_path}", "n=2", f"out={tmp_path / 'img'}"])
     images, out = generate_cli.run(cfg)
     assert len(images) == 2 and (out / "000.png").is_file() and (out / "grid.png").is_file()
 
 
 def test_bare_calibrate_runs_the_bundled_default(tmp_path, capsys):
-    cfg = config("calibrate", [f"out={tmp_path / 'p.json'}"])
+    cfg = config("calibrate", [f"out={tmp_path / 'p.json'}", "steps=4", "n_calib=2"])
     plan, _ = calibrate_cli.run(cfg)
-    assert plan.model.name == "bundled_dit" and plan.calibration["model_config"]["path"] == "data/models/tiny-dit"
+    assert plan.model.name == "fmnist_dit" and plan.calibration["model_config"]["path"] == "data/models/fmnist-dit"
 
 
 def test_real_loading_path_with_a_local_save_pretrained_dir(tmp_path):
@@ -107,3 +108,11 @@ def test_preset_errors_are_one_line(tmp_path):
                                              f"out={tmp_path}"]))
     with pytest.raises(DifaError, match="has none"):
         generate_cli.run(config("generate", ["+model=tiny_dit", "plan=preset:tgate", "n=1", f"out={tmp_path}"]))
+
+
+def test_ditfastattn_preset_is_calibration(tmp_path):
+    cfg = config("generate", ["+model=tiny_dit", "plan=preset:ditfastattn", "threshold=0.05", "n=2", "steps=4",
+                              f"save_plan={tmp_path / 'p.json'}", f"out={tmp_path / 'img'}"])
+    generate_cli.run(cfg)
+    plan = load_plan(tmp_path / "p.json")
+    assert plan.calibration["threshold"] == 0.05 and set(plan.calibration["candidates"]) == {"ast", "wars", "asc", "wars+asc"}

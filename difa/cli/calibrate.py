@@ -37,7 +37,10 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
     plan = plan.with_(calibration=record)
     out = Path(cfg.out) if cfg.out else Path("plans") / f"{m.name}_d{cfg.threshold}_s{steps}.json"
     plan.save(out)
-    print(summary(plan, out))
+    from difa.plots import plan_heatmap
+
+    heatmap = plan_heatmap(plan, out.with_suffix(".png"))
+    print(summary(plan, out) + f"\nheatmap    {heatmap}")
     return plan, out
 
 
