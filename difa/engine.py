@@ -249,15 +249,19 @@ class Engine:
             elif 2 * c.shape[0] == b:
                 setattr(state, field, torch.cat([c, c]))
 
+    def _grid(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[int, int, int] | None:
+        """(h, w, downsample) of a self-attention call's tokens; None for cross-attention or outside a forward."""
+        if self.latent_hw is None or context is not None:
+            return None
+        return token_grid(self.latent_hw, x.shape[-2], self.patch)
+
     def run_cell(self, layer: int, original: Callable, attn, hidden_states, encoder_hidden_states, attention_mask, kwargs):
         step = self.step
         if step is None:  # called outside a denoiser forward (e.g. the module used alone)
             return original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-        grid = None
-        if self.latent_hw is not None and encoder_hidden_states is None:
-            grid = token_grid(self.latent_hw, hidden_states.shape[-2], self.patch)
         if layer not in self.shapes:
-            self.shapes[layer] = _shape(attn, hidden_states, encoder_hidden_states, grid)
+            self.shapes[layer] = _shape(attn, hidden_states, encoder_hidden_states,
+                                        self._grid(hidden_states, encoder_hidden_states))
         method = self.methods[layer][step]
         if self.collapsed and method in CFG_METHODS:  # one half only: sharing across halves is plain attention
             method = {ASC: FULL, WARS_ASC: WARS}[method]
@@ -267,6 +271,7 @@ class Engine:
         state = self.states[layer]
         if REGISTRY[method].READS_CACHE and method != TGATE:  # tgate averages the halves itself
             self._fit_caches(state, hidden_states.shape[0])
+        grid = self._grid(hidden_states, encoder_hidden_states) if REGISTRY[method].NEEDS_METRIC else None
         cell = Cell(attn, self.layers[layer][0], layer, step, state, self.params, original,
                     self.cond, keep_residual, grid, self.collapsed)
         out = REGISTRY[method].execute(cell, hidden_states, encoder_hidden_states, attention_mask, **kwargs)

@@ -36,6 +36,16 @@ def generate(pipe, family: str, *, steps: int = STEPS, guidance: float | None = 
     return out.images
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models and
+    Inception gain nothing from two threads on a 2-core machine, and two OpenMP threads slow ~20x under other load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

@@ -33,12 +33,7 @@ from difa.techniques import full, kind_of, wars
 from tests.conftest import GUIDANCE, STEPS, generate, tiny
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def counted(fn) -> FlopCounterMode:

@@ -5,7 +5,6 @@ un-collapsed computation; the presets' schedules."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch

@@ -17,13 +17,7 @@ from difa.zoo import FMNISTClassifier
 N_SET = 16  # images per FID set: Inception on CPU costs ~0.1-0.3 s per image at 299 px
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a 2-core machine with other load, two OpenMP threads run Inception ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def nv_bilinear_reference(x: torch.Tensor, size: int) -> torch.Tensor:
