@@ -31,12 +31,12 @@ from difa.metrics import save_atomic
 DEFAULT_ROOT = "multirun/evaluate"
 BASELINE = "baseline"
 PRESET_PREFIX = "preset_"  # difa.evaluate names a preset's row "preset_<name>"
-METRICS = ["attn_flops", "rel_latency", "s_per_image", "fid", "inception_score", "class_acc", "rel_l1", "psnr_db",
-           "ssim", "peak_mem_mb"]
+METRICS = ["attn_flops", "macs", "rel_latency", "s_per_image", "fid", "inception_score", "class_acc", "rel_l1",
+           "psnr_db", "ssim", "gmacs_per_image", "peak_mem_mb"]
 QUALITY_ORDER = ("fid", "class_acc", "rel_l1")  # --y auto: the first of these with values
 # Overrides that say where things go or which machine runs them, not what was measured.
 NOT_LABELS = {"model", "plan", "out", "save_plan", "cache_dir", "classifier", "device", "n", "batch", "fid", "warmup",
-              "ref_n", "fid_source", "tag"}
+              "ref_n", "fid_source", "tag", "baseline_cache", "time_batches", "timed_images", "threads"}
 # Baseline rows agree on these when they come from the same generation settings.
 BASELINE_KEYS = ["model", "steps", "n", "seed", "guidance_scale"]
 

@@ -79,7 +79,7 @@ def test_generate_refuses_a_mismatched_run(tmp_path):
 
     with pytest.raises(DifaError, match="made for 5 steps"):
         generate_cli.run(config("generate", [f"plan={plan_path}", "steps=7", f"out={tmp_path}"]))
-    with pytest.raises(DifaError, match="only apply to plan=preset"):
+    with pytest.raises(DifaError, match="ratio do not apply to a plan file"):
         generate_cli.run(config("generate", [f"plan={plan_path}", "ratio=0.5", f"out={tmp_path}"]))
 
 
@@ -116,3 +116,16 @@ def test_ditfastattn_preset_is_calibration(tmp_path):
     generate_cli.run(cfg)
     plan = load_plan(tmp_path / "p.json")
     assert plan.calibration["threshold"] == 0.05 and set(plan.calibration["candidates"]) == {"ast", "wars", "asc", "wars+asc"}
+
+
+def test_generate_with_a_diffusers_hook(tmp_path):
+    import numpy as np
+
+    def run(*extra):
+        images, _ = generate_cli.run(config("generate", ["+model=tiny_pixart", *extra, "n=1", "steps=5",
+                                                         f"out={tmp_path / str(len(extra))}"]))
+        return np.asarray(images[0], dtype=np.int16)
+
+    base = run("plan=none")
+    assert np.array_equal(run("plan=diffusers:pab", "skip=1"), base)  # recompute every step: the stock model
+    assert not np.array_equal(run("plan=diffusers:pab", "skip=2", "cross_skip=2", "timestep_range=[0,1000]"), base)

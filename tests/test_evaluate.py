@@ -25,6 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(overrides: list[str]):
+    """The evaluate config; the baseline cache stays off unless a test turns it on (it would write under runs/)."""
+    if not any(o.startswith("baseline_cache=") for o in overrides):
+        overrides = [*overrides, "baseline_cache=null"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose(config_name="evaluate", overrides=overrides)
 
@@ -93,6 +96,12 @@ def test_class_accuracy_with_a_classifier_dir(tmp_path, capsys):
     (["model.resolution=64"], "config hash"),
     (["fid_source=tf"], "unknown fid_source"),
     (["plan=/nonexistent.json"], "does not exist"),
+    (["skip=2"], "skip do not apply to a plan file"),
+    (["plan=diffusers:teacache"], "unknown diffusers hook"),
+    (["plan=diffusers:fbc", "skip=2"], "skip do not apply to diffusers:fbc"),
+    (["plan=diffusers:pab", "skip=0"], "skip must be an integer >= 1"),
+    (["plan=diffusers:pab", "timestep_range=[800,100]"], "low < high"),
+    (["time_batches=0"], "time_batches must be"),
     ([f"steps={STEPS + 1}"], f"made for {STEPS} steps"),
 ])
 def test_bad_arguments(ast_plan, overrides, message):
@@ -121,3 +130,47 @@ def test_fid_against_the_fashion_mnist_test_split(tmp_path, ast_plan, capsys):
     assert (table.fid > 0).all() and "inception_score" not in table
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["fmnist-test_n6_fid-helper_v1.npy"]
     assert "Inception Score not available" in capsys.readouterr().out
+
+
+def test_total_macs_are_counted_per_method(tmp_path, ast_plan):
+    table, _ = evaluate_cli.run(config(["+model=tiny_dit", f"plan={ast_plan}", "n=2", "batch=2", "fid=false",
+                                        "warmup=false", f"out={tmp_path / 'e.csv'}"]))
+    base, plan = table.iloc[0], table.iloc[1]
+    assert base.macs == 1.0 and base.gmacs_per_image > 0
+    # ast skips attention's Q.K^T, P.V and the projections after step 0; MLPs and the VAE still run
+    assert 0.5 < plan.macs < 1.0 and plan.gmacs_per_image == pytest.approx(base.gmacs_per_image * plan.macs)
+    assert base.rel_latency == 1.0 and plan.rel_latency > 0
+
+
+def test_baseline_cache_reuses_identical_images(tmp_path, ast_plan, capsys, monkeypatch):
+    seen = []
+    original = evaluate_cli.score
+
+    def keep_images(methods, *args, **kwargs):
+        seen.append([torch.cat(m.images) for m in methods])
+        return original(methods, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_cli, "score", keep_images)
+    cache = tmp_path / "baseline"
+    common = ["+model=tiny_dit", f"plan={ast_plan}", "n=6", "batch=2", "fid=false", "warmup=false",
+              f"baseline_cache={cache}", "time_batches=1"]
+    first, _ = evaluate_cli.run(config(common + [f"out={tmp_path / 'a.csv'}"]))
+    assert "baseline images from" not in capsys.readouterr().out and len(list(cache.glob("*.pt"))) == 1
+    second, _ = evaluate_cli.run(config(common + [f"out={tmp_path / 'b.csv'}"]))
+    assert "baseline images from" in capsys.readouterr().out
+    assert torch.equal(seen[0][0], seen[1][0]) and torch.equal(seen[0][1], seen[1][1])
+    assert second.rel_l1.iloc[1] == first.rel_l1.iloc[1]
+    saved = pd.read_csv(tmp_path / "b.csv")
+    assert list(saved.timed_images) == [2, 2]  # both timed on the first batch only, side by side
+    evaluate_cli.run(config(common + ["seed=1", f"out={tmp_path / 'c.csv'}"]))  # other seeds: another entry
+    assert len(list(cache.glob("*.pt"))) == 2
+
+
+@pytest.mark.parametrize("hook", ["pab", "fbc"])
+def test_diffusers_hooks_side_by_side(tmp_path, hook):
+    extra = ["skip=3"] if hook == "pab" else ["threshold=10"]
+    table, _ = evaluate_cli.run(config(["+model=tiny_dit", f"plan=diffusers:{hook}", *extra, f"steps={STEPS}", "n=2",
+                                        "batch=2", "fid=false", "warmup=false", f"out={tmp_path / 'e.csv'}"]))
+    assert list(table.method) == ["baseline", f"diffusers_{hook}"]
+    row = table.iloc[1]
+    assert row.attn_flops < 1.0 and row.macs < 1.0 and row.rel_l1 > 0

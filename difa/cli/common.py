@@ -84,6 +84,7 @@ def report_errors(fn: Callable[[], Any]) -> Any:
 PRESET = "preset:"
 PRESET_KEYS = ("ratio", "sx", "sy", "max_downsample", "use_rand", "agent_ratio", "switch", "gate_step", "sp_interval",
                "fi_interval", "warm_up", "threshold")
+HOOK_KEYS = ("skip", "cross_skip", "timestep_range", "threshold")  # plan=diffusers:pab|fbc (difa.peers)
 
 
 def is_preset(plan_arg: Any) -> bool:
@@ -91,9 +92,27 @@ def is_preset(plan_arg: Any) -> bool:
 
 
 def check_no_preset_keys(cfg: DictConfig) -> None:
-    stray = [k for k in PRESET_KEYS if cfg.get(k) is not None]
-    if stray and not is_preset(cfg.plan):
-        raise DifaError(f"{', '.join(stray)} only apply to plan=preset:<name>; drop them or use a preset")
+    """Preset keys only with plan=preset:<name>; diffusers hook keys only with plan=diffusers:<hook>."""
+    from difa.peers import PARAMS, is_hook
+
+    allowed = set(PRESET_KEYS) if is_preset(cfg.plan) else set()
+    if is_hook(cfg.plan):
+        allowed = set(PARAMS.get(str(cfg.plan).split(":", 1)[1], {}))
+    stray = [k for k in dict.fromkeys(PRESET_KEYS + HOOK_KEYS) if cfg.get(k) is not None and k not in allowed]
+    if stray:
+        where = f"{cfg.plan}" if is_preset(cfg.plan) or is_hook(cfg.plan) else "a plan file or none"
+        raise DifaError(f"{', '.join(stray)} do not apply to {where}; drop them (preset keys need plan=preset:<name>, "
+                        f"skip/cross_skip/timestep_range need plan=diffusers:pab, threshold also diffusers:fbc)")
+
+
+def hook_from_cfg(cfg: DictConfig):
+    """`plan=diffusers:<pab|fbc>` plus its keys -> DiffusersHook."""
+    from difa.peers import hook_from_spec
+
+    params = {k: cfg.get(k) for k in HOOK_KEYS if cfg.get(k) is not None}
+    if "timestep_range" in params:
+        params["timestep_range"] = tuple(params["timestep_range"])
+    return hook_from_spec(str(cfg.plan), params)
 
 
 def preset_from_cfg(cfg: DictConfig, pipe: Any, m: DictConfig, steps: int, guidance: float, inputs: list):

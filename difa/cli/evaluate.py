@@ -5,6 +5,8 @@ both alike."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import sys
 import time
@@ -18,34 +20,43 @@ from omegaconf import DictConfig, OmegaConf
 
 from difa import metrics
 from difa.adapters import Adapter, get_adapter
-from difa.cli.common import (CONF_DIR, REPO_ROOT, call_kwargs, check_no_preset_keys, is_preset, load_model, model_config,
-                             preset_from_cfg, reject_unplussed_model, report_errors)
+from difa.cli.common import (CONF_DIR, REPO_ROOT, call_kwargs, check_no_preset_keys, hook_from_cfg, is_preset, load_model,
+                             model_config, preset_from_cfg, reject_unplussed_model, report_errors)
 from difa.data import FMNIST_CLASSES, captions
 from difa.engine import Engine, apply_plan, remove_plan
 from difa.errors import DifaError
+from difa.peers import DiffusersHook, is_hook
 from difa.plan import CFG_METHODS, Plan, load_plan
 
 NO_PLAN = "none"
 BASELINE = "baseline"
 FMNIST = "fmnist"  # model.dataset of the Fashion-MNIST models: FID reference set and classifier apply
 MAX_REFERENCE = 10_000  # images in the committed Fashion-MNIST test split
-COLUMNS = ["method", "fid", "inception_score", "class_acc", "rel_l1", "psnr_db", "ssim", "attn_flops",
-           "s_per_image", "peak_mem_mb"]
+COLUMNS = ["method", "fid", "inception_score", "class_acc", "rel_l1", "psnr_db", "ssim", "attn_flops", "macs",
+           "gmacs_per_image", "s_per_image", "rel_latency", "peak_mem_mb"]
 
 
 @dataclass
 class Method:
     name: str
     plan: Plan | None
+    hook: DiffusersHook | None = None  # a diffusers caching hook instead of a plan (difa.peers)
     images: list[torch.Tensor] = field(default_factory=list)  # per batch: (B, 3, H, W) in [0, 1]
-    seconds: float = 0.0
+    seconds: float = 0.0  # timed batches only
+    timed: int = 0  # images in the timed batches
     peak_mb: float = 0.0
     flops: float = math.nan  # attention FLOPs relative to full attention
+    counted: tuple[float, float] = (math.nan, math.nan)  # FlopCounterMode FLOPs of one image: (total, attention)
+    cached: bool = False  # images (and features) came from the baseline cache
+
+    @property
+    def compressed(self) -> bool:
+        return self.plan is not None or self.hook is not None
 
 
 def resolve(cfg: DictConfig) -> tuple[DictConfig, Plan | None]:
     """Model: +model=<name>, else the one recorded in the plan, else `default_model`."""
-    plan = None if str(cfg.plan) == NO_PLAN or is_preset(cfg.plan) else load_plan(cfg.plan)
+    plan = None if str(cfg.plan) == NO_PLAN or is_preset(cfg.plan) or is_hook(cfg.plan) else load_plan(cfg.plan)
     if "model" in cfg and cfg.model is not None:
         return cfg.model, plan
     if plan is not None:
@@ -98,23 +109,57 @@ def batch_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+def applied(pipe, method: Method):
+    """Context: the method's plan or hook applied to `pipe`, removed on exit (yields the engine of a plan)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def ctx():
+        if method.hook is not None:
+            method.hook.apply(pipe)
+            try:
+                yield None
+            finally:
+                method.hook.remove(pipe)
+            return
+        engine: Engine | None = apply_plan(pipe, method.plan) if method.plan is not None else None
+        try:
+            yield engine
+        finally:
+            if engine is not None:
+                if math.isnan(method.flops):
+                    method.flops = flops_fraction(method.plan, engine)
+                remove_plan(pipe)
+
+    return ctx()
+
+
 def generate_batch(pipe, adapter: Adapter, method: Method, inputs: list, seed: int, steps: int, guidance: float,
                    extra: dict, device: str) -> tuple[torch.Tensor, float, float]:
     """One timed pipeline call with the method's plan applied: images (B, 3, H, W) in [0, 1], seconds, peak MB."""
-    engine: Engine | None = apply_plan(pipe, method.plan) if method.plan is not None else None
-    try:
+    with applied(pipe, method):
         with metrics.PeakMemory(device) as mem:
             t0 = time.perf_counter()
             out = adapter.call_pipeline(pipe, inputs, steps=steps, guidance_scale=guidance, output_type="pt",
                                         generator=torch.Generator(device="cpu").manual_seed(seed), extra=extra)
             images = torch.as_tensor(out.images).float().cpu()  # .cpu() waits for queued CUDA kernels
             seconds = time.perf_counter() - t0
-    finally:
-        if engine is not None:
-            if math.isnan(method.flops):
-                method.flops = flops_fraction(method.plan, engine)
-            remove_plan(pipe)
     return images, seconds, mem.mb
+
+
+def count_flops(pipe, adapter: Adapter, method: Method, inputs: list, steps: int, guidance: float, extra: dict) -> None:
+    """FLOPs of one image (CFG batch included) under torch.utils.flop_counter: total and inside attention modules.
+    SDPA runs on its MATH backend, which the counter sees (CPU's fused kernel counts as 0; see tests/test_flops.py)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    names = {n for n, _ in adapter.planned_layers(adapter.denoiser(pipe))}
+    with applied(pipe, method), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        adapter.call_pipeline(pipe, inputs[:1], steps=steps, guidance_scale=guidance, output_type="pt",
+                              generator=torch.Generator(device="cpu").manual_seed(0), extra=extra)
+    counts = fc.get_flop_counts()
+    attn = sum(sum(ops.values()) for key, ops in counts.items() if key.split(".", 1)[-1] in names)
+    method.counted = (float(fc.get_total_flops()), float(attn))
 
 
 def flops_fraction(plan: Plan, engine: Engine) -> float:
@@ -130,19 +175,62 @@ def flops_fraction(plan: Plan, engine: Engine) -> float:
 
 
 def generate_all(pipe, adapter: Adapter, methods: list[Method], inputs: list, *, seed: int, steps: int,
-                 guidance: float, batch: int, extra: dict, device: str, warmup: bool) -> None:
+                 guidance: float, batch: int, extra: dict, device: str, warmup: bool, time_batches: int | None) -> None:
+    """Every method's images, batch by batch, methods interleaved. A method whose images are cached is run only on
+    the first `time_batches` batches, for its latency next to the others; the others are timed on those too."""
     from tqdm.auto import tqdm
 
     chunks = [inputs[i : i + batch] for i in range(0, len(inputs), batch)]
+    timed = len(chunks) if time_batches is None else min(len(chunks), time_batches)
     if warmup:  # first-call costs (allocator, kernels) stay out of the timings
         for m in methods:
             generate_batch(pipe, adapter, m, chunks[0], batch_seed(seed, 0), steps, guidance, extra, device)
     for k, chunk in enumerate(tqdm(chunks, desc="generate", unit="batch")):
         for m in methods if k % 2 == 0 else methods[::-1]:  # alternate who goes first
+            if m.cached and k >= timed:
+                continue
             images, seconds, mb = generate_batch(pipe, adapter, m, chunk, batch_seed(seed, k), steps, guidance, extra, device)
-            m.images.append(images)
-            m.seconds += seconds
+            if not m.cached:
+                m.images.append(images)
+            if k < timed:
+                m.seconds += seconds
+                m.timed += len(chunk)
             m.peak_mb = max(m.peak_mb, mb)
+    for m in methods:
+        count_flops(pipe, adapter, m, inputs, steps, guidance, extra)
+
+
+# ---------------------------------------------------------------- baseline cache
+def baseline_key(pipe, adapter: Adapter, m: DictConfig, inputs: list, *, seed: int, steps: int, guidance: float,
+                 batch: int, device: str, dtype: str) -> str:
+    """Everything the baseline images depend on: weights (hashed), inputs, seeds, settings, versions, threads."""
+    import diffusers
+
+    digest = hashlib.sha256()
+    for module in (adapter.denoiser(pipe), getattr(pipe, "vae", None)):
+        for name, t in (module.state_dict().items() if module is not None else ()):
+            digest.update(name.encode())
+            digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    payload = {"weights": digest.hexdigest(), "scheduler": dict(pipe.scheduler.config), "family": m.family,
+               "inputs": [str(x) for x in inputs], "call_kwargs": call_kwargs(m), "seed": seed, "steps": steps,
+               "guidance": guidance, "batch": batch, "device": device, "dtype": dtype,
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def load_baseline(cache: Path | None, base: Method) -> bool:
+    """Fill the baseline's images from the cache; True on a hit."""
+    if cache is None or not cache.is_file():
+        return False
+    state = torch.load(cache, weights_only=True)
+    base.images, base.cached = list(state["images"]), True
+    return True
+
+
+def save_baseline(cache: Path | None, base: Method) -> None:
+    if cache is None or base.cached:
+        return
+    metrics.save_atomic(cache, lambda f: torch.save({"images": base.images}, f))
 
 
 def classifier_dir(path: str) -> Path | None:
@@ -154,17 +242,30 @@ def classifier_dir(path: str) -> Path | None:
 
 
 def score(methods: list[Method], labels: torch.Tensor, *, fid_ref: np.ndarray | None, net, classifier, batch: int,
-          n: int) -> list[dict]:
+          feature_cache: Path | None = None) -> list[dict]:
     base = torch.cat(methods[0].images)  # (N, 3, H, W)
+    total0, attn0 = methods[0].counted
     rows = []
     for m in methods:
         images = torch.cat(m.images)
+        total, attn = m.counted
+        s_img = m.seconds / m.timed if m.timed else math.nan
         row = {"method": m.name, "fid": math.nan, "inception_score": math.nan, "class_acc": math.nan,
                "rel_l1": metrics.relative_l1(images, base), "psnr_db": metrics.psnr(images, base),
-               "ssim": metrics.ssim(images, base), "attn_flops": 1.0 if m.plan is None else m.flops,
-               "s_per_image": m.seconds / n, "peak_mem_mb": m.peak_mb}
+               "ssim": metrics.ssim(images, base),
+               # plans: the cost model (the ideal window kernel); hooks have none, so the counted FLOPs
+               "attn_flops": 1.0 if not m.compressed else m.flops if m.plan is not None else attn / attn0,
+               "macs": total / total0, "gmacs_per_image": total / 2e9, "s_per_image": s_img,
+               "rel_latency": s_img / (methods[0].seconds / methods[0].timed) if methods[0].timed else math.nan,
+               "peak_mem_mb": m.peak_mb}
         if fid_ref is not None:
-            feats = metrics.inception_features(images, batch_size=batch, progress=True, net=net)
+            cached = feature_cache if m is methods[0] and feature_cache is not None else None
+            if cached is not None and cached.is_file():
+                feats = np.load(cached)
+            else:
+                feats = metrics.inception_features(images, batch_size=batch, progress=True, net=net)
+                if cached is not None:
+                    metrics.save_atomic(cached, lambda f: np.save(f, feats))
             row["fid"] = metrics.fid_from_features(feats, fid_ref)
             if net.logit_weight is not None:
                 row["inception_score"] = metrics.inception_score(feats, net)[0]
@@ -191,9 +292,14 @@ def run(cfg: DictConfig):
             notes.append("FID skipped (fid=false)")
         if clf_dir is None:
             notes.append(f"class accuracy skipped: no classifier at {cfg.classifier} (train it or pass classifier=<dir>)")
+    notes.append("CLIP score skipped: no CLIP weights are available offline (torchmetrics would download them)")
+    time_batches = cfg.get("time_batches")
+    if time_batches is not None and (isinstance(time_batches, bool) or not isinstance(time_batches, int) or time_batches < 1):
+        raise DifaError(f"time_batches must be an integer >= 1 or null (got {time_batches!r})")
 
     labels, inputs = class_inputs(adapter, n, int(cfg.seed))
     check_no_preset_keys(cfg)
+    hook = hook_from_cfg(cfg) if is_hook(cfg.plan) else None
     pipe = load_model(m, cfg.device, cfg.dtype)
     pipe.set_progress_bar_config(disable=True)
     if is_preset(cfg.plan):
@@ -201,10 +307,26 @@ def run(cfg: DictConfig):
     if plan is not None:  # fail before generating anything if the plan does not fit the model
         apply_plan(pipe, plan)
         remove_plan(pipe)
-    label = str(cfg.plan).replace(":", "_") if is_preset(cfg.plan) else Path(str(cfg.plan)).stem
-    methods = [Method(BASELINE, None)] + ([Method(label, plan)] if plan is not None else [])
+    if hook is not None:
+        hook.apply(pipe)
+        hook.remove(pipe)
+    label = (str(cfg.plan).replace(":", "_") if is_preset(cfg.plan) or is_hook(cfg.plan)
+             else Path(str(cfg.plan)).stem)
+    base = Method(BASELINE, None)
+    methods = [base] + ([Method(label, plan, hook)] if plan is not None or hook is not None else [])
+    cache = feature_cache = None
+    if cfg.get("baseline_cache"):
+        key = baseline_key(pipe, adapter, m, inputs, seed=int(cfg.seed), steps=steps, guidance=guidance, batch=batch,
+                           device=cfg.device, dtype=cfg.dtype)
+        cache = Path(str(cfg.baseline_cache)) / f"{m.name}_{key}.pt"
+        feature_cache = cache.with_name(f"{cache.stem}_{cfg.fid_source}.npy")
+        if load_baseline(cache, base):
+            notes.append(f"baseline images from {cache}; latency of both timed side by side on the first "
+                         f"{time_batches or 'all'} batches")
     generate_all(pipe, adapter, methods, inputs, seed=int(cfg.seed), steps=steps, guidance=guidance, batch=batch,
-                 extra=call_kwargs(m), device=cfg.device, warmup=bool(cfg.warmup))
+                 extra=call_kwargs(m), device=cfg.device, warmup=bool(cfg.warmup),
+                 time_batches=time_batches if base.cached else None)
+    save_baseline(cache, base)
     del pipe
 
     net = fid_ref = classifier = None
@@ -217,14 +339,16 @@ def run(cfg: DictConfig):
         from difa.zoo import FMNISTClassifier
 
         classifier = FMNISTClassifier.from_pretrained(str(clf_dir)).to(cfg.device).eval()
-    rows = score(methods, labels, fid_ref=fid_ref, net=net, classifier=classifier, batch=batch, n=n)
+    rows = score(methods, labels, fid_ref=fid_ref, net=net, classifier=classifier, batch=batch,
+                 feature_cache=feature_cache)
 
     mem = metrics.PeakMemory(cfg.device).kind
     table = pd.DataFrame(rows, columns=COLUMNS).dropna(axis=1, how="all")
     record = table.assign(model=m.name, plan=str(cfg.plan), n=n, ref_n=ref_n if fid_ref is not None else None,
                           steps=steps, guidance_scale=guidance, seed=int(cfg.seed), batch=batch, device=cfg.device,
-                          dtype=cfg.dtype, mem_measure=mem)
-    name = f"{m.name}_{methods[-1].name if plan is not None else 'full'}_n{n}_s{steps}"
+                          dtype=cfg.dtype, mem_measure=mem, timed_images=[x.timed for x in methods],
+                          threads=torch.get_num_threads())
+    name = f"{m.name}_{methods[-1].name if len(methods) > 1 else 'full'}_n{n}_s{steps}"
     out = Path(cfg.out) if cfg.out else Path("outputs") / "evaluate" / f"{name}.csv"
     metrics.save_atomic(out, lambda f: f.write(record.to_csv(index=False).encode()))
     print(report(table, m.name, n, steps, guidance, mem, notes, out))
@@ -236,7 +360,9 @@ def report(table, model: str, n: int, steps: int, guidance: float, mem: str, not
         f"difa evaluation of {model}: {n} samples, {steps} steps, guidance {guidance}, same seeds for every method",
         table.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
         ("rel_l1 / psnr_db / ssim: against the baseline images; attn_flops: attention FLOPs relative to full; "
-         f"s_per_image: wall clock, methods interleaved; peak_mem_mb: {metrics.MEMORY_MEASURES[mem]}"),
+         "macs: all multiply-adds of one image relative to the baseline (torch.utils.flop_counter); "
+         f"s_per_image: wall clock, methods interleaved; rel_latency: vs the baseline timed on the same batches; "
+         f"peak_mem_mb: {metrics.MEMORY_MEASURES[mem]}"),
         *notes,
         f"written to {out}",
     ]

@@ -12,16 +12,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from difa.adapters import get_adapter
-from difa.cli.common import (CONF_DIR, call_kwargs, check_no_preset_keys, is_preset, load_model, model_config,
-                             preset_from_cfg, report_errors, take_inputs)
+from difa.cli.common import (CONF_DIR, call_kwargs, check_no_preset_keys, hook_from_cfg, is_preset, load_model,
+                             model_config, preset_from_cfg, report_errors, take_inputs)
 from difa.engine import apply_plan, remove_plan
 from difa.errors import DifaError
+from difa.peers import is_hook
 from difa.plan import CFG_METHODS, Plan, load_plan
 
 NO_PLAN = "none"
 def resolve(cfg: DictConfig) -> tuple[Plan | None, DictConfig]:
     given = cfg.model if "model" in cfg and cfg.model is not None else None
-    if str(cfg.plan) == NO_PLAN or is_preset(cfg.plan):
+    if str(cfg.plan) == NO_PLAN or is_preset(cfg.plan) or is_hook(cfg.plan):
         return None, given if given is not None else model_config(cfg.get("default_model") or "fmnist_dit")
     plan = load_plan(cfg.plan)
     if given is not None:
@@ -47,8 +48,11 @@ def run(cfg: DictConfig) -> tuple[list, Path]:
     check_no_preset_keys(cfg)
     if is_preset(cfg.plan):
         plan = preset_from_cfg(cfg, pipe, m, steps, guidance, inputs)
+    hook = hook_from_cfg(cfg) if is_hook(cfg.plan) else None
     if plan is not None:
         apply_plan(pipe, plan)
+    if hook is not None:
+        hook.apply(pipe)
     generator = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
     t0 = time.perf_counter()
     try:
@@ -56,8 +60,10 @@ def run(cfg: DictConfig) -> tuple[list, Path]:
                                        output_type="pil", extra=call_kwargs(m)).images
     finally:
         remove_plan(pipe)
+        if hook is not None:
+            hook.remove(pipe)
     wall = time.perf_counter() - t0
-    name = (str(cfg.plan).replace(":", "_") if is_preset(cfg.plan)
+    name = (str(cfg.plan).replace(":", "_") if is_preset(cfg.plan) or is_hook(cfg.plan)
             else Path(str(cfg.plan)).stem if plan is not None else f"{m.name}_full")
     out = Path(cfg.out) if cfg.out else Path("outputs") / "generate" / name
     out.mkdir(parents=True, exist_ok=True)
