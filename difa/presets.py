@@ -79,9 +79,9 @@ def tgate(pipe: Any, *, steps: int, guidance_scale: float, gate_step: int = 10, 
 
 def ditfastattn(pipe: Any, *, steps: int, guidance_scale: float, inputs, threshold: float = 0.05,
                  name: str = "", **kw) -> Plan:
-    """DiTFastAttn is calibration with its four candidates."""
+    """DiTFastAttn is calibration with its four candidates and its loss (on both CFG halves, unguided)."""
     return calibrate_pipeline(pipe, inputs, threshold=threshold, steps=steps, guidance_scale=guidance_scale,
-                              candidates=DITFASTATTN_CANDIDATES, name=name, **kw)
+                              candidates=DITFASTATTN_CANDIDATES, name=name, **{"loss_on": "halves", **kw})
 
 
 PRESETS: dict[str, Callable[..., Plan]] = {"tomesd": tomesd, "agentsd": agentsd, "tgate": tgate,

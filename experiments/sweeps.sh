@@ -1,34 +1,41 @@
 #!/usr/bin/env bash
 # Every sweep behind the tables and figures of experiments/README.md, on the bundled Fashion-MNIST models, then the
 # collection into experiments/results/. Prints the wall time of each part and the total.
-#   bash experiments/sweeps.sh              # N=200 images per method (the README's numbers)
+#   bash experiments/sweeps.sh              # N=100 images per method (the README numbers)
 #   N=500 bash experiments/sweeps.sh        # more images, longer
+#   PARTS="1 4" bash experiments/sweeps.sh  # only some parts (0 baselines, 1 thresholds, 2 ablation, 3 peers, 4 collect)
 # Jobs run two at a time (hydra/launcher=local, joblib) with one thread each: 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-N=${N:-200}
+N=${N:-100}
 OUT=${OUT:-multirun}
 MODELS=${MODELS:-"fmnist_dit fmnist_pixart"}
 L=hydra/launcher=local
 # Evaluate settings shared by every job: the uncompressed baseline of (model, N, seeds) is generated once (cached
-# under runs/cache/baseline) and, in every job, timed side by side with the method on the first 2 batches.
-EV=(n=$N batch=25 warmup=false time_batches=2 'out=${hydra:runtime.output_dir}/evaluate.csv')
+# under runs/cache/baseline) and, in every job, timed side by side with the method on the first batch.
+EV=(n=$N ref_n=2000 batch=25 warmup=false time_batches=1 'out=${hydra:runtime.output_dir}/evaluate.csv')
+PARTS=${PARTS:-"0 1 2 3 4"}
+has() { [[ " $PARTS " == *" $1 "* ]]; }
 T0=$(date +%s)
 part() { echo "[sweeps] $1: $(( $(date +%s) - T0 )) s so far"; }
 
-# 0. The baselines (and their cached images and Inception features), one job per model.
+if has 0; then
+# 0. The baselines (and their cached images and Inception features), one job per model, side by side.
 for M in $MODELS; do
-  python -m difa.evaluate +model=$M plan=none "${EV[@]}" "hydra.run.dir=$OUT/evaluate/baseline_$M"
+  python -m difa.evaluate +model=$M plan=none "${EV[@]}" "hydra.run.dir=$OUT/evaluate/baseline_$M" &
 done
+wait
 part baselines
+fi
 
+if has 1; then
 # 1. Threshold sweep (DiTFastAttn Table 1: D1..D6 = 0.025..0.15): difa with every candidate; DiTFastAttn's four
-#    candidates (ast, wars, asc, wars+asc) at D2, D4, D6.
+#    candidates (ast, wars, asc, wars+asc) and its loss (both CFG halves, unguided) at D2, D4, D6.
 for M in $MODELS; do
   python -m difa.calibrate -m $L +model=$M threshold=0.025,0.05,0.075,0.1,0.125,0.15 \
     'out=plans/sweeps/${model.name}_difa_d${threshold}.json' "hydra.sweep.dir=$OUT/calibrate/threshold_$M"
-  python -m difa.calibrate -m $L +model=$M threshold=0.05,0.1,0.15 'candidates=[ast,wars,asc,wars+asc]' \
+  python -m difa.calibrate -m $L +model=$M threshold=0.05,0.1,0.15 'candidates=[ast,wars,asc,wars+asc]' loss_on=halves \
     'out=plans/sweeps/${model.name}_ditfastattn_d${threshold}.json' "hydra.sweep.dir=$OUT/calibrate/ditfastattn_$M"
   python -m difa.evaluate -m $L +model=$M "${EV[@]}" +variant=difa +delta=0.025,0.05,0.075,0.1,0.125,0.15 \
     'plan=plans/sweeps/${model.name}_${variant}_d${delta}.json' "hydra.sweep.dir=$OUT/evaluate/threshold_$M"
@@ -36,18 +43,26 @@ for M in $MODELS; do
     'plan=plans/sweeps/${model.name}_${variant}_d${delta}.json' "hydra.sweep.dir=$OUT/evaluate/ditfastattn_$M"
 done
 part "threshold sweep"
+fi
 
-# 2. Single-technique ablation (DiTFastAttn Table 2 shape) at D4 = 0.1: calibration restricted to one candidate.
-for M in $MODELS; do
-  TECH=ast,wars,asc,wars+asc,tome,agent
-  [ "$M" = fmnist_pixart ] && TECH=$TECH,tgate  # T-GATE gates cross-attention: PixArt only
-  python -m difa.calibrate -m $L +model=$M threshold=0.1 +technique=$TECH 'candidates=[${technique}]' \
-    'out=plans/ablation/${model.name}_${technique}_d${threshold}.json' "hydra.sweep.dir=$OUT/calibrate/ablation_$M"
-  python -m difa.evaluate -m $L +model=$M "${EV[@]}" +delta=0.1 +technique=$TECH \
-    'plan=plans/ablation/${model.name}_${technique}_d${delta}.json' "hydra.sweep.dir=$OUT/evaluate/ablation_$M"
-done
+if has 2; then
+# 2. Single-technique ablation (DiTFastAttn Table 2 shape) at D4 = 0.1, calibration restricted to one candidate:
+#    every self-attention technique on the DiT; T-GATE (cross-attention only) on PixArt.
+python -m difa.calibrate -m $L +model=fmnist_dit threshold=0.1 +technique=ast,wars,asc,wars+asc,tome,agent \
+  'candidates=[${technique}]' 'out=plans/ablation/${model.name}_${technique}_d${threshold}.json' \
+  "hydra.sweep.dir=$OUT/calibrate/ablation_fmnist_dit"
+python -m difa.evaluate -m $L +model=fmnist_dit "${EV[@]}" +delta=0.1 +technique=ast,wars,asc,wars+asc,tome,agent \
+  'plan=plans/ablation/${model.name}_${technique}_d${delta}.json' "hydra.sweep.dir=$OUT/evaluate/ablation_fmnist_dit"
+if [[ " $MODELS " == *" fmnist_pixart "* ]]; then
+  python -m difa.calibrate +model=fmnist_pixart threshold=0.1 'candidates=[tgate]' \
+    'out=plans/ablation/${model.name}_tgate_d${threshold}.json' "hydra.run.dir=$OUT/calibrate/ablation_fmnist_pixart"
+  python -m difa.evaluate +model=fmnist_pixart "${EV[@]}" +delta=0.1 +technique=tgate \
+    'plan=plans/ablation/${model.name}_${technique}_d${delta}.json' "hydra.run.dir=$OUT/evaluate/ablation_fmnist_pixart"
+fi
 part ablation
+fi
 
+if has 3; then
 # 3. Peers on the same models, seeds and metric code: difa's implementations of ToMe-SD, AgentSD and T-GATE
 #    (presets), and diffusers' own Pyramid Attention Broadcast and First Block Cache hooks (the real code).
 for M in $MODELS; do
@@ -63,9 +78,12 @@ if [[ " $MODELS " == *" fmnist_pixart "* ]]; then
     "hydra.sweep.dir=$OUT/evaluate/peers_tgate_fmnist_pixart"
 fi
 part peers
+fi
 
+if has 4; then
 # 4. Tables and figures.
 python experiments/collect.py "$OUT/evaluate" --out experiments/results --heatmaps
 python experiments/collect.py $OUT/evaluate/threshold_* $OUT/evaluate/ditfastattn_* $OUT/evaluate/ablation_* \
   --out experiments/results/ablation --x attn_flops
+fi
 part "total (N=$N)"

@@ -125,3 +125,53 @@ def test_calibration_runs_the_compressed_trajectory(family):
     assert len(seen) == len(during) == plan.steps
     for t, (a, b) in enumerate(zip(during, seen)):
         assert torch.equal(a, b), f"step {t}"
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart"])
+def test_the_loss_is_measured_on_what_the_sampler_reads(family):
+    """The last decision of step 1 against the sampler's own input at step 1 (the pipeline's guided epsilon,
+    recorded at scheduler.step) with step 1's choices applied vs all full. The last self-attention layer is
+    used because PixArt's first one sees identical CFG halves (text enters by cross-attention after it)."""
+    pipe = tiny(family)
+    candidate = "asc"  # CFG sharing: guidance multiplies its change of the halves' difference
+    plan = calibrate(pipe, family, 1e6, candidates=[candidate])
+    step1 = [d for d in plan.calibration["decisions"] if d["step"] == 1]
+    last = [d for d in step1 if d["chosen"] == candidate][-1]
+    assert "guided" in plan.calibration["loss"]
+
+    def sampler_inputs(methods):
+        seen, step = [], pipe.scheduler.step
+
+        def recording_step(model_output, *args, **kwargs):
+            seen.append(model_output.clone())
+            return step(model_output, *args, **kwargs)
+
+        pipe.scheduler.step = recording_step
+        difa.apply_plan(pipe, plan.with_(methods=tuple(tuple(r) for r in methods)))
+        try:
+            generate(pipe, family, seed=0)
+        finally:
+            difa.remove_plan(pipe)
+            pipe.scheduler.step = step
+        return seen
+
+    full = [["full"] * plan.steps for _ in plan.layers]
+    cells = [row[:] for row in full]
+    for d in step1:
+        if d["layer"] <= last["layer"]:
+            cells[d["layer"]][1] = d["chosen"]
+    want = relative_l1(sampler_inputs(cells)[1], sampler_inputs(full)[1])
+    assert want > 0 and last["tried"][candidate] == pytest.approx(want, rel=1e-6)
+
+
+def test_paper_parity_loss_on_both_halves():
+    """loss_on=halves (DiTFastAttn's): the raw CFG batch is compared, so CFG sharing looks cheaper than it is."""
+    pipe = tiny("pixart")
+    guided = calibrate(pipe, "pixart", 1e6, candidates=["asc"])
+    halves = calibrate(pipe, "pixart", 1e6, candidates=["asc"], loss_on="halves")
+    g, h = (sum(d["tried"].get("asc", 0) for d in p.calibration["decisions"] if d["step"] == 1)
+            for p in (guided, halves))
+    assert halves.calibration["loss_on"] == "halves" and "guided" not in halves.calibration["loss"]
+    assert 0 < h < g  # guidance (4.5) multiplies the change of the halves' difference
+    with pytest.raises(DifaError, match="unknown loss_on"):
+        calibrate(pipe, "pixart", 0.1, loss_on="cfg")

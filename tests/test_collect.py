@@ -149,7 +149,7 @@ def test_joblib_sweep_of_evaluate_then_collect(tmp_path):
     sweep_dir = tmp_path / "multirun"
     cmd = [sys.executable, "-m", "difa.evaluate", "-m", "hydra/launcher=local", "+model=tiny_dit", "n=2", "batch=2",
            "fid=false", "warmup=false", "+tag=fixed", f"plan={plans[0]},{plans[1]}", "out=${hydra:runtime.output_dir}/evaluate.csv",
-           f"hydra.sweep.dir={sweep_dir}"]
+           f"hydra.sweep.dir={sweep_dir}", f"baseline_cache={tmp_path / 'baseline'}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -77,6 +77,16 @@ def fixed_plan(
                 cfg_layout=adapter.cfg_layout, guidance_scale=float(guidance_scale), techniques=params)
 
 
+LOSS_ON = ("guided", "halves")
+
+
+def sampled_channels(model) -> int | None:
+    """Learned-sigma denoisers output (epsilon, variance); the pipelines' samplers read only epsilon."""
+    cfg = getattr(model, "config", {})
+    c_in, c_out = cfg.get("in_channels"), cfg.get("out_channels")
+    return int(c_in) if c_in and c_out and int(c_out) == 2 * int(c_in) else None
+
+
 def calibrate_pipeline(
     pipe: Any,
     inputs: Sequence,
@@ -91,13 +101,18 @@ def calibrate_pipeline(
     name: str = "",
     progress: Any = None,
     techniques: Mapping[str, Mapping[str, Any]] | None = None,
+    loss_on: str = "guided",
 ) -> Plan:
     """Greedy DiTFastAttn-style calibration of `pipe` on `inputs` (class ids or prompts) -> Plan.
 
     threshold: δ; layer i of L accepts a method whose relative-L1 error on the final model output is below
     δ·(i+1)/L. 0 gives an all-full plan; larger is faster and less faithful (DiTFastAttn's D1..D6 are
     0.025..0.15).
+    loss_on: "guided" compares the noise prediction the sampler reads (CFG halves combined with the guidance
+    scale); "halves" compares both CFG halves as they leave the denoiser (DiTFastAttn, for paper parity).
     """
+    if loss_on not in LOSS_ON:
+        raise DifaError(f"unknown loss_on {loss_on!r}; use one of {', '.join(LOSS_ON)}")
     if not isinstance(threshold, (int, float)) or threshold < 0:
         raise DifaError(f"threshold must be a number >= 0 (got {threshold!r}); try threshold=0.05")
     if not isinstance(steps, int) or steps < 1:
@@ -129,7 +144,8 @@ def calibrate_pipeline(
     calls = denoiser_calls(pipe.scheduler, steps)
     methods = [[FULL] * calls for _ in layers]
     search = GreedySearch(methods, cands, float(threshold), params, kinds=[kind_of(n) for n, _ in layers],
-                          progress=progress)
+                          progress=progress, guidance_scale=float(guidance_scale) if cfg_on and loss_on == "guided" else None,
+                          channels=sampled_channels(model))
     metric = [i for i, (n, _) in enumerate(layers) if any(REGISTRY[c].NEEDS_METRIC and kind_of(n) in REGISTRY[c].KINDS
                                                           for c in cands)]
     engine = Engine(model, adapter, layers, methods, params, scheduler=pipe.scheduler, calibrating=True,
@@ -159,7 +175,8 @@ def calibrate_pipeline(
             "seed": seed,
             "candidates": cands,
             "skipped_candidates": skipped,
-            "loss": "relative_l1",
+            "loss": "relative_l1 of the guided epsilon" if cfg_on and loss_on == "guided" else "relative_l1 of epsilon",
+            "loss_on": loss_on,
             "wall_time_s": round(wall, 3),
             "forwards": engine.forwards,
             "decisions": search.decisions,

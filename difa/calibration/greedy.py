@@ -27,7 +27,22 @@ class GreedySearch:
     kinds: Sequence[str] = ()  # per layer: "attn1" | "attn2"; a candidate is tried only on the kinds it applies to
     loss: Callable[[torch.Tensor, torch.Tensor], float] = relative_l1
     progress: Callable[[int], None] | None = None  # called with the step index after each decided step
+    # CFG batches: the loss compares what the sampler consumes, uncond + g * (cond - uncond), not the two halves.
+    # Trap: T-GATE and ASC change the halves' difference, which guidance multiplies by g; on the raw output their
+    # error looks g times smaller than it is. None: the raw output (DiTFastAttn's choice).
+    guidance_scale: float | None = None
+    channels: int | None = None  # learned-sigma models: the sampler reads only the first `channels` (epsilon)
     decisions: list[dict] = field(default_factory=list)
+
+    def guided(self, engine, out: torch.Tensor) -> torch.Tensor:
+        """The denoiser output (B, C, ...) as the sampler reads it: epsilon channels, CFG halves combined."""
+        out = out[:, : self.channels] if self.channels else out
+        if self.guidance_scale is None or engine.cond is None:
+            return out
+        b = out.shape[0]
+        cond = out[engine.cond]  # (B/2, ...)
+        uncond = out[b // 2 :] if engine.cond.start == 0 else out[: b // 2]
+        return uncond + self.guidance_scale * (cond - uncond)
 
     def layer_threshold(self, i: int) -> float:
         return self.threshold * (i + 1) / len(self.methods)
@@ -38,7 +53,7 @@ class GreedySearch:
             return
         for row in self.methods:
             row[t] = FULL
-        reference = trial()
+        reference = self.guided(engine, trial())
         for i, row in enumerate(self.methods):
             thr = self.layer_threshold(i)
             allowed = [c for c in self.candidates if not self.kinds or self.kinds[i] in REGISTRY[c].KINDS]
@@ -48,7 +63,7 @@ class GreedySearch:
                 if m in CFG_METHODS and engine.cond is None:
                     continue
                 row[t] = m
-                tried[m] = self.loss(trial(), reference)
+                tried[m] = self.loss(self.guided(engine, trial()), reference)
                 if tried[m] < thr:
                     break
             else:

@@ -30,7 +30,8 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
     pipe = load_model(m, cfg.device, cfg.dtype)
     plan = calibrate_pipeline(
         pipe, inputs, threshold=cfg.threshold, steps=steps, guidance_scale=guidance, seed=int(cfg.seed),
-        candidates=list(cfg.candidates), window=cfg.window, call_kwargs=call_kwargs(m), name=m.name,
+        candidates=list(cfg.candidates), window=cfg.window, loss_on=str(cfg.loss_on), call_kwargs=call_kwargs(m),
+        name=m.name,
         techniques=OmegaConf.to_container(cfg.get("techniques") or OmegaConf.create({}), resolve=True),
     )
     record = {**plan.calibration, "model_config": OmegaConf.to_container(m, resolve=True), "device": cfg.device, "dtype": cfg.dtype}
