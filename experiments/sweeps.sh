@@ -46,15 +46,16 @@ part "threshold sweep"
 fi
 
 if has 2; then
-# 2. Single-technique ablation (DiTFastAttn Table 2 shape) at D4 = 0.1, calibration restricted to one candidate:
-#    every self-attention technique on the DiT; T-GATE (cross-attention only) on PixArt.
+# 2. Single-technique ablation (DiTFastAttn Table 2 shape) at D4 = 0.1, calibration restricted to one candidate,
+#    with DiTFastAttn's loss (loss_on=halves) as in the paper: every self-attention technique on the DiT; T-GATE
+#    (cross-attention only) on PixArt.
 python -m difa.calibrate -m $L +model=fmnist_dit threshold=0.1 +technique=ast,wars,asc,wars+asc,tome,agent \
-  'candidates=[${technique}]' 'out=plans/ablation/${model.name}_${technique}_d${threshold}.json' \
+  'candidates=[${technique}]' loss_on=halves 'out=plans/ablation/${model.name}_${technique}_d${threshold}.json' \
   "hydra.sweep.dir=$OUT/calibrate/ablation_fmnist_dit"
 python -m difa.evaluate -m $L +model=fmnist_dit "${EV[@]}" +delta=0.1 +technique=ast,wars,asc,wars+asc,tome,agent \
   'plan=plans/ablation/${model.name}_${technique}_d${delta}.json' "hydra.sweep.dir=$OUT/evaluate/ablation_fmnist_dit"
 if [[ " $MODELS " == *" fmnist_pixart "* ]]; then
-  python -m difa.calibrate +model=fmnist_pixart threshold=0.1 'candidates=[tgate]' \
+  python -m difa.calibrate +model=fmnist_pixart threshold=0.1 'candidates=[tgate]' loss_on=halves \
     'out=plans/ablation/${model.name}_tgate_d${threshold}.json' "hydra.run.dir=$OUT/calibrate/ablation_fmnist_pixart"
   python -m difa.evaluate +model=fmnist_pixart "${EV[@]}" +delta=0.1 +technique=tgate \
     'plan=plans/ablation/${model.name}_${technique}_d${delta}.json' "hydra.run.dir=$OUT/evaluate/ablation_fmnist_pixart"
