@@ -47,7 +47,8 @@ def job_dirs(root: str | Path) -> list[Path]:
     if not root.is_dir():
         raise DifaError(f"{str(root)!r} is not a folder; pass a Hydra multirun folder such as {DEFAULT_ROOT}/<date>")
     found = {p.parent.parent for p in root.rglob("overrides.yaml") if p.parent.name == ".hydra"}
-    return sorted(found, key=lambda p: tuple(int(s) if s.isdigit() else -1 for s in p.relative_to(root).parts) + (str(p),))
+    # (numbers in the path, path): job 10 after job 9; a single run next to multirun folders sorts too
+    return sorted(found, key=lambda p: (tuple(int(s) if s.isdigit() else -1 for s in p.relative_to(root).parts), str(p)))
 
 
 def read_overrides(job: Path) -> dict[str, Any]:

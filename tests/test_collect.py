@@ -159,3 +159,12 @@ def test_joblib_sweep_of_evaluate_then_collect(tmp_path):
     assert sorted(df.method) == ["baseline", "baseline", "tiny_dit_asc", "tiny_dit_ast"]
     ast, asc = (df[df.method == f"tiny_dit_{m}"].iloc[0] for m in ("ast", "asc"))
     assert ast.attn_flops < asc.attn_flops < 1.0 and ast.family == asc.family == "fixed"
+
+
+def test_job_dirs_mixes_single_runs_and_multiruns(tmp_path):
+    """A single run (`<root>/baseline/.hydra`) next to multirun jobs (`<root>/sweep/<n>/.hydra`), numbers in order."""
+    for job in ("baseline", "sweep/10", "sweep/9", "sweep/0"):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text("[]\n")
+    found = [p.relative_to(tmp_path).as_posix() for p in collect.job_dirs(tmp_path)]
+    assert found == ["baseline", "sweep/0", "sweep/9", "sweep/10"]
