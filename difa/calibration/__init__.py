@@ -143,8 +143,9 @@ def calibrate_pipeline(
             tome.config(params, merging, agent.Config if merging == AGENT else tome.Config)  # one-line errors up front
     calls = denoiser_calls(pipe.scheduler, steps)
     methods = [[FULL] * calls for _ in layers]
+    guided = cfg_on and loss_on == "guided"
     search = GreedySearch(methods, cands, float(threshold), params, kinds=[kind_of(n) for n, _ in layers],
-                          progress=progress, guidance_scale=float(guidance_scale) if cfg_on and loss_on == "guided" else None,
+                          progress=progress, guidance_scale=float(guidance_scale) if guided else None,
                           channels=sampled_channels(model))
     metric = [i for i, (n, _) in enumerate(layers) if any(REGISTRY[c].NEEDS_METRIC and kind_of(n) in REGISTRY[c].KINDS
                                                           for c in cands)]
@@ -175,7 +176,7 @@ def calibrate_pipeline(
             "seed": seed,
             "candidates": cands,
             "skipped_candidates": skipped,
-            "loss": "relative_l1 of the guided epsilon" if cfg_on and loss_on == "guided" else "relative_l1 of epsilon",
+            "loss": "relative_l1 of the guided epsilon" if guided else "relative_l1 of epsilon",
             "loss_on": loss_on,
             "wall_time_s": round(wall, 3),
             "forwards": engine.forwards,

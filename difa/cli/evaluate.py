@@ -10,6 +10,7 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,29 +110,24 @@ def batch_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+@contextmanager
 def applied(pipe, method: Method):
-    """Context: the method's plan or hook applied to `pipe`, removed on exit (yields the engine of a plan)."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def ctx():
-        if method.hook is not None:
-            method.hook.apply(pipe)
-            try:
-                yield None
-            finally:
-                method.hook.remove(pipe)
-            return
-        engine: Engine | None = apply_plan(pipe, method.plan) if method.plan is not None else None
+    """The method's plan or hook applied to `pipe`, removed on exit."""
+    if method.hook is not None:
+        method.hook.apply(pipe)
         try:
-            yield engine
+            yield
         finally:
-            if engine is not None:
-                if math.isnan(method.flops):
-                    method.flops = flops_fraction(method.plan, engine)
-                remove_plan(pipe)
-
-    return ctx()
+            method.hook.remove(pipe)
+        return
+    engine: Engine | None = apply_plan(pipe, method.plan) if method.plan is not None else None
+    try:
+        yield
+    finally:
+        if engine is not None:
+            if math.isnan(method.flops):
+                method.flops = flops_fraction(method.plan, engine)
+            remove_plan(pipe)
 
 
 def generate_batch(pipe, adapter: Adapter, method: Method, inputs: list, seed: int, steps: int, guidance: float,
