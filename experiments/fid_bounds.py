@@ -1,7 +1,7 @@
 """What bounds the bundled models' FID: real train images and their VAE reconstructions against the test split,
-with the same FID code as `python -m difa.evaluate` (n images against the first n test images).
+with the same FID code as `python -m difa.evaluate` (n images against the first ref_n test images).
 
-    python experiments/fid_bounds.py --n 500
+    python experiments/fid_bounds.py --n 2000 --ref-n 10000
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import torch
 from diffusers import AutoencoderKL
 
 from difa import data, metrics
-from difa.cli.common import REPO_ROOT
+from difa.cli.common import REPO_ROOT, report_errors
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=500)
+    p.add_argument("--ref-n", type=int, default=None, help="test images to compare against (default: --n)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -27,11 +28,12 @@ def main(argv=None) -> None:
     with torch.no_grad():
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     net = metrics.load_fid_inception()
-    ref = metrics.reference_features(args.n, "runs/cache", net)
+    ref_n = args.ref_n or args.n
+    ref = metrics.reference_features(ref_n, "runs/cache", net)
     for name, images in (("real train images", x), ("VAE reconstructions (posterior mean)", recon)):
         feats = metrics.inception_features((images + 1) / 2, net=net)
-        print(f"FID {args.n} {name} vs {args.n} test images: {metrics.fid_from_features(feats, ref):.1f}", flush=True)
+        print(f"FID {args.n} {name} vs {ref_n} test images: {metrics.fid_from_features(feats, ref):.1f}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    report_errors(main)

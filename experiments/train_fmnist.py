@@ -9,8 +9,10 @@ Each run keeps a checkpoint under `runs/fmnist/<kind>/` (every --ckpt-minutes) a
 again with the same arguments: `--minutes` is the total training time across resumes. Without a checkpoint,
 `--init data/models/fmnist-dit` continues from the committed weights (EMA weights, fresh optimizer), e.g.
 
-    python experiments/train_fmnist.py dit --minutes 120 --seed 1 --threads 2 --init data/models/fmnist-dit At the end the (EMA) weights
-are exported with `save_pretrained` under `data/models/` (see difa/zoo.py for the architectures), and a line with
+    python experiments/train_fmnist.py dit --minutes 120 --seed 1 --threads 2 --init data/models/fmnist-dit
+
+`--max-steps N --decay-steps K` stops at step N, with the learning rate decayed linearly to 0 over its last K
+steps. At the end the (EMA) weights are exported with `save_pretrained` under `data/models/` (see difa/zoo.py for the architectures), and a line with
 steps, time and final loss is appended to `runs/fmnist/log.txt`.
 Training needs the 60k train split: `apt-get install dataset-fashion-mnist`.
 Threads: `--threads` (default: all cores); run under `nice` to keep the machine usable.
@@ -42,6 +44,7 @@ from diffusers import (  # noqa: E402
 )
 
 from difa import data, zoo  # noqa: E402
+from difa.cli.common import report_errors  # noqa: E402
 
 RUNS = ROOT / "runs" / "fmnist"
 MODELS = ROOT / "data" / "models"
@@ -123,6 +126,8 @@ class Run:
 
 def lr_at(step: int, args) -> float:
     warm = min(1.0, (step + 1) / args.warmup)
+    if args.decay_steps:  # warm-up, constant, then linear to 0 over the last decay_steps before --max-steps
+        return args.lr * warm * min(1.0, max(0.0, (args.max_steps - step) / args.decay_steps))
     return args.lr * warm
 
 
@@ -330,6 +335,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--decay-steps", type=int, default=0,
+                   help="decay the learning rate linearly to 0 over the last N steps before --max-steps")
     p.add_argument("--kl", type=float, default=1e-5, help="VAE KL weight")
     p.add_argument("--ema", type=float, default=0.999, help="EMA max decay (denoisers)")
     p.add_argument("--min-snr", type=float, default=5.0)
@@ -339,6 +346,8 @@ def main(argv=None) -> None:
     p.add_argument("--peek", default=None, help="denoisers: export the current checkpoint to this dir, no training")
     p.add_argument("--init", default=None, help="denoisers: start (no checkpoint yet) from a save_pretrained pipeline dir")
     args = p.parse_args(argv)
+    if args.decay_steps and not args.max_steps:
+        p.error("--decay-steps needs --max-steps (the step the learning rate reaches 0)")
     defaults = {"vae": (64, 1e-3), "classifier": (128, 2e-3), "dit": (64, 4e-4), "pixart": (64, 4e-4)}
     args.batch = args.batch or defaults[args.kind][0]
     args.lr = args.lr or defaults[args.kind][1]
@@ -350,4 +359,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    report_errors(main)

@@ -344,7 +344,7 @@ def run(cfg: DictConfig):
                           steps=steps, guidance_scale=guidance, seed=int(cfg.seed), batch=batch, device=cfg.device,
                           dtype=cfg.dtype, mem_measure=mem, timed_images=[x.timed for x in methods],
                           threads=torch.get_num_threads())
-    name = f"{m.name}_{methods[-1].name if len(methods) > 1 else 'full'}_n{n}_s{steps}"
+    name = f"{m.name}_{methods[-1].name if len(methods) > 1 else 'full'}_n{n}_s{steps}_g{guidance}_seed{int(cfg.seed)}"
     out = Path(cfg.out) if cfg.out else Path("outputs") / "evaluate" / f"{name}.csv"
     metrics.save_atomic(out, lambda f: f.write(record.to_csv(index=False).encode()))
     print(report(table, m.name, n, steps, guidance, mem, notes, out))
