@@ -12,8 +12,8 @@ again with the same arguments: `--minutes` is the total training time across res
     python experiments/train_fmnist.py dit --minutes 120 --seed 1 --threads 2 --init data/models/fmnist-dit
 
 `--max-steps N --decay-steps K` stops at step N, with the learning rate decayed linearly to 0 over its last K
-steps. At the end the (EMA) weights are exported with `save_pretrained` under `data/models/` (see difa/zoo.py for the architectures), and a line with
-steps, time and final loss is appended to `runs/fmnist/log.txt`.
+steps. At the end the (EMA) weights are exported with `save_pretrained` under `data/models/` (see difa/zoo.py
+for the architectures), and a line with steps, time and final loss is appended to `runs/fmnist/log.txt`.
 Training needs the 60k train split: `apt-get install dataset-fashion-mnist`.
 Threads: `--threads` (default: all cores); run under `nice` to keep the machine usable.
 """
