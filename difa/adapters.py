@@ -42,6 +42,15 @@ class Adapter:
         kinds = (SELF_ATTN, CROSS_ATTN)
         return [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and n.rsplit(".", 1)[-1] in kinds]
 
+    def block_layers(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        """Transformer blocks (the parents of self-attention layers: DiT / PixArt `transformer_blocks.N`, the
+        UNet's `...attentions.K.transformer_blocks.0`), in execution order: the units of block cells."""
+        out: dict[str, torch.nn.Module] = {}
+        for name, _ in self.attention_layers(model, SELF_ATTN):
+            parent = name.rsplit(".", 1)[0]
+            out.setdefault(parent, model.get_submodule(parent))
+        return list(out.items())
+
     def patch_size(self, model: torch.nn.Module) -> int | None:
         """Side of a token in latent pixels for transformers; None for the UNet (tokens depend on the level)."""
         return int(model.config.patch_size) if self.patched else None

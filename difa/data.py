@@ -20,7 +20,10 @@ from difa.errors import DifaError
 FMNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-TEST_ROOT = Path(__file__).resolve().parent.parent / "data" / "fashion-mnist"
+# The committed test split: data/fashion-mnist in a checkout, difa/bundled/fashion-mnist in an installed wheel.
+TEST_ROOT = next((d for d in (Path(__file__).resolve().parent / "bundled" / "fashion-mnist",
+                              Path(__file__).resolve().parent.parent / "data" / "fashion-mnist") if d.is_dir()),
+                 Path(__file__).resolve().parent.parent / "data" / "fashion-mnist")
 TRAIN_ROOT = Path("/usr/share/datasets/fashion-mnist")
 INSTALL = "apt-get install dataset-fashion-mnist"
 PREFIX = {"test": "t10k", "train": "train"}

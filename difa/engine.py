@@ -8,6 +8,11 @@ counter wraps after `steps` forwards (a new generation), and `Engine.reset()` re
 Layers whose methods need the transformer block's input (ToMe's similarity metric) get a pre-hook on
 their block that hands it over.
 
+Block cells: a block whose plan row is not all `full` gets its `forward` wrapped (an instance attribute, removed
+on undo); the block technique decides whether to call the original forward. `mlp_reuse` cells also wrap the
+block's feed-forward module. Attention cells of a skipped block never run, so their caches are derived from
+the cells that do run (`plan.executed_cells`).
+
 CFG collapse: when every cross-attention layer of a CFG step is `tgate`, the two halves of the batch
 see identical inputs everywhere, so the engine runs the denoiser on one half and duplicates its output.
 It does so only when that is exact: a self-attention cell that reuses a cache (`ast`, `wars`) must find
@@ -25,9 +30,10 @@ from difa.adapters import CROSS_ATTN, Adapter, adapter_for
 from difa.attention.merge import token_grid
 from difa.errors import DifaError
 from difa.plan import (AST, ASC, CFG_METHODS, FULL, OUTPUT_READERS, TGATE, WARS, WARS_ASC, Plan, config_hash,
-                       output_steps, residual_steps)
+                       executed_cells, output_steps, residual_steps)
 from difa.techniques import REGISTRY, kind_of
 from difa.techniques.base import Cell, LayerShape, LayerState
+from difa.techniques.blocks import BlockCell, BlockState
 
 ENGINE_ATTR = "_difa_engine"  # the handle on the denoiser, so that remove_plan(pipe) can find it
 
@@ -63,10 +69,24 @@ class Engine:
         inference_steps: int | None = None,
         collapse_cfg: bool = True,
         metric_layers: Sequence[int] | None = None,
+        blocks: Sequence[tuple[str, torch.nn.Module]] = (),
+        block_methods: Sequence[Sequence[str]] = (),  # (n_blocks, steps); () = every block computed
+        on_block: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
     ):
         self.model, self.adapter, self.layers = model, adapter, list(layers)
         self.methods, self.params = methods, params
-        self.steps = len(methods[0]) if methods else 0  # denoiser calls per generation
+        self.steps = len(methods[0]) if methods else (len(block_methods[0]) if block_methods else 0)  # calls per generation
+        # blocks with at least one cell that is not plain `full` (the others are left untouched)
+        # on_block(block, step, input, output) observes every block call (calibration records the trajectory)
+        self.on_block = on_block
+        self.blocks = [(j, n, m) for j, ((n, m), row) in enumerate(zip(blocks, block_methods))
+                       if set(row) != {FULL} or on_block is not None]
+        self.block_methods = block_methods
+        self.block_names = [n for n, _ in blocks]
+        self.block_states = [BlockState() for _ in blocks]
+        self.keep_block_residual = [_keeps(row, "residual") for row in block_methods]
+        self.keep_ff = [_keeps(row, "ff") for row in block_methods]
+        executed = executed_cells([n for n, _ in layers], [n for n, _ in blocks], block_methods, self.steps)
         self.inference_steps = inference_steps or self.steps  # num_inference_steps, for messages
         self.scheduler, self.calibrating, self.on_step = scheduler, calibrating, on_step
         self.states = [LayerState() for _ in self.layers]
@@ -76,8 +96,8 @@ class Engine:
                                   for (n, _), row in zip(self.layers, methods)]
             self.keep_output = [[True] * self.steps for _ in methods]
         else:
-            self.keep_residual = residual_steps(methods)
-            self.keep_output = output_steps(methods)
+            self.keep_residual = residual_steps(methods, executed)
+            self.keep_output = output_steps(methods, executed)
         self.cfg_steps = [any(row[t] in CFG_METHODS for row in methods) for t in range(self.steps)]
         self.tgate_steps = [any(row[t] == TGATE for row in methods) for t in range(self.steps)]
         self.cross = [i for i, (n, _) in enumerate(self.layers) if kind_of(n) == CROSS_ATTN]
@@ -95,6 +115,7 @@ class Engine:
         self._inside = False
         self._handles: list[Any] = []
         self._installed = False
+        self._block_cells: dict[int, BlockCell] = {}  # block index -> its cell in the forward in progress
 
     # -- lifecycle -------------------------------------------------------------------------
     def install(self) -> "Engine":
@@ -108,6 +129,13 @@ class Engine:
         self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         if self.collapse_cfg:
             self._handles.append(self.model.register_forward_hook(self._post_forward))
+        for j, name, block in self.blocks:
+            ff = getattr(block, "ff", None)
+            if any(REGISTRY[m].NEEDS == "ff" for m in self.block_methods[j]) and not isinstance(ff, torch.nn.Module):
+                raise DifaError(f"block {name} has no feed-forward module 'ff', so 'mlp_reuse' cannot run there; use 'full'")
+            block.forward = functools.partial(self._run_block, j, block.forward)
+            if isinstance(ff, torch.nn.Module) and any(self.keep_ff[j]):
+                ff.forward = functools.partial(self._run_ff, j, ff.forward)
         for i in self.metric_layers:
             block = self.model.get_submodule(self.layers[i][0].rsplit(".", 1)[0])
             self._handles.append(block.register_forward_pre_hook(functools.partial(self._block_input, i), with_kwargs=True))
@@ -124,6 +152,10 @@ class Engine:
         for _, attn in self.layers:
             if isinstance(attn.processor, PlanProcessor) and attn.processor.engine is self:
                 attn.set_processor(attn.processor.original)
+        for _, _, block in self.blocks:
+            for module in (block, getattr(block, "ff", None)):
+                if isinstance(module, torch.nn.Module) and _ours(vars(module).get("forward"), self):
+                    del module.forward
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -141,6 +173,9 @@ class Engine:
         self.collapsed = False
         for s in self.states:
             s.reset()
+        for b in self.block_states:
+            b.reset()
+        self._block_cells.clear()
 
     def __enter__(self) -> "Engine":
         return self.install()
@@ -188,10 +223,16 @@ class Engine:
             )
         if self.on_step is not None:
             snapshot = [s.snapshot() for s in self.states]
+            block_snapshot = [(list(b.residuals), b.ff) for b in self.block_states]
 
-            def trial() -> torch.Tensor:
+            def restore() -> None:
                 for s, snap in zip(self.states, snapshot):
                     s.restore(snap)
+                for b, (res, ff) in zip(self.block_states, block_snapshot):
+                    b.residuals, b.ff = list(res), ff
+
+            def trial() -> torch.Tensor:
+                restore()
                 self.forwards += 1
                 out = module(*args, **kwargs)
                 return out.sample if hasattr(out, "sample") else out[0]
@@ -201,8 +242,7 @@ class Engine:
                 self.on_step(self, trial)
             finally:
                 self._inside = False
-                for s, snap in zip(self.states, snapshot):
-                    s.restore(snap)
+                restore()
         self.forwards += 1
         if self._can_collapse(self.step, b):
             self.collapsed = True
@@ -220,6 +260,11 @@ class Engine:
         for i, row in enumerate(self.methods):  # exact only if every cache read at this step has equal halves
             cache = {AST: self.states[i].out, WARS: self.states[i].residual}.get(row[step])
             if cache is not None and cache.shape[0] == b and not torch.equal(cache[: b // 2], cache[b // 2:]):
+                return False
+        for j, _, _ in self.blocks:
+            st, needs = self.block_states[j], REGISTRY[self.block_methods[j][step]].NEEDS
+            caches = [r for _, r in st.residuals] if needs == "residual" else [st.ff] if needs == "ff" else []
+            if any(c is not None and c.shape[0] == b and not torch.equal(c[: b // 2], c[b // 2:]) for c in caches):
                 return False
         return True
 
@@ -248,6 +293,44 @@ class Engine:
                 setattr(state, field, c[sl])
             elif 2 * c.shape[0] == b:
                 setattr(state, field, torch.cat([c, c]))
+
+    def _fit(self, c: torch.Tensor | None, b: int) -> torch.Tensor | None:
+        if c is None or c.shape[0] == b:
+            return c
+        if c.shape[0] == 2 * b and self.collapsed:
+            return c[self.adapter.cond_slice(2 * b)]
+        if 2 * c.shape[0] == b:
+            return torch.cat([c, c])
+        return c
+
+    def _run_block(self, j: int, original: Callable, *args, **kwargs):
+        """The wrapped forward of block j: its plan cell decides whether and how the block runs."""
+        step = self.step
+        x = args[0] if args else kwargs.get("hidden_states")
+        if step is None or not torch.is_tensor(x):  # outside a denoiser forward
+            return original(*args, **kwargs)
+        st = self.block_states[j]
+        st.residuals = [(s, self._fit(r, x.shape[0])) for s, r in st.residuals]
+        st.ff = self._fit(st.ff, x.shape[0])
+        cell = BlockCell(self.block_names[j], j, step, st, self.keep_block_residual[j][step], self.keep_ff[j][step])
+        self._block_cells[j] = cell
+        out = REGISTRY[self.block_methods[j][step]].run(cell, x, lambda: original(*args, **kwargs))
+        if self.on_block is not None and not self._inside:
+            self.on_block(j, step, x, out)
+        return out
+
+    def _run_ff(self, j: int, original: Callable, x, *args, **kwargs):
+        """The wrapped forward of block j's feed-forward module (x: (B, N, C), its normed input)."""
+        cell = self._block_cells.get(j)
+        if self.step is None or cell is None or cell.step != self.step:
+            return original(x, *args, **kwargs)
+        technique = REGISTRY[self.block_methods[j][self.step]]
+        if technique.NEEDS == "ff":
+            return technique.ff_output(cell, x)
+        out = original(x, *args, **kwargs)  # (B, N, C)
+        if cell.keep_ff:
+            cell.state.ff = out
+        return out
 
     def _grid(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[int, int, int] | None:
         """(h, w, downsample) of a self-attention call's tokens; None for cross-attention or outside a forward."""
@@ -281,6 +364,19 @@ class Engine:
         return out
 
 
+def _keeps(row: Sequence[str], what: str) -> list[bool]:
+    """[step]: this cell computes `what` ("residual" or "ff") and a later cell of the block reads it."""
+    out = []
+    for t, m in enumerate(row):
+        later = any(getattr(REGISTRY[x], "NEEDS", None) == what for x in row[t + 1:])
+        out.append(later and what in getattr(REGISTRY[m], "COMPUTES", ()))
+    return out
+
+
+def _ours(forward: Any, engine: "Engine") -> bool:
+    return isinstance(forward, functools.partial) and getattr(forward.func, "__self__", None) is engine
+
+
 def _shape(attn, x: torch.Tensor, context: torch.Tensor | None, grid: tuple[int, int, int] | None) -> LayerShape:
     b, n, c = x.shape[0], x.shape[-2], x.shape[-1]  # x: (B, N, C)
     n_kv = n if context is None else context.shape[-2]
@@ -305,7 +401,13 @@ def plan_layers(obj: Any) -> tuple[Adapter, torch.nn.Module, list[tuple[str, tor
     return adapter, model, adapter.planned_layers(model)
 
 
-def check_identity(plan: Plan, model: torch.nn.Module, names: Sequence[str]) -> None:
+def plan_blocks(obj: Any) -> list[tuple[str, torch.nn.Module]]:
+    """The transformer blocks a plan can hold block cells for, in execution order."""
+    adapter = adapter_for(obj)
+    return adapter.block_layers(adapter.denoiser(obj))
+
+
+def check_identity(plan: Plan, model: torch.nn.Module, names: Sequence[str], blocks: Sequence[str] = ()) -> None:
     cls = type(model).__name__
     if plan.model.cls != cls:
         raise DifaError(f"the plan was made for a {plan.model.cls} but this model is a {cls}; load the plan made for this model or recalibrate")
@@ -313,6 +415,11 @@ def check_identity(plan: Plan, model: torch.nn.Module, names: Sequence[str]) -> 
         raise DifaError(
             f"the plan lists {len(plan.model.layers)} attention layers but this model has {len(names)} "
             f"(first difference: {_first_diff(plan.model.layers, names)}); recalibrate for this model"
+        )
+    if plan.model.blocks and tuple(blocks) != plan.model.blocks:
+        raise DifaError(
+            f"the plan has cells for {len(plan.model.blocks)} blocks but this model has {len(blocks)} "
+            f"(first difference: {_first_diff(plan.model.blocks, blocks)}); recalibrate for this model"
         )
     h = config_hash(model.config)
     if plan.model.config_hash != h:
@@ -337,12 +444,14 @@ def apply_plan(obj: Any, plan: Plan, *, collapse_cfg: bool = True) -> Engine:
     (same result, for checking the collapse).
     """
     adapter, model, layers = plan_layers(obj)
-    check_identity(plan, model, [n for n, _ in layers])
+    blocks = adapter.block_layers(model) if plan.blocks else []
+    check_identity(plan, model, [n for n, _ in layers], [n for n, _ in blocks])
     if plan.cfg_layout != adapter.cfg_layout:
         raise DifaError(f"the plan assumes CFG layout {plan.cfg_layout} but {adapter.family} uses {adapter.cfg_layout}; recalibrate")
     scheduler = getattr(obj, "scheduler", None) if obj is not model else None
     return Engine(model, adapter, layers, plan.methods, plan.techniques, scheduler=scheduler,
-                  inference_steps=plan.inference_steps, collapse_cfg=collapse_cfg).install()
+                  inference_steps=plan.inference_steps, collapse_cfg=collapse_cfg, blocks=blocks,
+                  block_methods=plan.blocks).install()
 
 
 def remove_plan(obj: Any) -> bool:

@@ -1,6 +1,6 @@
 """Load diffusers pipelines: real checkpoints (hub id or local dir) and tiny random-weight models.
 
-A model config (a Hydra `conf/model/*.yaml` node) has the keys
+A model config (a Hydra `difa/conf/model/*.yaml` node) has the keys
 `name`, `family` ("dit" | "pixart" | "sd"), `pipeline` (a diffusers class name),
 `path` (hub id or local save_pretrained dir, or null), `tiny` (null or a family name),
 `seed` (for tiny) and `resolution` (pixels).
@@ -39,7 +39,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,
 
 from difa.errors import DifaError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]  # the folder holding pyproject.toml
+# The bundled files (the repository's data/ folder: models/, fashion-mnist/). An installed wheel carries them as
+# package data under difa/bundled (pyproject maps the package difa.bundled onto data/); a source checkout
+# (editable install) reads data/ next to the package.
+BUNDLED_DIRS = (Path(__file__).resolve().parent / "bundled", Path(__file__).resolve().parents[1] / "data")
+BUNDLED_PREFIX = "data"  # model configs name bundled files as data/<...>, e.g. data/models/fmnist-dit
 FAMILIES = ("dit", "pixart", "sd")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -127,8 +131,9 @@ def load_pipeline(model_cfg: Mapping, *, device: str = "cpu", dtype: str = "floa
 
     `tiny: <family>` builds random weights (see `build_tiny_pipeline`) at `resolution` pixels, seeded by `seed`,
     wrapped in `pipeline` (so PixArtSigmaPipeline works too). Otherwise `path` goes to
-    `<pipeline>.from_pretrained(path)`. A relative `path` that exists under the repository root is taken from
-    there, so `data/models/tiny-dit` works from any working directory; anything else is passed on as given.
+    `<pipeline>.from_pretrained(resolve_path(path))`: a path that exists (absolute or relative to the working
+    directory) is used as it is, `data/models/<name>` names a bundled model from any working directory (see
+    `resolve_path`), and anything else, e.g. a hub id, is passed on as given.
     """
     if dtype not in DTYPES:
         raise DifaError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -250,9 +255,33 @@ def _text_components(name: str | None) -> dict:
     return {"tokenizer": tokenizer, "text_encoder": encoder}
 
 
+def bundled_dir() -> Path | None:
+    """The folder of the bundled files (the repository's data/): package data in a wheel, data/ in a checkout."""
+    return next((d for d in BUNDLED_DIRS if d.is_dir()), None)
+
+
+def resolve_path(path: str | Path) -> str:
+    """Where to load a model or asset path of a config from, in a checkout or an installed wheel.
+
+    A path that exists as given (absolute, or relative to the working directory) is returned unchanged. Otherwise
+    a relative `data/<rest>` is looked up among the bundled files (`bundled_dir() / <rest>`), so
+    `data/models/fmnist-dit` works from any working directory. Anything else (a hub id, a missing path) is
+    returned unchanged for the loader to accept or refuse.
+    """
+    given = Path(path)
+    if given.exists() or given.is_absolute():
+        return str(path)
+    parts = given.parts
+    root = bundled_dir()
+    if root is not None and len(parts) > 1 and parts[0] == BUNDLED_PREFIX:
+        bundled = root.joinpath(*parts[1:])
+        if bundled.exists():
+            return str(bundled)
+    return str(path)
+
+
 def _from_pretrained(cls: type[DiffusionPipeline], path: str, dtype: torch.dtype, extra: dict | None = None):
-    local = REPO_ROOT / path  # an absolute path stays as it is
-    source = str(local) if local.exists() else path
+    source = resolve_path(path)
     try:
         return cls.from_pretrained(source, dtype=dtype, **(extra or {}))  # diffusers 0.42 deprecates torch_dtype=
     except (OSError, ValueError) as exc:  # OSError: not on the hub / offline; ValueError: neither dir nor repo id

@@ -1,7 +1,9 @@
-"""The plan: which attention method each (layer, step) cell runs. A plain, frozen value.
+"""The plan: which method each (layer, step) cell runs, for attention layers and for whole transformer blocks.
+A plain, frozen value.
 
-JSON schema version 2 (no pickle anywhere; loading never executes code). Version 2 lists cross-attention
-(`*.attn2`) layers too; version 1 files (self-attention only) still load:
+JSON schema version 3 (no pickle anywhere; loading never executes code). Version 3 adds block cells
+(`model.blocks`, `block_methods`); version 2 listed cross-attention (`*.attn2`) layers too; version 1 files
+(self-attention only) and version 2 files (no block cells: every block computed) still load:
 
     {"schema": "difa.plan", "version": 1,
      "model":      {"class", "config_hash", "layers": [attention module names (attn1 and attn2), execution order],
@@ -10,6 +12,7 @@ JSON schema version 2 (no pickle anywhere; loading never executes code). Version
      "cfg":        {"enabled", "layout", "guidance_scale"},
      "techniques": {method name: {parameter: value}},       e.g. {"wars": {"window": 0.125}, "tome": {"ratio": 0.5}}
      "methods":    {layer name: [method at step 0, 1, ...]},
+     "block_methods": {block name: [method at step 0, 1, ...]}   (version 3; model.blocks lists the names)
      "calibration": {...}  free-form record: threshold, inputs, seed, per-decision losses, time, forwards
      "flops":      {...}   summary from the cost model}
 """
@@ -27,8 +30,8 @@ from typing import Any, Mapping, Sequence
 from difa.errors import DifaError
 
 SCHEMA = "difa.plan"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 FULL = "full"
 WARS = "wars"
@@ -45,6 +48,7 @@ RESIDUAL_METHODS = frozenset({WARS, WARS_ASC})
 # Methods that return a cached module output instead of computing one.
 OUTPUT_READERS = frozenset({AST, TGATE})
 CFG_LAYOUTS = ("cond_first", "uncond_first")
+BLOCK = "block"  # the kind of a block cell (a whole transformer block)
 
 
 def known_methods() -> frozenset[str]:
@@ -67,6 +71,20 @@ class ModelIdentity:
     layers: tuple[str, ...]
     name: str = ""
     family: str = ""
+    blocks: tuple[str, ...] = ()  # transformer block module names, execution order; () = no block cells
+
+
+def _count(rows: Sequence[Sequence[str]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for row in rows:
+        for m in row:
+            out[m] = out.get(m, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def parent_block(layer: str) -> str:
+    """`transformer_blocks.3.attn1` -> `transformer_blocks.3`: the block an attention layer belongs to."""
+    return layer.rsplit(".", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -82,6 +100,8 @@ class Plan:
     techniques: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     calibration: Mapping[str, Any] = field(default_factory=dict)
     flops: Mapping[str, Any] = field(default_factory=dict)
+    blocks: tuple[tuple[str, ...], ...] = ()  # (n_blocks, steps), same order as model.blocks; () = all computed
+    latency: Mapping[str, Any] = field(default_factory=dict)  # predicted seconds from the measured cost model
 
     def __post_init__(self) -> None:
         validate(self)
@@ -98,12 +118,15 @@ class Plan:
     def method(self, layer: int, step: int) -> str:
         return self.methods[layer][step]
 
+    def block_method(self, block: int, step: int) -> str:
+        return self.blocks[block][step] if self.blocks else FULL
+
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for row in self.methods:
-            for m in row:
-                out[m] = out.get(m, 0) + 1
-        return dict(sorted(out.items()))
+        """Attention cells per method (cells of skipped blocks included as written, i.e. `full`)."""
+        return _count(self.methods)
+
+    def block_counts(self) -> dict[str, int]:
+        return _count(self.blocks)
 
     def with_(self, **changes: Any) -> "Plan":
         return replace(self, **changes)
@@ -119,13 +142,16 @@ class Plan:
                 "layers": list(self.model.layers),
                 "name": self.model.name,
                 "family": self.model.family,
+                "blocks": list(self.model.blocks),
             },
             "scheduler": {"class": self.scheduler, "steps": self.steps, "num_inference_steps": self.num_inference_steps},
             "cfg": {"enabled": self.cfg_enabled, "layout": self.cfg_layout, "guidance_scale": self.guidance_scale},
             "techniques": {k: dict(v) for k, v in self.techniques.items()},
             "methods": {name: list(row) for name, row in zip(self.model.layers, self.methods)},
+            "block_methods": {name: list(row) for name, row in zip(self.model.blocks, self.blocks)},
             "calibration": dict(self.calibration),
             "flops": dict(self.flops),
+            "latency": dict(self.latency),
         }
 
     def to_json(self) -> str:
@@ -141,10 +167,15 @@ class Plan:
             m, s, c = d["model"], d["scheduler"], d["cfg"]
             layers = tuple(m["layers"])
             rows = d["methods"]
-            if set(rows) != set(layers):
+            if not isinstance(rows, Mapping) or set(rows) != set(layers):
                 raise DifaError(f"{source}: \"methods\" must have one row per layer in model.layers; recalibrate to get a consistent plan")
+            blocks = tuple(m.get("blocks", ()))  # versions 1 and 2: no block cells
+            block_rows = d.get("block_methods", {})
+            if not isinstance(block_rows, Mapping) or set(block_rows) != set(blocks):
+                raise DifaError(f"{source}: \"block_methods\" must have one row per block in model.blocks; recalibrate to get a consistent plan")
             return cls(
-                model=ModelIdentity(m["class"], m["config_hash"], layers, m.get("name", ""), m.get("family", "")),
+                model=ModelIdentity(m["class"], m["config_hash"], layers, m.get("name", ""), m.get("family", ""),
+                                    blocks),
                 scheduler=s["class"],
                 steps=int(s["steps"]),
                 num_inference_steps=s.get("num_inference_steps"),
@@ -155,6 +186,8 @@ class Plan:
                 techniques=d.get("techniques", {}),
                 calibration=d.get("calibration", {}),
                 flops=d.get("flops", {}),
+                blocks=tuple(tuple(block_rows[name]) for name in blocks),
+                latency=d.get("latency", {}),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise DifaError(f"{source} is missing or has a malformed field ({type(e).__name__}: {e}); recalibrate to rewrite it") from None
@@ -208,30 +241,78 @@ def validate(plan: Plan) -> None:
         raise DifaError(f"plan has {len(plan.methods)} method rows for {n} layers; recalibrate to get a consistent plan")
     if plan.cfg_layout not in CFG_LAYOUTS:
         raise DifaError(f"plan cfg layout {plan.cfg_layout!r} is unknown; use one of {', '.join(CFG_LAYOUTS)}")
-    for name, row in zip(plan.model.layers, plan.methods):
+    if plan.blocks and len(plan.blocks) != len(plan.model.blocks):
+        raise DifaError(f"plan has {len(plan.blocks)} block rows for {len(plan.model.blocks)} blocks; recalibrate to get a consistent plan")
+    for name, row in zip(plan.model.blocks, plan.blocks):
+        if len(row) != plan.steps:
+            raise DifaError(f"plan row for block {name} has {len(row)} steps, expected {plan.steps}; recalibrate to get a consistent plan")
+        for step, m in enumerate(row):
+            if m not in known or BLOCK not in REGISTRY[m].KINDS:
+                options = sorted(k for k in known if BLOCK in REGISTRY[k].KINDS)
+                raise DifaError(f"plan block cell ({name}, step {step}) has method {m!r}, which is not a block method; "
+                                f"use one of {', '.join(options)}")
+            needs = getattr(REGISTRY[m], "NEEDS", None)  # what an earlier step of the block must have computed
+            if needs is not None and not any(needs in _computes(REGISTRY[x]) for x in row[:step]):
+                raise DifaError(f"plan block cell ({name}, step {step}) is {m!r}, which reuses the block's {needs} from an "
+                                f"earlier step, but no earlier step computes it; use 'full' there")
+    executed = attention_executed(plan)
+    for name, row, ran in zip(plan.model.layers, plan.methods, executed):
         if len(row) != plan.steps:
             raise DifaError(f"plan row for {name} has {len(row)} steps, expected {plan.steps}; recalibrate to get a consistent plan")
         for step, m in enumerate(row):
             if m not in known:
                 raise DifaError(f"plan cell ({name}, step {step}) has unknown method {m!r}; known methods: {', '.join(sorted(known))}")
+            if not ran[step]:
+                if m != FULL:
+                    raise DifaError(f"plan cell ({name}, step {step}) is {m!r} but its block is skipped at that step, so "
+                                    "the attention never runs (moot); write 'full' there")
+                continue
             if step == 0 and REGISTRY[m].READS_CACHE:
                 raise DifaError(f"plan cell ({name}, step 0) is {m!r}, which reuses an earlier step; nothing is cached at step 0")
             if kind_of(name) not in REGISTRY[m].KINDS:
                 raise DifaError(f"plan cell ({name}, step {step}) is {m!r}, which applies to {'/'.join(REGISTRY[m].KINDS)} "
                                 f"layers only, not {kind_of(name)}; use 'full' there")
-            if m in RESIDUAL_METHODS and FULL not in row[:step]:
-                raise DifaError(f"plan cell ({name}, step {step}) is {m!r}, which needs a 'full' step of the layer before it")
+            done = [x for x, r in zip(row[:step], ran[:step]) if r]
+            if m in RESIDUAL_METHODS and FULL not in done:
+                raise DifaError(f"plan cell ({name}, step {step}) is {m!r}, which needs a computed 'full' step of the layer before it")
+            if REGISTRY[m].READS_CACHE and not done:
+                raise DifaError(f"plan cell ({name}, step {step}) is {m!r}, which reuses an earlier output, but the layer "
+                                "has not run before (its block was skipped); use 'full' there")
             if m in CFG_METHODS and not plan.cfg_enabled:
                 raise DifaError(f"plan cell ({name}, step {step}) uses {m!r} (CFG sharing) but the plan has CFG off; use guidance_scale > 1 or drop {m!r}")
 
 
-def residual_steps(methods: Sequence[Sequence[str]]) -> list[list[bool]]:
-    """[layer][step]: this `full` cell must cache the window residual, because a `wars` cell of the same layer
-    follows before the next `full` one. Derived from the plan, never tracked by hand."""
+def _computes(technique) -> tuple[str, ...]:
+    return getattr(technique, "COMPUTES", ())
+
+
+def attention_executed(plan: Plan) -> list[list[bool]]:
+    """[layer][step]: the attention layer really runs (its block is not skipped by a block cell at that step)."""
+    return executed_cells(plan.model.layers, plan.model.blocks, plan.blocks, plan.steps)
+
+
+def executed_cells(layers: Sequence[str], block_names: Sequence[str], block_rows: Sequence[Sequence[str]],
+                   steps: int) -> list[list[bool]]:
+    from difa.techniques import REGISTRY
+
+    index = {b: j for j, b in enumerate(block_names)}
     out = []
-    for row in methods:
+    for name in layers:
+        j = index.get(parent_block(name)) if block_rows else None
+        out.append([True] * steps if j is None else [not REGISTRY[m].SKIPS_ATTENTION for m in block_rows[j]])
+    return out
+
+
+def residual_steps(methods: Sequence[Sequence[str]], executed: Sequence[Sequence[bool]] | None = None) -> list[list[bool]]:
+    """[layer][step]: this `full` cell must cache the window residual, because a `wars` cell of the same layer
+    follows before the next `full` one. Derived from the plan, never tracked by hand. Cells that do not run
+    (`executed` False: their block is skipped) are passed over."""
+    out = []
+    for i, row in enumerate(methods):
         keep, needed = [False] * len(row), False
         for t in range(len(row) - 1, -1, -1):  # scan backwards: is a residual reader ahead?
+            if executed is not None and not executed[i][t]:
+                continue
             if row[t] == FULL:
                 keep[t], needed = needed, False
             elif row[t] in RESIDUAL_METHODS:
@@ -240,9 +321,17 @@ def residual_steps(methods: Sequence[Sequence[str]]) -> list[list[bool]]:
     return out
 
 
-def output_steps(methods: Sequence[Sequence[str]]) -> list[list[bool]]:
-    """[layer][step]: this computed cell's output must be cached, because the next step of the layer reuses it
-    (`ast`, `tgate`)."""
-    return [[m not in OUTPUT_READERS and t + 1 < len(row) and row[t + 1] in OUTPUT_READERS for t, m in enumerate(row)]
-            for row in methods]
-
+def output_steps(methods: Sequence[Sequence[str]], executed: Sequence[Sequence[bool]] | None = None) -> list[list[bool]]:
+    """[layer][step]: this computed cell's output must be cached, because the next step of the layer that runs
+    reuses it (`ast`, `tgate`)."""
+    out = []
+    for i, row in enumerate(methods):
+        ran = executed[i] if executed is not None else [True] * len(row)
+        keep = [False] * len(row)
+        for t, m in enumerate(row):
+            if not ran[t] or m in OUTPUT_READERS:
+                continue
+            nxt = next((u for u in range(t + 1, len(row)) if ran[u]), None)
+            keep[t] = nxt is not None and row[nxt] in OUTPUT_READERS
+        out.append(keep)
+    return out

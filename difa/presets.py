@@ -81,7 +81,7 @@ def ditfastattn(pipe: Any, *, steps: int, guidance_scale: float, inputs, thresho
                  name: str = "", **kw) -> Plan:
     """DiTFastAttn is calibration with its four candidates and its loss (on both CFG halves, unguided)."""
     return calibrate_pipeline(pipe, inputs, threshold=threshold, steps=steps, guidance_scale=guidance_scale,
-                              candidates=DITFASTATTN_CANDIDATES, name=name, **{"loss_on": "halves", **kw})
+                              candidates=DITFASTATTN_CANDIDATES, name=name, **{"loss_on": "halves", "search": "greedy", **kw})
 
 
 PRESETS: dict[str, Callable[..., Plan]] = {"tomesd": tomesd, "agentsd": agentsd, "tgate": tgate,

@@ -13,7 +13,6 @@ holds a copy so that the stock `from_pretrained(path)` loads it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -103,13 +102,16 @@ def minilm_path() -> Path:
 
 
 def load_minilm():
-    """(tokenizer, BertModel) of MiniLM-L6, loaded offline from the local package folder."""
+    """(tokenizer, BertModel) of MiniLM-L6, loaded offline from the local package folder.
+
+    `local_files_only=True` keeps this one load off the network; the process environment (HF_HUB_OFFLINE) is
+    left as the caller set it.
+    """
     from transformers import AutoTokenizer, BertModel
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = BertModel.from_pretrained(path, add_pooling_layer=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = BertModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True).eval()
     return tokenizer, model
 
 

@@ -74,7 +74,7 @@ def plan_facts(path: str) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     c = d.get("calibration", {}) if isinstance(d, dict) else {}
-    return {k: c[k] for k in ("preset", "threshold", "candidates") if k in c}
+    return {k: c[k] for k in ("preset", "threshold", "candidates", "search", "budget") if k in c}
 
 
 def family_of(row: pd.Series) -> str:
@@ -90,20 +90,25 @@ def family_of(row: pd.Series) -> str:
     facts = plan_facts(str(row.get("plan", "")))
     if "preset" in facts:
         return str(facts["preset"])
+    if facts.get("search") == "trajectory":  # the default search: block cells from one recorded trajectory
+        return "difa"
     if "candidates" in facts:
         return candidates_family(facts["candidates"])
     return str(row["method"])
 
 
 def candidates_family(candidates: Sequence[str]) -> str:
-    """difa with every candidate, ditfastattn with DiTFastAttn's four, else difa[a+b] for a restricted set."""
+    """Greedy plans: difa-greedy with every attention candidate, ditfastattn with DiTFastAttn's four, else
+    difa[a+b] for a restricted set."""
     from difa.calibration import DEFAULT_CANDIDATES, DITFASTATTN_CANDIDATES
+    from difa.techniques import attention_methods
 
     cands = set(candidates)
+    attention = set(attention_methods(DEFAULT_CANDIDATES))
     if cands == set(DITFASTATTN_CANDIDATES):
         return "ditfastattn"
-    if cands >= set(DEFAULT_CANDIDATES) - {"tgate"}:  # T-GATE is dropped where there is no cross-attention
-        return "difa"
+    if cands >= attention - {"tgate"}:  # T-GATE is dropped where there is no cross-attention
+        return "difa-greedy"
     return f"difa[{'+'.join(c for c in DEFAULT_CANDIDATES if c in cands)}]"
 
 

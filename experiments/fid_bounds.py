@@ -12,7 +12,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from difa import data, metrics
-from difa.cli.common import REPO_ROOT, report_errors
+from difa.cli.common import report_errors
+from difa.models import resolve_path
 
 
 def main(argv=None) -> None:
@@ -24,7 +25,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     x, _ = data.load_fmnist("train")  # needs the Debian package dataset-fashion-mnist
     x = data.to_model_space(x[: args.n])  # (n, 3, 32, 32) in [-1, 1]
-    vae = AutoencoderKL.from_pretrained(REPO_ROOT / "data" / "models" / "fmnist-vae").eval()
+    vae = AutoencoderKL.from_pretrained(resolve_path("data/models/fmnist-vae")).eval()
     with torch.no_grad():
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     net = metrics.load_fid_inception()

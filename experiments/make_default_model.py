@@ -8,7 +8,9 @@ default model. Load one with `load_pipeline({"pipeline": ..., "path": "data/mode
 
 from pathlib import Path
 
-from difa.models import REPO_ROOT, build_tiny_pipeline
+from difa.models import build_tiny_pipeline
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # writes into the checkout's data/ (shipped as difa/bundled)
 
 SEED = 0
 # Latent side per family: 16 -> 8x8 = 64 image tokens for DiT/PixArt (patch 2); the UNet's top level has 8x8.

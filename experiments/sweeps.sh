@@ -30,12 +30,18 @@ part baselines
 fi
 
 if has 1; then
-# 1. Threshold sweep (DiTFastAttn Table 1: D1..D6 = 0.025..0.15): difa with every candidate; DiTFastAttn's four
-#    candidates (ast, wars, asc, wars+asc) and its loss (both CFG halves, unguided) at D2, D4, D6.
+# 1. difa's default (trajectory search over block cells) in budget mode, its latency model timed at the evaluation
+#    batch; the greedy over attention cells (search=greedy, the previous default) over DiTFastAttn's thresholds
+#    (Table 1: D1..D6 = 0.025..0.15); DiTFastAttn's four candidates (ast, wars, asc, wars+asc) and its loss (both
+#    CFG halves, unguided) at D2, D4, D6.
 for M in $MODELS; do
-  python -m difa.calibrate -m $L +model=$M threshold=0.025,0.05,0.075,0.1,0.125,0.15 \
+  python -m difa.calibrate -m $L +model=$M budget=0.3,0.4,0.5,0.6,0.7,0.8,0.9 latency_batch=25 \
+    'out=plans/sweeps/${model.name}_difa_b${budget}.json' "hydra.sweep.dir=$OUT/calibrate/budget_$M"
+  python -m difa.evaluate -m $L +model=$M "${EV[@]}" +budget=0.3,0.4,0.5,0.6,0.7,0.8,0.9 \
+    'plan=plans/sweeps/${model.name}_difa_b${budget}.json' "hydra.sweep.dir=$OUT/evaluate/budget_$M"
+  python -m difa.calibrate -m $L +model=$M search=greedy threshold=0.025,0.05,0.075,0.1,0.125,0.15 \
     'out=plans/sweeps/${model.name}_difa_d${threshold}.json' "hydra.sweep.dir=$OUT/calibrate/threshold_$M"
-  python -m difa.calibrate -m $L +model=$M threshold=0.05,0.1,0.15 'candidates=[ast,wars,asc,wars+asc]' loss_on=halves \
+  python -m difa.calibrate -m $L +model=$M search=greedy threshold=0.05,0.1,0.15 'candidates=[ast,wars,asc,wars+asc]' loss_on=halves \
     'out=plans/sweeps/${model.name}_ditfastattn_d${threshold}.json' "hydra.sweep.dir=$OUT/calibrate/ditfastattn_$M"
   python -m difa.evaluate -m $L +model=$M "${EV[@]}" +variant=difa +delta=0.025,0.05,0.075,0.1,0.125,0.15 \
     'plan=plans/sweeps/${model.name}_${variant}_d${delta}.json' "hydra.sweep.dir=$OUT/evaluate/threshold_$M"
@@ -49,13 +55,13 @@ if has 2; then
 # 2. Single-technique ablation (DiTFastAttn Table 2 shape) at D4 = 0.1, calibration restricted to one candidate,
 #    with DiTFastAttn's loss (loss_on=halves) as in the paper: every self-attention technique on the DiT; T-GATE
 #    (cross-attention only) on PixArt.
-python -m difa.calibrate -m $L +model=fmnist_dit threshold=0.1 +technique=ast,wars,asc,wars+asc,tome,agent \
+python -m difa.calibrate -m $L +model=fmnist_dit search=greedy threshold=0.1 +technique=ast,wars,asc,wars+asc,tome,agent \
   'candidates=[${technique}]' loss_on=halves 'out=plans/ablation/${model.name}_${technique}_d${threshold}.json' \
   "hydra.sweep.dir=$OUT/calibrate/ablation_fmnist_dit"
 python -m difa.evaluate -m $L +model=fmnist_dit "${EV[@]}" +delta=0.1 +technique=ast,wars,asc,wars+asc,tome,agent \
   'plan=plans/ablation/${model.name}_${technique}_d${delta}.json' "hydra.sweep.dir=$OUT/evaluate/ablation_fmnist_dit"
 if [[ " $MODELS " == *" fmnist_pixart "* ]]; then
-  python -m difa.calibrate +model=fmnist_pixart threshold=0.1 'candidates=[tgate]' loss_on=halves \
+  python -m difa.calibrate +model=fmnist_pixart search=greedy threshold=0.1 'candidates=[tgate]' loss_on=halves \
     'out=plans/ablation/${model.name}_tgate_d${threshold}.json' "hydra.run.dir=$OUT/calibrate/ablation_fmnist_pixart"
   python -m difa.evaluate +model=fmnist_pixart "${EV[@]}" +delta=0.1 +technique=tgate \
     'plan=plans/ablation/${model.name}_${technique}_d${delta}.json' "hydra.run.dir=$OUT/evaluate/ablation_fmnist_pixart"
@@ -71,7 +77,7 @@ for M in $MODELS; do
     "hydra.sweep.dir=$OUT/evaluate/peers_presets_$M"
   python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=diffusers:pab skip=2,4 \
     "hydra.sweep.dir=$OUT/evaluate/peers_pab_$M"
-  python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=diffusers:fbc threshold=0.05,0.2 \
+  python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=diffusers:fbc threshold=0.02,0.05,0.1,0.2,0.4 \
     "hydra.sweep.dir=$OUT/evaluate/peers_fbc_$M"
 done
 if [[ " $MODELS " == *" fmnist_pixart "* ]]; then

@@ -16,8 +16,9 @@ from tests.conftest import GUIDANCE, INPUTS, STEPS, generate, tiny
 
 
 def calibrate(pipe, family, threshold, **kw):
+    """The greedy search (DiTFastAttn's), kept exactly; the trajectory search is tested in test_search.py."""
     return calibrate_pipeline(pipe, INPUTS[family], threshold=threshold, steps=STEPS, guidance_scale=GUIDANCE[family],
-                              call_kwargs=pipeline_call_kwargs(family), **kw)
+                              call_kwargs=pipeline_call_kwargs(family), **{"search": "greedy", **kw})
 
 
 def test_threshold_zero_gives_all_full(family):
@@ -66,7 +67,7 @@ def test_calibration_inputs_are_validated():
 
 def test_cfg_off_never_picks_cfg_sharing():
     plan = calibrate_pipeline(tiny("dit"), INPUTS["dit"], threshold=1e6, steps=STEPS, guidance_scale=1.0,
-                              candidates=["asc", "wars"])
+                              candidates=["asc", "wars"], search="greedy")
     assert not plan.cfg_enabled and set(plan.counts()) <= {"full", "wars"}
 
 
@@ -116,7 +117,7 @@ def test_calibration_runs_the_compressed_trajectory(family):
 
     pipe.scheduler.step = recording_step
     plan = calibrate_pipeline(pipe, INPUTS[family], threshold=0.05, steps=STEPS, guidance_scale=GUIDANCE[family],
-                              seed=3, call_kwargs=pipeline_call_kwargs(family))
+                              seed=3, call_kwargs=pipeline_call_kwargs(family), search="greedy")
     during = list(seen)
     assert set(plan.counts()) != {"full"}
     seen.clear()

@@ -46,7 +46,7 @@ def sweep(tmp_path) -> Path:
     root = tmp_path / "multirun" / "2026-01-01_00-00-00"
     every = ["tgate", "ast", "wars", "asc", "wars+asc", "tome", "agent"]
     p1 = plan_file(tmp_path / "m_d0.05.json", {"threshold": 0.05, "candidates": every})
-    p2 = plan_file(tmp_path / "m_d0.1.json", {"threshold": 0.1, "candidates": every})
+    p2 = plan_file(tmp_path / "m_d0.1.json", {"threshold": 0.1, "candidates": ["forecast"], "search": "trajectory"})
     p3 = plan_file(tmp_path / "m_ast.json", {"threshold": 0.1, "candidates": ["ast"]})
 
     def rows(method, plan, flops, secs, fid, base_secs):
@@ -71,7 +71,7 @@ def test_collect_rows_families_and_relative_latency(sweep, capsys):
     df = collect.collect([sweep])
     assert len(df) == 8 and "without an evaluate CSV skipped" in capsys.readouterr().err
     plans = df[df.method != "baseline"].set_index("method")
-    assert plans.family.to_dict() == {"m_d0.05": "difa", "m_d0.1": "difa", "m_ast": "ast only",
+    assert plans.family.to_dict() == {"m_d0.05": "difa-greedy", "m_d0.1": "difa", "m_ast": "ast only",
                                       "preset_tomesd": "tomesd"}
     assert plans.loc["m_d0.1", "rel_latency"] == pytest.approx(0.5)  # 0.6 s against its own job's 1.2 s
     assert plans.loc["m_d0.05", "threshold"] == 0.05 and math.isnan(plans.loc["preset_tomesd", "threshold"])
@@ -84,8 +84,8 @@ def test_collect_rows_families_and_relative_latency(sweep, capsys):
     (["asc", "wars"], "difa[wars+asc]"),
     (["tome"], "difa[tome]"),
     (["wars+asc", "asc", "wars", "ast"], "ditfastattn"),
-    (["tgate", "ast", "wars", "asc", "wars+asc", "tome", "agent"], "difa"),
-    (["ast", "wars", "asc", "wars+asc", "tome", "agent"], "difa"),  # tgate skipped on a DiT
+    (["tgate", "ast", "wars", "asc", "wars+asc", "tome", "agent"], "difa-greedy"),
+    (["ast", "wars", "asc", "wars+asc", "tome", "agent"], "difa-greedy"),  # tgate skipped on a DiT
 ])
 def test_family_from_the_plan_candidates(tmp_path, candidates, family):
     p = plan_file(tmp_path / "p.json", {"threshold": 0.1, "candidates": candidates})

@@ -9,7 +9,7 @@ import torch
 from diffusers import DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusionPipeline
 
 from difa.errors import DifaError
-from difa.models import FAMILIES, build_tiny_pipeline, load_pipeline, pipeline_call_kwargs
+from difa.models import FAMILIES, build_tiny_pipeline, bundled_dir, load_pipeline, pipeline_call_kwargs, resolve_path
 
 PIPELINES = {"dit": DiTPipeline, "pixart": PixArtAlphaPipeline, "sd": StableDiffusionPipeline}
 CONDITIONS = {"dit": {"class_labels": [0, 7]}, "pixart": {"prompt": ["a red bird", "A blue car, at night!"]}}
@@ -69,12 +69,24 @@ def test_tiny_config_honours_resolution_and_pipeline_class():
 
 
 def test_bundled_tiny_dit_loads_from_a_repo_relative_path(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the relative path resolves against the repository root, not the cwd
+    monkeypatch.chdir(tmp_path)  # data/models/... names a bundled model from any cwd
     pipe = load_pipeline(path_cfg("dit", "data/models/tiny-dit"))
 
     assert type(pipe) is DiTPipeline
     assert pipe.get_label_ids(["cat", "truck"]) == [3, 9]  # id2label survives save_pretrained
     np.testing.assert_array_equal(generate(pipe, "dit"), generate(build_tiny_pipeline("dit", seed=0, sample_size=16), "dit"))
+
+
+def test_relative_paths_resolve_against_the_cwd_then_the_bundled_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bundled = bundled_dir() / "models" / "tiny-dit"
+    assert resolve_path("data/models/tiny-dit") == str(bundled)
+    assert resolve_path("org/repo") == "org/repo" and resolve_path("data/models/no-such") == "data/models/no-such"
+    (tmp_path / "data" / "models" / "tiny-dit").mkdir(parents=True)
+    assert resolve_path("data/models/tiny-dit") == "data/models/tiny-dit"  # the user's own folder comes first
+    build_tiny_pipeline("dit", seed=1, sample_size=16).save_pretrained(tmp_path / "mine")
+    pipe = load_pipeline(path_cfg("dit", "./mine"))  # a user's relative model.path: the working directory
+    np.testing.assert_array_equal(generate(pipe, "dit"), generate(build_tiny_pipeline("dit", seed=1, sample_size=16), "dit"))
 
 
 @pytest.mark.parametrize("path", ["data/models/no-such-model", "/no/such/dir", "difa-test/no-such-repo"])

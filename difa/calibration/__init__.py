@@ -1,4 +1,9 @@
-"""Calibration: runs the stock pipeline once with the greedy search attached and returns a Plan. Nothing else."""
+"""Calibration: runs the stock pipeline with a search attached and returns a Plan. Nothing else.
+
+Two searches: `trajectory` (the default; calibration/search.py: block cells from one recorded generation,
+error per predicted second, whole-plan checks; threshold or latency-budget mode) and `greedy` (DiTFastAttn's
+per-step, per-layer greedy over attention cells, kept exactly for paper parity and `preset:ditfastattn`).
+Both measure the latency cost model (calibration/latency.py) and record the plan's predicted seconds."""
 
 from __future__ import annotations
 
@@ -9,17 +14,21 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from difa.attention import window_tokens
+from difa.calibration import search as trajectory
 from difa.calibration.cost import plan_flops
 from difa.calibration.greedy import GreedySearch
-from difa.engine import Engine, plan_layers
+from difa.calibration.latency import CACHE_DIR, Capture, LatencyModel, decode_seconds, measure, retile
+from difa.engine import Engine, plan_blocks, plan_layers
 from difa.errors import DifaError
-from difa.plan import AGENT, CFG_METHODS, FULL, RESIDUAL_METHODS, TOME, ModelIdentity, Plan, config_hash
-from difa.techniques import REGISTRY, agent, kind_of, tome, wars
+from difa.plan import (AGENT, BLOCK, CFG_METHODS, FULL, RESIDUAL_METHODS, TOME, ModelIdentity, Plan, config_hash,
+                       executed_cells)
+from difa.techniques import REGISTRY, TECHNIQUES, agent, kind_of, tome, wars
 
 DITFASTATTN_CANDIDATES = ("ast", "wars", "asc", "wars+asc")
-# Ties in the cost model keep this order: `tgate` before `ast` on cross-attention, because gating every
-# cross-attention layer of a step also lets the engine drop one CFG half (which per-layer FLOPs do not show).
-DEFAULT_CANDIDATES = ("tgate",) + DITFASTATTN_CANDIDATES + ("tome", "agent")
+# Every technique whose file says DEFAULT_CANDIDATE, in registry order. Ties in the greedy's cost model keep this
+# order: `tgate` before `ast` on cross-attention, because gating every cross-attention layer of a step also lets
+# the engine drop one CFG half (which per-layer FLOPs do not show).
+DEFAULT_CANDIDATES = tuple(t.NAME for t in TECHNIQUES if t.DEFAULT_CANDIDATE)
 
 
 def check_candidates(candidates: Sequence[str]) -> list[str]:
@@ -36,8 +45,28 @@ def denoiser_calls(scheduler: Any, steps: int) -> int:
     return len(probe.timesteps)
 
 
-def model_identity(model: Any, layers: Sequence[tuple[str, Any]], name: str, family: str) -> ModelIdentity:
-    return ModelIdentity(type(model).__name__, config_hash(model.config), tuple(n for n, _ in layers), name, family)
+def model_identity(model: Any, layers: Sequence[tuple[str, Any]], name: str, family: str,
+                   blocks: Sequence[tuple[str, Any]] = ()) -> ModelIdentity:
+    return ModelIdentity(type(model).__name__, config_hash(model.config), tuple(n for n, _ in layers), name, family,
+                         tuple(n for n, _ in blocks))
+
+
+def block_rows(blocks: Sequence[tuple[str, Any]], method: Callable[[int, int], str], calls: int) -> tuple[tuple[str, ...], ...]:
+    """Block cells from `method(block, step)`; a cell that would read a cache nothing computed yet stays `full`."""
+    rows = []
+    for j in range(len(blocks)):
+        out: list[str] = []
+        for t in range(calls):
+            m = method(j, t)
+            if m not in REGISTRY or BLOCK not in REGISTRY[m].KINDS:
+                raise DifaError(f"{m!r} is not a block method; choose from "
+                                f"{', '.join(sorted(k for k, v in REGISTRY.items() if BLOCK in v.KINDS))}")
+            needs = getattr(REGISTRY[m], "NEEDS", None)
+            if needs is not None and not any(needs in getattr(REGISTRY[x], "COMPUTES", ()) for x in out):
+                m = FULL
+            out.append(m)
+        rows.append(tuple(out))
+    return tuple(rows)
 
 
 def fixed_plan(
@@ -50,34 +79,55 @@ def fixed_plan(
     name: str = "",
     techniques: Mapping[str, Mapping[str, Any]] | None = None,
     kinds: Sequence[str] = ("attn1", "attn2"),
+    block: Callable[[int, int], str] | None = None,
 ) -> Plan:
-    """A plan without calibration: `method(layer, step)` picks each cell of the layers of `kinds`.
+    """A plan without calibration: `method(layer, step)` picks each cell of the layers of `kinds`, and
+    `block(block, step)` (optional) each block cell.
 
-    Cells stay `full` where the method does not apply to the layer's kind (e.g. `asc` on cross-attention) and
-    at step 0 for methods that reuse an earlier step. `techniques` adds parameters (e.g. {"tome": {"ratio": 0.5}}).
+    Cells stay `full` where the method does not apply to the layer's kind (e.g. `asc` on cross-attention), at
+    step 0 for methods that reuse an earlier step, and where the layer's block is skipped (the cell is moot).
+    `techniques` adds parameters (e.g. {"tome": {"ratio": 0.5}}).
     """
     adapter, model, layers = plan_layers(pipe)
     calls = denoiser_calls(pipe.scheduler, steps)
+    blocks = plan_blocks(pipe) if block is not None else []
+    brows = block_rows(blocks, block, calls) if block is not None else ()
+    ran = executed_cells([n for n, _ in layers], [n for n, _ in blocks], brows, calls)
 
     def row(i: int) -> tuple[str, ...]:
         kind, out = kind_of(layers[i][0]), []
         for t in range(calls):
-            m = method(i, t) if kind in kinds else FULL
+            m = method(i, t) if kind in kinds and ran[i][t] else FULL
             if m not in REGISTRY:
                 raise DifaError(f"unknown method {m!r}; choose from {', '.join(sorted(REGISTRY))}")
-            no_residual = m in RESIDUAL_METHODS and FULL not in out
-            out.append(FULL if kind not in REGISTRY[m].KINDS or (t == 0 and REGISTRY[m].READS_CACHE) or no_residual
-                       else m)
+            done = [x for x, r in zip(out, ran[i]) if r]
+            no_residual = m in RESIDUAL_METHODS and FULL not in done
+            no_cache = REGISTRY[m].READS_CACHE and not done
+            out.append(FULL if kind not in REGISTRY[m].KINDS or m == BLOCK or no_cache or no_residual else m)
         return tuple(out)
 
     methods = tuple(row(i) for i in range(len(layers)))
     params = {wars.NAME: {"window": window}, **{k: dict(v) for k, v in (techniques or {}).items()}}
-    return Plan(model=model_identity(model, layers, name, adapter.family), scheduler=type(pipe.scheduler).__name__,
+    return Plan(model=model_identity(model, layers, name, adapter.family, blocks), scheduler=type(pipe.scheduler).__name__,
                 steps=calls, num_inference_steps=steps, methods=methods, cfg_enabled=guidance_scale > 1,
-                cfg_layout=adapter.cfg_layout, guidance_scale=float(guidance_scale), techniques=params)
+                cfg_layout=adapter.cfg_layout, guidance_scale=float(guidance_scale), techniques=params, blocks=brows)
 
 
 LOSS_ON = ("guided", "halves")
+SEARCHES = ("trajectory", "greedy")
+BLOCK_CANDIDATES = ("reuse", "forecast")  # what the trajectory search plans (mlp_reuse: fixed plans only, for now)
+
+
+def check_budget(budget: Any) -> float | None:
+    if budget is None:
+        return None
+    try:
+        b = float(budget)
+    except (TypeError, ValueError):
+        raise DifaError(f"budget must be a fraction of the full latency in (0, 1], got {budget!r}; try budget=0.5") from None
+    if not (0 < b <= 1):  # NaN fails this too
+        raise DifaError(f"budget must be a fraction of the full latency in (0, 1], got {budget!r}; try budget=0.5")
+    return b
 
 
 def sampled_channels(model) -> int | None:
@@ -102,10 +152,19 @@ def calibrate_pipeline(
     progress: Any = None,
     techniques: Mapping[str, Mapping[str, Any]] | None = None,
     loss_on: str = "guided",
+    search: str = "trajectory",
+    budget: float | None = None,
+    dtype: str = "float32",
+    latency_cache: Any = CACHE_DIR,  # None: measure every time
+    latency_batch: int | None = None,
 ) -> Plan:
-    """Greedy DiTFastAttn-style calibration of `pipe` on `inputs` (class ids or prompts) -> Plan.
+    """Calibrate `pipe` on `inputs` (class ids or prompts) -> Plan.
 
-    threshold: δ; layer i of L accepts a method whose relative-L1 error on the final model output is below
+    search="trajectory" (default): block cells (`reuse` / `forecast` among `candidates`) from one recorded
+    generation. threshold: the fastest plan whose final-output relative L1 on the calibration inputs is <= δ;
+    budget (overrides threshold): the least-error plan whose predicted latency is <= budget x full.
+
+    search="greedy": DiTFastAttn's greedy over attention cells. threshold: δ; layer i of L accepts a method whose relative-L1 error on the final model output is below
     δ·(i+1)/L. 0 gives an all-full plan; larger is faster and less faithful (DiTFastAttn's D1..D6 are
     0.025..0.15).
     loss_on: "guided" compares the noise prediction the sampler reads (CFG halves combined with the guidance
@@ -113,6 +172,13 @@ def calibrate_pipeline(
     """
     if loss_on not in LOSS_ON:
         raise DifaError(f"unknown loss_on {loss_on!r}; use one of {', '.join(LOSS_ON)}")
+    if search not in SEARCHES:
+        raise DifaError(f"unknown search {search!r}; use one of {', '.join(SEARCHES)}")
+    budget = check_budget(budget)
+    if latency_batch is not None and (isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1):
+        raise DifaError(f"latency_batch must be a positive integer (images per pipeline call) or null, got {latency_batch!r}")
+    if budget is not None and search != "trajectory":
+        raise DifaError("budget mode needs search=trajectory (the greedy works with a threshold only)")
     if not isinstance(threshold, (int, float)) or threshold < 0:
         raise DifaError(f"threshold must be a number >= 0 (got {threshold!r}); try threshold=0.05")
     if not isinstance(steps, int) or steps < 1:
@@ -124,6 +190,12 @@ def calibrate_pipeline(
     except ValueError as e:
         raise DifaError(str(e)) from None
     cands = check_candidates(candidates)
+    if search == "trajectory":
+        return _calibrate_trajectory(pipe, inputs, threshold=float(threshold), budget=budget, steps=steps,
+                                     guidance_scale=guidance_scale, seed=seed, candidates=cands, window=window,
+                                     call_kwargs=call_kwargs, name=name, techniques=techniques, dtype=dtype,
+                                     latency_cache=latency_cache, latency_batch=latency_batch)
+    cands = [c for c in cands if BLOCK not in REGISTRY[c].KINDS]  # the greedy plans attention cells only
     cfg_on = guidance_scale > 1
     if not cfg_on:
         cands = [c for c in cands if c not in CFG_METHODS]
@@ -152,11 +224,18 @@ def calibrate_pipeline(
     engine = Engine(model, adapter, layers, methods, params, scheduler=pipe.scheduler, calibrating=True,
                     on_step=search.on_step, inference_steps=steps, metric_layers=metric)
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    blocks = plan_blocks(pipe)
+    capture = Capture(model, adapter, blocks, layers)
     t0 = time.perf_counter()
-    with engine:
-        adapter.call_pipeline(pipe, inputs, steps=steps, guidance_scale=guidance_scale, generator=generator,
-                              output_type=adapter.calib_output_type, extra=call_kwargs)
+    try:
+        with engine:
+            adapter.call_pipeline(pipe, inputs, steps=steps, guidance_scale=guidance_scale, generator=generator,
+                                  output_type=adapter.calib_output_type, extra=call_kwargs)
+    finally:
+        capture.close()
     wall = time.perf_counter() - t0
+    latency = _latency(pipe, adapter, model, blocks, layers, capture, params, cands, None, len(inputs), latency_batch,
+                       dtype, latency_cache)
     shapes = [engine.shapes[i] for i in range(len(layers))]
     flops = plan_flops(methods, shapes, params, [n for n, _ in layers], cfg_on)
     flops["shapes"] = [s.to_dict() for s in shapes]
@@ -178,9 +257,117 @@ def calibrate_pipeline(
             "skipped_candidates": skipped,
             "loss": "relative_l1 of the guided epsilon" if guided else "relative_l1 of epsilon",
             "loss_on": loss_on,
+            "search": "greedy",
             "wall_time_s": round(wall, 3),
-            "forwards": engine.forwards,
+            "forwards": engine.forwards + latency.forwards,
             "decisions": search.decisions,
         },
         flops=flops,
+        latency=_latency_record(latency, [n for n, _ in layers], methods, (), calls, latency_batch or len(inputs)),
     )
+
+
+def _latency(pipe, adapter, model, blocks, layers, capture: Capture, params, cands, traj, images: int,
+             latency_batch: int | None, dtype: str, cache) -> LatencyModel:
+    """The measured cost model at `latency_batch` images per call. Outside the denoiser: the calibration run's own
+    remainder (scaled with the batch), plus the VAE decode where calibration skipped it (latent output)."""
+    batch = latency_batch or images
+    retile(capture, batch / images)
+    fixed = 0.0
+    if traj is not None:
+        fixed = max(traj.wall_s - traj.denoiser_s, 0.0) * batch / images
+        if adapter.calib_output_type == "latent":
+            fixed += decode_seconds(pipe, capture, batch)
+    return measure(model, adapter, blocks, layers, capture, params, cands, fixed, dtype=dtype, cache_dir=cache)
+
+
+def _latency_record(latency: LatencyModel, layers: Sequence[str], methods, block_methods, calls: int,
+                    batch: int | None = None) -> dict:
+    p = latency.predict(layers, methods, block_methods, calls)
+    return {"batch": batch,"predicted_fraction": round(p["fraction"], 4), "predicted_s": round(p["seconds"], 4),
+            "full_s": round(p["full_seconds"], 4), "step_s": round(latency.step_s, 5),
+            "fixed_s": round(latency.fixed_s, 5), "model": "measured microbenchmark (difa.calibration.latency)"}
+
+
+def _calibrate_trajectory(pipe: Any, inputs: Sequence, *, threshold: float, budget: float | None, steps: int,
+                          guidance_scale: float, seed: int, candidates: Sequence[str], window, call_kwargs, name: str,
+                          techniques, dtype: str, latency_cache, latency_batch: int | None) -> Plan:
+    methods = [c for c in candidates if c in BLOCK_CANDIDATES]
+    if not methods:
+        raise DifaError(f"search=trajectory plans block cells: add reuse and/or forecast to candidates (got "
+                        f"{', '.join(candidates) or 'none'}), or use search=greedy for attention-only candidates")
+    adapter, model, layers = plan_layers(pipe)
+    blocks = plan_blocks(pipe)
+    if not blocks:
+        raise DifaError(f"found no transformer blocks in {type(model).__name__}; use search=greedy")
+    calls = denoiser_calls(pipe.scheduler, steps)
+    params = {wars.NAME: {"window": window}, **{k: dict(v) for k, v in (techniques or {}).items()}}
+    attention = [[FULL] * calls for _ in layers]
+    forwards = [0]
+
+    def run(rows, on_block=None) -> torch.Tensor:
+        engine = Engine(model, adapter, layers, attention, params, scheduler=pipe.scheduler, inference_steps=steps,
+                        blocks=blocks, block_methods=rows, on_block=on_block)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        with engine:
+            out = adapter.call_pipeline(pipe, inputs, steps=steps, guidance_scale=guidance_scale, generator=generator,
+                                        output_type=adapter.calib_output_type, extra=call_kwargs)
+        forwards[0] += engine.forwards
+        return out.images
+
+    t0 = time.perf_counter()
+    full_rows = [[FULL] * calls for _ in blocks]
+    capture = Capture(model, adapter, blocks, layers)
+    try:
+        traj = trajectory.record(lambda on_block: run(full_rows, on_block), model, len(blocks))
+    finally:
+        capture.close()
+    latency = _latency(pipe, adapter, model, blocks, layers, capture, params, [], traj, len(inputs), latency_batch,
+                       dtype, latency_cache)
+    table = trajectory.Table(traj)
+    chosen, seq, checks = trajectory.search(
+        table, latency, len(blocks), calls, methods, lambda rows: trajectory.final_error(run(rows), traj.final),
+        budget=budget, threshold=None if budget is not None else threshold)
+    wall = time.perf_counter() - t0
+    rows = tuple(tuple(r) for r in chosen.rows)
+    executed = executed_cells([n for n, _ in layers], [n for n, _ in blocks], rows, calls)
+    flops = plan_flops(attention, [_shape_of(capture, i, layers) for i in range(len(layers))], params,
+                       [n for n, _ in layers], guidance_scale > 1, executed) if capture.attn_in else {}
+    return Plan(
+        model=model_identity(model, layers, name, adapter.family, blocks),
+        scheduler=type(pipe.scheduler).__name__,
+        steps=calls,
+        num_inference_steps=steps,
+        methods=tuple(tuple(r) for r in attention),
+        cfg_enabled=guidance_scale > 1,
+        cfg_layout=adapter.cfg_layout,
+        guidance_scale=float(guidance_scale),
+        techniques=params,
+        blocks=rows,
+        calibration={
+            "search": "trajectory",
+            "threshold": None if budget is not None else float(threshold),
+            "budget": budget,
+            "inputs": list(inputs),
+            "seed": seed,
+            "candidates": methods,
+            "loss": "relative L1 (sum |a-b| / sum |b|) of the final output against the all-full generation",
+            "table_error": round(chosen.table_error, 5),
+            "measured_error": None if chosen.measured is None else round(chosen.measured, 5),
+            "checks": checks,
+            "sequence": [[round(c.predicted, 4), round(c.table_error, 5)] for c in seq],
+            "wall_time_s": round(wall, 3),
+            "forwards": forwards[0] + latency.forwards,
+        },
+        flops=flops,
+        latency=_latency_record(latency, [n for n, _ in layers], attention, rows, calls, latency_batch or len(inputs)),
+    )
+
+
+def _shape_of(capture: Capture, i: int, layers) -> Any:
+    from difa.engine import _shape
+
+    args, kwargs = capture.attn_in[i]
+    x = args[0] if args else kwargs["hidden_states"]
+    context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    return _shape(layers[i][1], x, context, capture.grid(x, context))

@@ -39,16 +39,19 @@ def collapsed_steps(methods: Sequence[Sequence[str]], names: Sequence[str], cfg:
 
 
 def plan_flops(methods: Sequence[Sequence[str]], shapes: Sequence[LayerShape], params: Mapping[str, Mapping],
-               names: Sequence[str] = (), cfg: bool = False) -> dict:
+               names: Sequence[str] = (), cfg: bool = False, executed: Sequence[Sequence[bool]] | None = None) -> dict:
     """Attention FLOPs of the plan vs all-full. With `names` and `cfg`, steps that collapse CFG (all cross-attention
-    gated) count self-attention at half the batch (the engine skips the collapse when a cache's halves differ)."""
-    keep_r = residual_steps(methods)
+    gated) count self-attention at half the batch (the engine skips the collapse when a cache's halves differ).
+    `executed` ([layer][step], from `plan.attention_executed`): cells of skipped blocks cost nothing."""
+    keep_r = residual_steps(methods, executed)
     collapsed = collapsed_steps(methods, names, cfg) if names else [False] * (len(methods[0]) if methods else 0)
     full_total = plan_total = 0.0
-    for row, keep, shape in zip(methods, keep_r, shapes):
+    for i, (row, keep, shape) in enumerate(zip(methods, keep_r, shapes)):
         f = method_flops(FULL, shape, params)
         full_total += f * len(row)
         for t, (m, k) in enumerate(zip(row, keep)):
+            if executed is not None and not executed[i][t]:
+                continue
             cost = method_flops(m, shape, params) + (residual_flops(shape, params) if k else 0.0)
             plan_total += cost / 2 if collapsed[t] else cost
     return {

@@ -8,13 +8,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from difa.calibration import calibrate_pipeline
+from difa.calibration import DEFAULT_CANDIDATES, calibrate_pipeline, check_budget
 from difa.cli.common import CONF_DIR, call_kwargs, load_model, model_config, reject_unplussed_model, report_errors, take_inputs
-from difa.plan import Plan
+from difa.plan import Plan, attention_executed
+from difa.techniques import letters
 
-# One character per cell in the summary's plan map.
-METHOD_CHARS = {"full": "F", "wars": "W", "ast": "A", "asc": "C", "wars+asc": "X", "tome": "M", "agent": "G",
-                "tgate": "T"}
 MAX_MAP_LAYERS = 40
 
 
@@ -23,6 +21,7 @@ def resolve_model(cfg: DictConfig) -> DictConfig:
 
 
 def run(cfg: DictConfig) -> tuple[Plan, Path]:
+    budget = check_budget(cfg.get("budget"))  # one-line error before the model loads
     m = resolve_model(cfg)
     steps = int(cfg.steps if cfg.steps is not None else m.steps)
     guidance = float(cfg.guidance_scale if cfg.guidance_scale is not None else m.guidance_scale)
@@ -30,13 +29,16 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
     pipe = load_model(m, cfg.device, cfg.dtype)
     plan = calibrate_pipeline(
         pipe, inputs, threshold=cfg.threshold, steps=steps, guidance_scale=guidance, seed=int(cfg.seed),
-        candidates=list(cfg.candidates), window=cfg.window, loss_on=str(cfg.loss_on), call_kwargs=call_kwargs(m),
-        name=m.name,
+        candidates=list(cfg.candidates) if cfg.get("candidates") is not None else DEFAULT_CANDIDATES,
+        window=cfg.window, loss_on=str(cfg.loss_on), call_kwargs=call_kwargs(m), name=m.name,
+        search=str(cfg.get("search", "trajectory")), budget=budget, dtype=str(cfg.dtype),
+        latency_batch=cfg.get("latency_batch"),
         techniques=OmegaConf.to_container(cfg.get("techniques") or OmegaConf.create({}), resolve=True),
     )
     record = {**plan.calibration, "model_config": OmegaConf.to_container(m, resolve=True), "device": cfg.device, "dtype": cfg.dtype}
     plan = plan.with_(calibration=record)
-    out = Path(cfg.out) if cfg.out else Path("plans") / f"{m.name}_d{cfg.threshold}_s{steps}.json"
+    mode = f"b{budget}" if budget is not None else f"d{cfg.threshold}"
+    out = Path(cfg.out) if cfg.out else Path("plans") / f"{m.name}_{mode}_s{steps}.json"
     plan.save(out)
     from difa.plots import plan_heatmap
 
@@ -48,23 +50,39 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
 def summary(plan: Plan, path: Path) -> str:
     c = plan.calibration
     counts = " | ".join(f"{k} {v}" for k, v in plan.counts().items())
+    goal = f"budget {c['budget']}" if c.get("budget") is not None else f"threshold {c['threshold']}"
     lines = [
         f"difa plan written to {path}",
-        f"model      {plan.model.cls} ({plan.model.name}): {len(plan.layers)} attention layers x {plan.steps} steps, "
-        f"{plan.scheduler}, CFG {'on, scale ' + str(plan.guidance_scale) if plan.cfg_enabled else 'off'}",
-        f"methods    {counts}",
-        f"attention  {100 * plan.flops['fraction']:.1f}% of full attention FLOPs "
-        f"({plan.flops['plan_gflops']:.3g} of {plan.flops['full_gflops']:.3g} GFLOPs per generation)",
-        f"calibrated in {c['wall_time_s']:.1f} s wall, {c['forwards']} model forwards; threshold {c['threshold']}, "
-        f"{len(c['inputs'])} inputs, seed {c['seed']}",
+        f"model      {plan.model.cls} ({plan.model.name}): {len(plan.layers)} attention layers, {len(plan.model.blocks)} "
+        f"blocks x {plan.steps} steps, {plan.scheduler}, CFG {'on, scale ' + str(plan.guidance_scale) if plan.cfg_enabled else 'off'}",
     ]
+    if plan.blocks:
+        lines.append("blocks     " + " | ".join(f"{k} {v}" for k, v in plan.block_counts().items()))
+    lines.append(f"attention  {counts}")
+    if plan.latency:
+        lat = plan.latency
+        lines.append(f"latency    {100 * lat['predicted_fraction']:.1f}% of full predicted ({lat['predicted_s']:.3g} of "
+                     f"{lat['full_s']:.3g} s per call of {lat.get('batch') or len(c['inputs'])} images, measured cost model)")
+    if c.get("measured_error") is not None:
+        lines.append(f"error      final-output relative L1 {c['measured_error']:.4f} on the calibration inputs (checked)")
+    if plan.flops:
+        lines.append(f"FLOPs      {100 * plan.flops['fraction']:.1f}% of full attention FLOPs "
+                     f"({plan.flops['plan_gflops']:.3g} of {plan.flops['full_gflops']:.3g} GFLOPs per generation)")
+    lines.append(f"calibrated in {c['wall_time_s']:.1f} s wall, {c['forwards']} model forwards ({c.get('search', 'greedy')} "
+                 f"search); {goal}, {len(c['inputs'])} inputs, seed {c['seed']}")
     if c.get("skipped_candidates"):
         lines.append("skipped    " + "; ".join(f"{k}: {v}" for k, v in c["skipped_candidates"].items()))
-    if len(plan.layers) <= MAX_MAP_LAYERS:
-        legend = ", ".join(f"{ch} {m}" for m, ch in METHOD_CHARS.items())
-        lines.append(f"plan map   (row = layer, column = step; {legend})")
-        for i, row in enumerate(plan.methods):
-            lines.append(f"  {i:>3} " + "".join(METHOD_CHARS.get(x, "?") for x in row) + f"  {plan.layers[i]}")
+    chars = letters()
+    rows = [*zip(plan.model.blocks, plan.blocks), *zip(plan.layers, plan.methods)]
+    if len(rows) <= MAX_MAP_LAYERS:
+        used = sorted({m for _, r in rows for m in r}, key=list(chars).index)
+        legend = ", ".join(f"{chars[m]} {m}" for m in used)
+        lines.append(f"plan map   (row = block or attention layer, column = step; {legend}; attention cells of a "
+                     "skipped block print '.')")
+        ran = dict(zip(plan.layers, attention_executed(plan)))
+        for i, (name, row) in enumerate(rows):
+            cells = "".join(chars[x] if ran.get(name, [True] * len(row))[t] else "." for t, x in enumerate(row))
+            lines.append(f"  {i:>3} {cells}  {name}")
     return "\n".join(lines)
 
 

@@ -11,9 +11,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from difa.errors import DifaError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO_ROOT / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the Hydra configs ship inside the package (difa/conf)
 MODEL_DIR = CONF_DIR / "model"
+# The source checkout's root, for tests and experiments run from a checkout; library code never resolves files
+# against it (bundled models: difa.models.resolve_path).
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def model_names() -> list[str]:

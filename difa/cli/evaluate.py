@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from difa import metrics
 from difa.adapters import Adapter, get_adapter
-from difa.cli.common import (CONF_DIR, REPO_ROOT, call_kwargs, check_no_preset_keys, hook_from_cfg, is_preset, load_model,
+from difa.cli.common import (CONF_DIR, call_kwargs, check_no_preset_keys, hook_from_cfg, is_preset, load_model,
                              model_config, preset_from_cfg, reject_unplussed_model, report_errors)
 from difa.data import FMNIST_CLASSES, captions
 from difa.engine import Engine, apply_plan, remove_plan
@@ -34,7 +34,7 @@ BASELINE = "baseline"
 FMNIST = "fmnist"  # model.dataset of the Fashion-MNIST models: FID reference set and classifier apply
 MAX_REFERENCE = 10_000  # images in the committed Fashion-MNIST test split
 COLUMNS = ["method", "fid", "inception_score", "class_acc", "rel_l1", "psnr_db", "ssim", "attn_flops", "macs",
-           "gmacs_per_image", "s_per_image", "rel_latency", "peak_mem_mb"]
+           "gmacs_per_image", "s_per_image", "rel_latency", "pred_latency", "peak_mem_mb"]
 
 
 @dataclass
@@ -167,7 +167,10 @@ def flops_fraction(plan: Plan, engine: Engine) -> float:
     shapes = [engine.shapes.get(i) for i in range(len(plan.layers))]
     if any(s is None for s in shapes):
         return math.nan
-    return float(plan_flops(plan.methods, shapes, plan.techniques, plan.layers, plan.cfg_enabled)["fraction"])
+    from difa.plan import attention_executed
+
+    return float(plan_flops(plan.methods, shapes, plan.techniques, plan.layers, plan.cfg_enabled,
+                            attention_executed(plan))["fraction"])
 
 
 def generate_all(pipe, adapter: Adapter, methods: list[Method], inputs: list, *, seed: int, steps: int,
@@ -230,11 +233,11 @@ def save_baseline(cache: Path | None, base: Method) -> None:
 
 
 def classifier_dir(path: str) -> Path | None:
-    """The classifier folder: relative paths are looked up under the repository root, then the working directory."""
-    for p in (REPO_ROOT / path, Path(path)):  # an absolute path stays as it is
-        if p.is_dir():
-            return p
-    return None
+    """The classifier folder: as given (absolute or relative to the working directory), else a bundled data/<...>."""
+    from difa.models import resolve_path
+
+    p = Path(resolve_path(path))
+    return p if p.is_dir() else None
 
 
 def score(methods: list[Method], labels: torch.Tensor, *, fid_ref: np.ndarray | None, net, classifier, batch: int,
@@ -253,6 +256,8 @@ def score(methods: list[Method], labels: torch.Tensor, *, fid_ref: np.ndarray | 
                "attn_flops": 1.0 if not m.compressed else m.flops if m.plan is not None else attn / attn0,
                "macs": total / total0, "gmacs_per_image": total / 2e9, "s_per_image": s_img,
                "rel_latency": s_img / (methods[0].seconds / methods[0].timed) if methods[0].timed else math.nan,
+               # the plan's measured cost model (calibration), next to the measured rel_latency
+               "pred_latency": 1.0 if not m.compressed else predicted_latency(m.plan),
                "peak_mem_mb": m.peak_mb}
         if fid_ref is not None:
             cached = feature_cache if m is methods[0] and feature_cache is not None else None
@@ -269,6 +274,12 @@ def score(methods: list[Method], labels: torch.Tensor, *, fid_ref: np.ndarray | 
             row["class_acc"] = metrics.class_accuracy(images, labels, classifier, batch_size=batch)
         rows.append(row)
     return rows
+
+
+def predicted_latency(plan: Plan | None) -> float:
+    if plan is None or "predicted_fraction" not in plan.latency:
+        return math.nan
+    return float(plan.latency["predicted_fraction"])
 
 
 def run(cfg: DictConfig):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -92,7 +93,22 @@ def _hydra_main(cfg: DictConfig) -> None:
     report_errors(lambda: run(cfg))
 
 
+def plus_model(argv: list[str]) -> list[str]:
+    """`model=<name>` -> `+model=<name>`: the issue's own example is `python -m difa.generate model=... plan=...`."""
+    return [("+" + a) if a.startswith("model=") else a for a in argv]
+
+
+@contextmanager
+def _argv(argv: list[str]):
+    """Hydra's @main reads sys.argv: hand it `argv` for the call and put the caller's list back afterwards."""
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 def main() -> None:
-    # The issue's own example is `python -m difa.generate model=... plan=...`: accept both spellings here.
-    sys.argv = [("+" + a) if a.startswith("model=") else a for a in sys.argv]
-    _hydra_main()
+    with _argv(plus_model(sys.argv)):  # both spellings accepted; the process-wide sys.argv is left as it was
+        _hydra_main()

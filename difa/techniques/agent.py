@@ -19,9 +19,11 @@ from difa.techniques import tome
 from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, project_out, project_qkv, projection_flops
 
 NAME = "agent"
+LETTER = "G"  # one character per cell in the calibration summary
 KINDS = ("attn1",)
 READS_CACHE = False
 NEEDS_METRIC = True
+DEFAULT_CANDIDATE = True
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,11 @@ from difa.techniques import full
 from difa.techniques.base import Cell, LayerShape
 
 NAME = "asc"
+LETTER = "C"  # one character per cell in the calibration summary
 KINDS = ("attn1",)
 READS_CACHE = False
 NEEDS_METRIC = False
+DEFAULT_CANDIDATE = True
 
 
 @dataclass(frozen=True)

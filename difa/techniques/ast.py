@@ -10,9 +10,11 @@ from difa.errors import DifaError
 from difa.techniques.base import Cell, LayerShape
 
 NAME = "ast"
+LETTER = "A"  # one character per cell in the calibration summary
 KINDS = ("attn1", "attn2")
 READS_CACHE = True
 NEEDS_METRIC = False
+DEFAULT_CANDIDATE = True
 
 
 @dataclass(frozen=True)

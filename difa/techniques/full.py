@@ -1,4 +1,4 @@
-"""`full`: the layer's own attention, untouched. At a full step that a `wars` step will reuse, also cache
+"""`full`: the layer's own attention (or, as a block cell, the block), untouched. At a full step that a `wars` step will reuse, also cache
 the window-attention residual R = O_full - O_window (before to_out), as DiTFastAttn does."""
 
 from __future__ import annotations
@@ -9,12 +9,18 @@ from typing import Mapping
 
 from difa.attention import full_attention
 from difa.techniques import wars
+from difa.techniques.blocks import computed as run  # as a block method: run, cache the residual if read later
 from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, project_out, project_qkv, projection_flops
 
 NAME = "full"
-KINDS = ("attn1", "attn2")
+LETTER = "F"  # one character per cell in the calibration summary
+KINDS = ("attn1", "attn2", "block")
 READS_CACHE = False
 NEEDS_METRIC = False
+DEFAULT_CANDIDATE = False
+SKIPS_ATTENTION = False  # as a block method: the block runs as it is
+COMPUTES = ("residual", "ff")
+NEEDS = None
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,11 @@ from difa.errors import DifaError
 from difa.techniques.base import Cell, LayerShape
 
 NAME = "tgate"
+LETTER = "T"  # one character per cell in the calibration summary
 KINDS = ("attn2",)
 READS_CACHE = True
 NEEDS_METRIC = False
+DEFAULT_CANDIDATE = True
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,11 @@ from difa.errors import DifaError
 from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, projection_flops
 
 NAME = "tome"
+LETTER = "M"  # one character per cell in the calibration summary
 KINDS = ("attn1",)
 READS_CACHE = False
 NEEDS_METRIC = True
+DEFAULT_CANDIDATE = True
 
 
 @dataclass(frozen=True)

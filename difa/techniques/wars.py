@@ -17,9 +17,11 @@ from difa.errors import DifaError
 from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, project_out, project_qkv, projection_flops
 
 NAME = "wars"
+LETTER = "W"  # one character per cell in the calibration summary
 KINDS = ("attn1",)
 READS_CACHE = True
 NEEDS_METRIC = False
+DEFAULT_CANDIDATE = True
 DEFAULT_WINDOW = 0.125  # DiTFastAttn: w = N/8 tokens on each side
 
 

@@ -13,9 +13,11 @@ from difa.techniques import wars
 from difa.techniques.base import Cell, LayerShape, check_plain
 
 NAME = "wars+asc"
+LETTER = "X"  # one character per cell in the calibration summary
 KINDS = ("attn1",)
 READS_CACHE = True
 NEEDS_METRIC = False
+DEFAULT_CANDIDATE = True
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,294 @@
+"""The measured latency cost model: seconds, not FLOPs, on the target device, dtype and shapes.
+
+At calibration start the denoiser, each transformer block, each block's feed-forward module and each attention
+layer under each candidate method are timed on the real inputs of one denoiser call (a short microbenchmark).
+A plan's seconds per generation are then predicted as
+
+    fixed + sum over steps of [ step - sum over blocks of (block - cost of the block's cell)
+                                     + sum over running attention cells of (method - full) ]
+
+where `fixed` is what the pipeline spends outside the denoiser (scheduler, VAE, text encoder), measured on the
+calibration run. Results are cached under runs/cache/latency/, keyed by device, dtype, threads, versions,
+model config and input shapes (the remainder outside the denoiser included: the first measurement stands).
+FLOPs (calibration/cost.py) stay for reporting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from difa.plan import FULL, config_hash, executed_cells
+from difa.techniques import REGISTRY, kind_of
+from difa.techniques.base import Cell, LayerState
+
+CACHE_DIR = Path("runs/cache/latency")
+REPS = 5  # timed repetitions per unit (after one warm-up); the median is kept
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    step_s: float  # one all-full denoiser call
+    fixed_s: float  # the rest of a generation: scheduler, VAE decode, text encoder
+    block_s: tuple[float, ...]  # per block: the whole block, computed
+    ff_s: tuple[float, ...]  # per block: its feed-forward module (what `mlp_reuse` saves)
+    skip_s: tuple[float, ...]  # per block: a `reuse` / `forecast` cell (an add, or a first-order extrapolation)
+    attn_s: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # layer -> method -> one call
+    forwards: int = 0  # denoiser forwards this measurement cost (0 when read from the cache)
+
+    def block_cost(self, j: int, method: str) -> float:
+        if method == FULL:
+            return self.block_s[j]
+        if REGISTRY[method].SKIPS_ATTENTION:
+            return self.skip_s[j]
+        return self.block_s[j] - self.ff_s[j]  # mlp_reuse: attention runs, the feed-forward does not
+
+    def attn_delta(self, layer: str, method: str) -> float:
+        t = self.attn_s.get(layer, {})
+        if method == FULL or method not in t or FULL not in t:
+            return 0.0
+        return t[method] - t[FULL]
+
+    def predict(self, layers: Sequence[str], methods: Sequence[Sequence[str]], block_methods: Sequence[Sequence[str]],
+                steps: int) -> dict[str, float]:
+        """Predicted seconds per generation for a plan's cells, and the fraction of the all-full plan."""
+        ran = executed_cells(layers, self.block_names, block_methods, steps) if block_methods else None
+        total = self.fixed_s
+        for t in range(steps):
+            s = self.step_s
+            for j, row in enumerate(block_methods):
+                s -= self.block_s[j] - self.block_cost(j, row[t])
+            for i, (name, row) in enumerate(zip(layers, methods)):
+                if ran is None or ran[i][t]:
+                    s += self.attn_delta(name, row[t])
+            total += s
+        full = self.fixed_s + steps * self.step_s
+        return {"seconds": total, "full_seconds": full, "fraction": total / full if full else 1.0}
+
+    block_names: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _median_time(fn: Callable[[], Any], reps: int = REPS) -> float:
+    with torch.no_grad():
+        fn()  # warm-up
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _clone(obj: Any) -> Any:
+    if torch.is_tensor(obj):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v) for v in obj)
+    return obj
+
+
+class Capture:
+    """Records the inputs of one denoiser call (the `at`-th) and of every block and attention layer in it, with
+    forward pre-hooks that `close()` removes. The microbenchmark replays them."""
+
+    def __init__(self, model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, torch.nn.Module]],
+                 layers: Sequence[tuple[str, torch.nn.Module]], at: int = 1):
+        self.calls, self.at = -1, at
+        self.adapter, self.patch = adapter, adapter.patch_size(model)
+        self.block_of = {n: j for j, (n, _) in enumerate(blocks)}  # block name -> index
+        self.model_in: tuple | None = None
+        self.block_in: dict[int, tuple] = {}
+        self.ff_in: dict[int, tuple] = {}
+        self.attn_in: dict[int, tuple] = {}
+        self.handles = [model.register_forward_pre_hook(self._model, with_kwargs=True)]
+        for j, (_, b) in enumerate(blocks):
+            self.handles.append(b.register_forward_pre_hook(self._store(self.block_in, j), with_kwargs=True))
+            if isinstance(getattr(b, "ff", None), torch.nn.Module):
+                self.handles.append(b.ff.register_forward_pre_hook(self._store(self.ff_in, j), with_kwargs=True))
+        for i, (_, a) in enumerate(layers):
+            self.handles.append(a.register_forward_pre_hook(self._store(self.attn_in, i), with_kwargs=True))
+
+    def _model(self, module, args, kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            self.model_in = _clone((args, kwargs))
+
+    def _store(self, into: dict, key: int):
+        def hook(module, args, kwargs):
+            if self.calls >= self.at and key not in into:  # (>=: the greedy's trial forwards nest inside a call)
+                into[key] = _clone((args, kwargs))
+        return hook
+
+    def grid(self, x: torch.Tensor, context: torch.Tensor | None):
+        """(h, w, downsample) of a self-attention input's tokens, as the engine computes it."""
+        from difa.attention.merge import token_grid
+
+        if context is not None or self.model_in is None:
+            return None
+        latents = self.adapter.latent_input(*self.model_in)  # (B, C, H, W)
+        return token_grid((int(latents.shape[-2]), int(latents.shape[-1])), x.shape[-2], self.patch)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def cache_key(model: torch.nn.Module, capture: Capture, params: Mapping, candidates: Sequence[str], dtype: str) -> str:
+    import diffusers
+
+    import difa
+
+    def shapes(obj):
+        if torch.is_tensor(obj):
+            return list(obj.shape)
+        if isinstance(obj, dict):
+            return {k: shapes(v) for k, v in sorted(obj.items())}
+        if isinstance(obj, (list, tuple)):
+            return [shapes(v) for v in obj]
+        return repr(obj) if isinstance(obj, (int, float, str, bool, type(None))) else type(obj).__name__
+
+    device = next(model.parameters()).device
+    blob = json.dumps({
+        "device": str(device), "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else os.uname().machine,
+        "dtype": dtype, "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "difa": difa.__version__, "model": type(model).__name__, "config": config_hash(model.config),
+        "inputs": shapes(capture.model_in), "params": params, "candidates": sorted(candidates),
+    }, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def tile(obj: Any, b: int, nb: int) -> Any:
+    """Every tensor of batch size b in `obj` (nested args / kwargs) grown or cut to batch nb, cycling its rows."""
+    if b == nb:
+        return obj
+    if torch.is_tensor(obj):
+        return obj[torch.arange(nb) % b] if obj.ndim >= 1 and obj.shape[0] == b else obj
+    if isinstance(obj, dict):
+        return {k: tile(v, b, nb) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(tile(v, b, nb) for v in obj)
+    return obj
+
+
+def retile(capture: Capture, scale: float) -> None:
+    """Scale every captured input's batch by `scale` (time the batch the user will serve, not the calibration's)."""
+    if scale == 1 or capture.model_in is None:
+        return
+    b = int(capture.adapter.latent_input(*capture.model_in).shape[0])
+    nb = max(1, round(b * scale))
+    capture.model_in = tile(capture.model_in, b, nb)
+    for d in (capture.block_in, capture.ff_in, capture.attn_in):
+        for k in d:
+            d[k] = tile(d[k], b, nb)
+
+
+def decode_seconds(pipe: Any, capture: Capture, images: int) -> float:
+    """The VAE decode a pipeline call with output_type="pil" adds, when calibration ran with latent output."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None or capture.model_in is None:
+        return 0.0
+    latents = capture.adapter.latent_input(*capture.model_in)[:1].detach()  # (1, C, H, W)
+    latents = latents[:, : getattr(vae.config, "latent_channels", latents.shape[1])].repeat(images, 1, 1, 1)
+    return _median_time(lambda: vae.decode(latents / vae.config.scaling_factor), reps=3)
+
+
+def measure(model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, torch.nn.Module]],
+            layers: Sequence[tuple[str, torch.nn.Module]], capture: Capture, params: Mapping[str, Mapping],
+            candidates: Sequence[str], fixed_s: float, *, dtype: str = "float32",
+            cache_dir: Path | None = CACHE_DIR) -> LatencyModel:
+    """Time the denoiser, its blocks, feed-forwards and attention candidates on the captured inputs."""
+    key = cache_key(model, capture, params, candidates, dtype)
+    path = cache_dir / f"{key}.json" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            d = json.loads(path.read_text())
+            return LatencyModel(**{**d, "forwards": 0,
+                                   **{k: tuple(d[k]) for k in ("block_s", "ff_s", "skip_s", "block_names")}})
+        except (ValueError, TypeError, KeyError):
+            pass  # a stale or broken cache file: measure again
+    args, kwargs = capture.model_in
+    step_s = _median_time(lambda: model(*args, **kwargs))
+    block_s, ff_s, skip_s = [], [], []
+    for j, (_, block) in enumerate(blocks):
+        b_args, b_kwargs = capture.block_in[j]
+        block_s.append(_median_time(lambda: block(*b_args, **b_kwargs)))
+        if j in capture.ff_in:
+            f_args, f_kwargs = capture.ff_in[j]
+            ff_s.append(_median_time(lambda: block.ff(*f_args, **f_kwargs)))
+        else:
+            ff_s.append(0.0)
+        x = b_args[0] if b_args else b_kwargs["hidden_states"]
+        r0, r1 = torch.randn_like(x), torch.randn_like(x)
+        skip_s.append(_median_time(lambda: x + (r1 + (r1 - r0) * 0.5)))  # the dearer of reuse / forecast
+    inside = sum(block_s)
+    if inside > step_s:  # blocks timed alone add up to more than the denoiser (noise, warm caches): rescale them
+        block_s, ff_s = [t * step_s / inside for t in block_s], [t * step_s / inside for t in ff_s]
+    attn_s = {}
+    attention = [c for c in candidates if c in REGISTRY and "block" not in REGISTRY[c].KINDS]
+    for i, (name, attn) in enumerate(layers):
+        if i in capture.attn_in:
+            attn_s[name] = time_attention(attn, name, i, capture.attn_in[i], attention, params, adapter, capture)
+    model_ = LatencyModel(step_s, fixed_s, tuple(block_s), tuple(ff_s), tuple(skip_s), attn_s,
+                          forwards=REPS + 1, block_names=tuple(n for n, _ in blocks))
+    if path is not None:
+        _write_atomic(path, json.dumps({k: v for k, v in model_.to_dict().items() if k != "forwards"}))
+    return model_
+
+
+def time_attention(attn, name: str, i: int, inputs: tuple, methods: Sequence[str], params: Mapping, adapter: Any,
+                   capture: Capture) -> dict[str, float]:
+    """One attention call per method on the captured input; caches a method reads are filled by a `full` call."""
+    args, kwargs = inputs
+    x = args[0] if args else kwargs["hidden_states"]  # (B, N, C)
+    context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    mask = kwargs.get("attention_mask")
+    original = attn.processor
+    b = x.shape[0]
+    cond = adapter.cond_slice(b) if b % 2 == 0 else None
+    state = LayerState()
+    block_in = capture.block_in.get(capture.block_of.get(name.rsplit(".", 1)[0], -1))
+    if block_in is not None:
+        state.metric = block_in[0][0] if block_in[0] else block_in[1].get("hidden_states")
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        keep = kind_of(name) in REGISTRY["wars"].KINDS and mask is None and any(m in methods for m in ("wars", "wars+asc"))
+        try:  # fills the window residual a `wars` call reads
+            state.out = REGISTRY[FULL].execute(Cell(attn, name, i, 1, state, params, original, cond, keep), x, context, mask)
+        except Exception:
+            state.out = REGISTRY[FULL].execute(Cell(attn, name, i, 1, state, params, original, cond, False), x, context, mask)
+    for m in [FULL, *methods]:
+        if kind_of(name) not in REGISTRY[m].KINDS:
+            continue
+        cell = Cell(attn, name, i, 1, state, params, original, cond, False, capture.grid(x, context), False)
+        try:
+            out[m] = _median_time(lambda: REGISTRY[m].execute(cell, x, context, mask))
+        except Exception:  # a method that cannot run on this layer (masked attention, no grid): never chosen
+            continue
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,49 @@
+"""What every block technique receives: the per-block state and the `BlockCell` handed over by the engine.
+
+A block technique file has the attention techniques' shape plus three facts: SKIPS_ATTENTION (the block's
+attention layers do not run at such a step, so their plan cells are moot), NEEDS (what an earlier step of the
+block must have computed: "residual" or "ff"), COMPUTES (what this method computes and may cache), and
+`run(cell, x, compute)` returning the block's output; `compute()` runs the block as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class BlockState:
+    """Per-block caches for one generation; the engine calls reset() when a generation starts."""
+
+    residuals: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # last two (step, out - in), (B, N, C)
+    ff: torch.Tensor | None = None  # (B, N, C) the feed-forward module's output at its last computed step
+
+    def reset(self) -> None:
+        self.residuals = []
+        self.ff = None
+
+    def push(self, step: int, residual: torch.Tensor) -> None:
+        self.residuals = [*self.residuals[-1:], (step, residual)]  # a first-order forecast needs two points
+
+
+@dataclass
+class BlockCell:
+    """One (block, step) call."""
+
+    name: str
+    block: int
+    step: int
+    state: BlockState
+    keep_residual: bool  # a later cell of this block reuses or forecasts the residual: cache it now
+    keep_ff: bool  # a later cell reuses the feed-forward output: cache it now (done by the engine's ff wrapper)
+
+
+def computed(cell: BlockCell, x: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Run the block; cache its residual contribution (output - input) when a later step reads it."""
+    out = compute()  # (B, N, C)
+    if cell.keep_residual:
+        cell.state.push(cell.step, out - x)
+    return out

@@ -1,0 +1,188 @@
+"""Block cells (`reuse`, `forecast`, `mlp_reuse`) against naive references made of plain forward hooks, on the
+real tiny pipelines; all-full exactness, undo, apply twice, and plan validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import difa
+from difa.calibration import fixed_plan
+from difa.engine import plan_blocks
+from difa.errors import DifaError
+from difa.plan import Plan, load_plan
+from tests.conftest import GUIDANCE, STEPS, generate, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def schedule(method):
+    """Every second step skips (or half-computes) every block but the first; block 0 always computes."""
+    return lambda j, t: method if t % 2 and j > 0 else "full"
+
+
+def block_plan(pipe, family, method, attention=lambda i, t: "full"):
+    return fixed_plan(pipe, attention, steps=STEPS, guidance_scale=GUIDANCE[family], block=schedule(method))
+
+
+def naive(pipe, family, method) -> torch.Tensor:
+    """The same schedule with forward hooks only: the blocks always run, and their outputs are replaced."""
+    model = pipe.transformer if family != "sd" else pipe.unet
+    blocks = [m for _, m in plan_blocks(pipe)]
+    step = [-1]
+    cache: dict[int, list] = {j: [] for j in range(len(blocks))}  # j -> [(step, residual)], last two
+    ff_cache: dict[int, torch.Tensor] = {}
+    handles = [model.register_forward_pre_hook(lambda m, a: step.__setitem__(0, step[0] + 1))]
+
+    def skipping(j):
+        return schedule(method)(j, step[0]) == method
+
+    def on_block(j):
+        def hook(module, args, kwargs, out):
+            x = args[0] if args else kwargs["hidden_states"]
+            if method in ("reuse", "forecast") and skipping(j):
+                pts = cache[j]
+                if method == "reuse" or len(pts) < 2:
+                    return x + pts[-1][1]
+                (s0, r0), (s1, r1) = pts[-2], pts[-1]
+                return x + (r1 + (r1 - r0) * ((step[0] - s1) / (s1 - s0)))
+            cache[j] = [*cache[j][-1:], (step[0], out - x)]
+            return out
+        return hook
+
+    def on_ff(j):
+        def hook(module, args, out):
+            if skipping(j):
+                return ff_cache[j]
+            ff_cache[j] = out
+            return out
+        return hook
+
+    for j, b in enumerate(blocks):
+        handles.append(b.register_forward_hook(on_block(j), with_kwargs=True))
+        if method == "mlp_reuse":
+            handles.append(b.ff.register_forward_hook(on_ff(j)))
+    try:
+        return generate(pipe, family)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("method", ["reuse", "forecast", "mlp_reuse"])
+def test_block_method_matches_naive_hooks(family, method):
+    pipe = tiny(family)
+    ref = generate(pipe, family)
+    expected = naive(pipe, family, method)
+    assert not torch.equal(expected, ref)  # the schedule really changes the images
+    difa.apply_plan(pipe, block_plan(pipe, family, method))
+    got = generate(pipe, family)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    difa.remove_plan(pipe)
+    assert torch.equal(generate(pipe, family), ref)
+
+
+def test_forecast_differs_from_reuse():
+    pipe = tiny("dit")
+    difa.apply_plan(pipe, block_plan(pipe, "dit", "reuse"))
+    a = generate(pipe, "dit")
+    difa.apply_plan(pipe, block_plan(pipe, "dit", "forecast"))
+    assert not torch.equal(generate(pipe, "dit"), a)
+
+
+def test_all_full_block_plan_is_bit_exact_and_undo(family):
+    pipe = tiny(family)
+    ref = generate(pipe, family)
+    plan = block_plan(pipe, family, "full")
+    assert plan.blocks and set(plan.block_counts()) == {"full"}
+    difa.apply_plan(pipe, plan)
+    assert torch.equal(generate(pipe, family), ref)
+    plan = block_plan(pipe, family, "forecast")
+    difa.apply_plan(pipe, plan)
+    once = generate(pipe, family)
+    difa.apply_plan(pipe, plan)  # replaces, never stacks
+    assert torch.equal(generate(pipe, family), once)
+    blocks = [m for _, m in plan_blocks(pipe)]
+    assert all("forward" in vars(b) for b in blocks[1:])
+    difa.remove_plan(pipe)
+    assert all("forward" not in vars(b) and "forward" not in vars(b.ff) for b in blocks)
+    assert torch.equal(generate(pipe, family), ref)
+
+
+def test_skipped_blocks_do_not_run_attention():
+    pipe = tiny("dit")
+    calls = []
+    attn = pipe.transformer.transformer_blocks[3].attn1
+    h = attn.register_forward_pre_hook(lambda m, a: calls.append(1))
+    difa.apply_plan(pipe, block_plan(pipe, "dit", "reuse"))
+    generate(pipe, "dit")
+    assert len(calls) == (STEPS + 1) // 2  # steps 0, 2, 4
+    h.remove()
+
+
+def test_block_cells_compose_with_attention_cells():
+    """`ast` right after a skipped step reads the output of the last step that ran (two steps back)."""
+    pipe = tiny("dit")
+    plan = block_plan(pipe, "dit", "reuse", attention=lambda i, t: "ast" if t % 4 == 2 else "full")
+    assert plan.methods[2][2] == "ast" and plan.blocks[1][1] == "reuse"
+    difa.apply_plan(pipe, plan)
+    a = generate(pipe, "dit")
+    assert torch.isfinite(a).all()
+    assert torch.equal(generate(pipe, "dit"), a)
+
+
+def _edit(plan: Plan, **changes) -> dict:
+    d = plan.to_dict()
+    d.update(changes)
+    return d
+
+
+def test_contradictions_are_one_line_errors():
+    pipe = tiny("dit")
+    plan = block_plan(pipe, "dit", "reuse")
+    d = plan.to_dict()
+    layer = d["model"]["layers"][2]  # transformer_blocks.2.attn1, skipped at odd steps
+    d["methods"][layer][1] = "ast"
+    with pytest.raises(DifaError, match="moot") as e:
+        Plan.from_dict(d)
+    assert "\n" not in str(e.value)
+    d = plan.to_dict()
+    d["block_methods"][d["model"]["blocks"][1]][0] = "reuse"
+    with pytest.raises(DifaError, match="no earlier step computes"):
+        Plan.from_dict(d)
+    d = plan.to_dict()
+    row = d["block_methods"][d["model"]["blocks"][1]]
+    row[:] = ["full", "mlp_reuse", "reuse", "mlp_reuse", "full", "full"]  # mlp_reuse at 3: ff last computed at 0
+    Plan.from_dict(d)  # valid: the feed-forward output of step 0 is reused
+    row[0] = "full"
+    d["block_methods"][d["model"]["blocks"][1]] = ["full"] + ["ast"] * 5
+    with pytest.raises(DifaError, match="not a block method"):
+        Plan.from_dict(d)
+    d = plan.to_dict()
+    d["block_methods"].pop(d["model"]["blocks"][1])
+    with pytest.raises(DifaError, match="one row per block"):
+        Plan.from_dict(d)
+
+
+def test_plan_with_blocks_round_trips_and_checks_identity(tmp_path):
+    pipe = tiny("dit")
+    plan = block_plan(pipe, "dit", "forecast")
+    path = plan.save(tmp_path / "p.json")
+    assert load_plan(path) == plan
+    assert json.loads(path.read_text())["version"] == 3
+    d = plan.to_dict()
+    d["model"]["blocks"] = [n.replace("transformer_blocks", "blocks") for n in d["model"]["blocks"]]
+    d["block_methods"] = {n.replace("transformer_blocks", "blocks"): r for n, r in d["block_methods"].items()}
+    with pytest.raises(DifaError, match="cells for 4 blocks"):
+        difa.apply_plan(pipe, Plan.from_dict(d))
+
+
+def test_version_2_plans_still_load():
+    import glob
+
+    paths = [p for p in glob.glob("plans/*.json") if json.loads(open(p).read()).get("version") == 2]
+    assert paths, "the repository ships version-2 plans"
+    plan = load_plan(paths[0])
+    assert plan.blocks == () and plan.model.blocks == ()
