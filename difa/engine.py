@@ -29,8 +29,8 @@ import torch
 from difa.adapters import CROSS_ATTN, Adapter, adapter_for
 from difa.attention.merge import token_grid
 from difa.errors import DifaError
-from difa.plan import (AST, ASC, CFG_METHODS, FULL, OUTPUT_READERS, TGATE, WARS, WARS_ASC, Plan, config_hash,
-                       executed_cells, output_steps, residual_steps)
+from difa.plan import (AST, CFG_METHODS, FULL, OUTPUT_READERS, TGATE, WARS, Plan, config_hash,
+                       executed_cells, output_steps, residual_producers, residual_steps)
 from difa.techniques import REGISTRY, kind_of
 from difa.techniques.base import Cell, LayerShape, LayerState
 from difa.techniques.blocks import BlockCell, BlockState
@@ -91,12 +91,13 @@ class Engine:
         self.scheduler, self.calibrating, self.on_step = scheduler, calibrating, on_step
         self.states = [LayerState() for _ in self.layers]
         self.shapes: dict[int, LayerShape] = {}
+        producers = residual_producers(params)
         if calibrating:  # future decisions are unknown: keep every cache that a later cell could read
-            self.keep_residual = [[m == FULL and WARS in REGISTRY and kind_of(n) in REGISTRY[WARS].KINDS for m in row]
+            self.keep_residual = [[m in producers and kind_of(n) in REGISTRY[WARS].KINDS for m in row]
                                   for (n, _), row in zip(self.layers, methods)]
             self.keep_output = [[True] * self.steps for _ in methods]
         else:
-            self.keep_residual = residual_steps(methods, executed)
+            self.keep_residual = residual_steps(methods, executed, producers)
             self.keep_output = output_steps(methods, executed)
         self.cfg_steps = [any(row[t] in CFG_METHODS for row in methods) for t in range(self.steps)]
         self.tgate_steps = [any(row[t] == TGATE for row in methods) for t in range(self.steps)]
@@ -346,8 +347,8 @@ class Engine:
             self.shapes[layer] = _shape(attn, hidden_states, encoder_hidden_states,
                                         self._grid(hidden_states, encoder_hidden_states))
         method = self.methods[layer][step]
-        if self.collapsed and method in CFG_METHODS:  # one half only: sharing across halves is plain attention
-            method = {ASC: FULL, WARS_ASC: WARS}[method]
+        if self.collapsed and REGISTRY[method].ON_ONE_HALF:  # one half only: sharing across halves is plain attention
+            method = REGISTRY[method].ON_ONE_HALF
         keep_residual = self.keep_residual[layer][step]
         if method == FULL and not keep_residual and not self.keep_output[layer][step]:
             return original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)

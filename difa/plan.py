@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from difa.errors import DifaError
+from difa.techniques import REGISTRY as _REGISTRY  # (technique files never import the plan)
 
 SCHEMA = "difa.plan"
 VERSION = 3
@@ -41,12 +42,25 @@ WARS_ASC = "wars+asc"
 TOME = "tome"
 AGENT = "agent"
 TGATE = "tgate"
-# Methods that need the two CFG halves in one batch.
-CFG_METHODS = frozenset({ASC, WARS_ASC})
-# Methods that add the window-attention residual cached at the last `full` step.
-RESIDUAL_METHODS = frozenset({WARS, WARS_ASC})
-# Methods that return a cached module output instead of computing one.
-OUTPUT_READERS = frozenset({AST, TGATE})
+# Derived from the technique files: methods that need the two CFG halves in one batch,
+CFG_METHODS = frozenset(n for n, t in _REGISTRY.items() if getattr(t, "SHARES_CFG", False))
+# that add the window-attention residual cached at an earlier step,
+RESIDUAL_METHODS = frozenset(n for n, t in _REGISTRY.items() if getattr(t, "READS_RESIDUAL", False))
+# and that return a cached module output instead of computing one.
+OUTPUT_READERS = frozenset(n for n, t in _REGISTRY.items() if getattr(t, "READS_OUTPUT", False))
+# Which methods compute the window residual R that a later `wars` reads (the `residual_from` of the `wars`
+# technique parameters): "full" (difa) or "full+asc" (DiTFastAttn: an `asc` step is "full attention + CFG
+# sharing", computes R on the conditional half and gives it to both halves; DESIGN.md §7).
+RESIDUAL_RULES = {"full": frozenset({FULL}), "full+asc": frozenset({FULL, ASC})}
+
+
+def residual_producers(techniques: Mapping[str, Mapping[str, Any]]) -> frozenset[str]:
+    rule = dict(techniques.get(WARS, {}) or {}).get("residual_from", "full")
+    if rule not in RESIDUAL_RULES:
+        raise DifaError(f"wars residual_from {rule!r} is unknown; use one of {', '.join(RESIDUAL_RULES)}")
+    return RESIDUAL_RULES[rule]
+
+
 CFG_LAYOUTS = ("cond_first", "uncond_first")
 BLOCK = "block"  # the kind of a block cell (a whole transformer block)
 
@@ -256,6 +270,7 @@ def validate(plan: Plan) -> None:
                 raise DifaError(f"plan block cell ({name}, step {step}) is {m!r}, which reuses the block's {needs} from an "
                                 f"earlier step, but no earlier step computes it; use 'full' there")
     executed = attention_executed(plan)
+    producers = residual_producers(plan.techniques)
     for name, row, ran in zip(plan.model.layers, plan.methods, executed):
         if len(row) != plan.steps:
             raise DifaError(f"plan row for {name} has {len(row)} steps, expected {plan.steps}; recalibrate to get a consistent plan")
@@ -273,8 +288,9 @@ def validate(plan: Plan) -> None:
                 raise DifaError(f"plan cell ({name}, step {step}) is {m!r}, which applies to {'/'.join(REGISTRY[m].KINDS)} "
                                 f"layers only, not {kind_of(name)}; use 'full' there")
             done = [x for x, r in zip(row[:step], ran[:step]) if r]
-            if m in RESIDUAL_METHODS and FULL not in done:
-                raise DifaError(f"plan cell ({name}, step {step}) is {m!r}, which needs a computed 'full' step of the layer before it")
+            if m in RESIDUAL_METHODS and not producers & set(done):
+                raise DifaError(f"plan cell ({name}, step {step}) is {m!r}, which needs a computed "
+                                f"{' or '.join(sorted(map(repr, producers)))} step of the layer before it")
             if REGISTRY[m].READS_CACHE and not done:
                 raise DifaError(f"plan cell ({name}, step {step}) is {m!r}, which reuses an earlier output, but the layer "
                                 "has not run before (its block was skipped); use 'full' there")
@@ -303,17 +319,18 @@ def executed_cells(layers: Sequence[str], block_names: Sequence[str], block_rows
     return out
 
 
-def residual_steps(methods: Sequence[Sequence[str]], executed: Sequence[Sequence[bool]] | None = None) -> list[list[bool]]:
-    """[layer][step]: this `full` cell must cache the window residual, because a `wars` cell of the same layer
-    follows before the next `full` one. Derived from the plan, never tracked by hand. Cells that do not run
-    (`executed` False: their block is skipped) are passed over."""
+def residual_steps(methods: Sequence[Sequence[str]], executed: Sequence[Sequence[bool]] | None = None,
+                   producers: frozenset[str] = RESIDUAL_RULES["full"]) -> list[list[bool]]:
+    """[layer][step]: this `full` cell (or a cell of another residual producer) must cache the window residual,
+    because a `wars` cell of the same layer follows before the next producer. Derived from the plan, never
+    tracked by hand. Cells that do not run (`executed` False: their block is skipped) are passed over."""
     out = []
     for i, row in enumerate(methods):
         keep, needed = [False] * len(row), False
         for t in range(len(row) - 1, -1, -1):  # scan backwards: is a residual reader ahead?
             if executed is not None and not executed[i][t]:
                 continue
-            if row[t] == FULL:
+            if row[t] in producers:
                 keep[t], needed = needed, False
             elif row[t] in RESIDUAL_METHODS:
                 needed = True

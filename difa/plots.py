@@ -27,8 +27,13 @@ METHOD_COLORS = {
     "tome": "#d62728",
     "agent": "#8c564b",
     "tgate": "#e377c2",
+    "reuse": "#17becf",
+    "forecast": "#bcbd22",
+    "mlp_reuse": "#637939",
 }
-EXTRA_COLORS = ("#17becf", "#bcbd22", "#7f7f7f", "#393b79", "#637939")  # methods added later
+MOOT = "skipped (block)"  # attention cells of a block skipped at that step: they do not run
+MOOT_COLOR = "#ffffff"  # white: nothing runs there
+EXTRA_COLORS = ("#7f7f7f", "#393b79", "#843c39", "#7b4173", "#3182bd")  # methods added later
 # Metrics where larger is better; every other column (FID, rel_l1, latency, FLOPs) is lower-is-better.
 HIGHER_IS_BETTER = frozenset({"inception_score", "class_acc", "psnr_db", "ssim", "clip_score"})
 AXIS_LABELS = {
@@ -49,15 +54,28 @@ IMAGE_FORMATS = ("png", "pdf", "svg")
 def method_colors(methods: Sequence[str]) -> dict[str, str]:
     """Colour of each method: the fixed one where known, else the next spare colour."""
     extra = iter(EXTRA_COLORS * (1 + len(methods) // len(EXTRA_COLORS)))
-    return {m: METHOD_COLORS[m] if m in METHOD_COLORS else next(extra) for m in methods}
+    return {m: MOOT_COLOR if m == MOOT else METHOD_COLORS[m] if m in METHOD_COLORS else next(extra) for m in methods}
+
+
+def plan_rows(plan: Plan) -> tuple[list[str], list[list[str]]]:
+    """Row names and cells of the heatmap: block rows first, then attention rows with moot cells marked."""
+    from difa.plan import attention_executed
+
+    ran = attention_executed(plan)
+    cells = [list(r) for r in plan.blocks] + [[m if ok else MOOT for m, ok in zip(row, r)]
+                                              for row, r in zip(plan.methods, ran)]
+    return list(plan.model.blocks) + list(plan.layers), cells
 
 
 def plan_grid(plan: Plan) -> tuple[np.ndarray, list[str]]:
-    """(n_layers, steps) int codes into the returned method list (methods in METHOD_COLORS order, then others)."""
-    used = {m for row in plan.methods for m in row}
-    methods = [m for m in METHOD_COLORS if m in used] + sorted(used - set(METHOD_COLORS))
+    """(rows, steps) int codes into the returned method list (methods in METHOD_COLORS order, then others); rows
+    are the block rows, then the attention layers."""
+    _, rows = plan_rows(plan)
+    used = {m for row in rows for m in row}
+    methods = [m for m in METHOD_COLORS if m in used] + sorted(used - set(METHOD_COLORS) - {MOOT}) + \
+        ([MOOT] if MOOT in used else [])
     code = {m: i for i, m in enumerate(methods)}
-    return np.array([[code[m] for m in row] for row in plan.methods], dtype=np.int64), methods
+    return np.array([[code[m] for m in row] for row in rows], dtype=np.int64), methods
 
 
 def _format(path: Path) -> str:
@@ -80,8 +98,12 @@ def plan_title(plan: Plan) -> str:
     c, parts = plan.calibration, [plan.model.name or plan.model.cls]
     if "preset" in c:
         parts.append(f"preset {c['preset']}")
-    elif "threshold" in c:
+    elif c.get("budget") is not None:
+        parts.append(f"budget {c['budget']}")
+    elif c.get("threshold") is not None:
         parts.append(f"threshold {c['threshold']}")
+    if "predicted_fraction" in plan.latency:
+        parts.append(f"{100 * plan.latency['predicted_fraction']:.0f}% of full latency (predicted)")
     if "fraction" in plan.flops:
         parts.append(f"{100 * plan.flops['fraction']:.1f}% of full attention FLOPs")
     return ", ".join(parts)
@@ -104,16 +126,20 @@ def plan_heatmap(plan: Plan | str | os.PathLike, path: str | os.PathLike, *, tit
     cmap = ListedColormap([colors[m] for m in methods])
     norm = BoundaryNorm(np.arange(len(methods) + 1) - 0.5, len(methods))
     ax.imshow(grid, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-    ax.set_yticks(range(n_layers), labels=list(plan.layers), fontsize=7 if n_layers > 20 else 8)
+    names, rows = plan_rows(plan)
+    ax.set_yticks(range(n_layers), labels=names, fontsize=7 if n_layers > 20 else 8)
     tick_every = max(1, math.ceil(steps / 25))
     ax.set_xticks(range(0, steps, tick_every))
     ax.set_xlabel("denoising step (denoiser call)")
-    ax.set_ylabel("attention layer")
+    ax.set_ylabel("block / attention layer" if plan.blocks else "attention layer")
     ax.set_xticks(np.arange(-0.5, steps, 1), minor=True)
     ax.set_yticks(np.arange(-0.5, n_layers, 1), minor=True)
     ax.grid(which="minor", color="white", linewidth=0.5)
     ax.tick_params(which="minor", length=0)
-    counts = plan.counts()
+    counts: dict[str, int] = {}
+    for row in rows:
+        for m in row:
+            counts[m] = counts.get(m, 0) + 1
     handles = [Patch(facecolor=colors[m], edgecolor="black", linewidth=0.3, label=f"{m} ({counts[m]})") for m in methods]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.set_title(title if title is not None else plan_title(plan), fontsize=9)

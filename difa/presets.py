@@ -79,9 +79,13 @@ def tgate(pipe: Any, *, steps: int, guidance_scale: float, gate_step: int = 10, 
 
 def ditfastattn(pipe: Any, *, steps: int, guidance_scale: float, inputs, threshold: float = 0.05,
                  name: str = "", **kw) -> Plan:
-    """DiTFastAttn is calibration with its four candidates and its loss (on both CFG halves, unguided)."""
+    """DiTFastAttn is its greedy calibration with its four candidates, its loss (on both CFG halves, unguided) and
+    its residual rule (an `asc` step also refreshes the window residual a later `wars` reads)."""
+    techniques = {k: dict(v) for k, v in (kw.pop("techniques", None) or {}).items()}
+    techniques["wars"] = {"residual_from": "full+asc", **techniques.get("wars", {})}
     return calibrate_pipeline(pipe, inputs, threshold=threshold, steps=steps, guidance_scale=guidance_scale,
-                              candidates=DITFASTATTN_CANDIDATES, name=name, **{"loss_on": "halves", "search": "greedy", **kw})
+                              candidates=DITFASTATTN_CANDIDATES, name=name, techniques=techniques,
+                              **{"loss_on": "halves", "search": "greedy", **kw})
 
 
 PRESETS: dict[str, Callable[..., Plan]] = {"tomesd": tomesd, "agentsd": agentsd, "tgate": tgate,

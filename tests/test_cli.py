@@ -72,6 +72,33 @@ def test_user_errors_are_one_line(tmp_path):
         "difa: error: threshold must be a number >= 0 (got -1); try threshold=0.05")
 
 
+def test_budget_mode_from_the_cli(tmp_path, capsys):
+    """`python -m difa.calibrate budget=...`: a block plan, its predicted latency and checked error printed, the
+    block rows in the plan map, and generate runs it."""
+    plan_path = tmp_path / "plan.json"
+    cfg = config("calibrate", ["+model=tiny_dit", "budget=0.95", "steps=5", f"out={plan_path}"])
+    plan, _ = calibrate_cli.run(cfg)
+    printed = capsys.readouterr().out
+    assert plan.calibration["budget"] == 0.95 and plan.latency["predicted_fraction"] <= 0.95 + 5e-5
+    assert "of full predicted" in printed and "checked" in printed and "blocks     " in printed
+    assert any(line.rstrip().endswith("transformer_blocks.1") for line in printed.splitlines())
+    images, _ = generate_cli.run(config("generate", [f"plan={plan_path}", "n=2", f"out={tmp_path / 'img'}"]))
+    assert len(images) == 2
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("budget=0", "budget must be a fraction of the full latency in (0, 1], got 0"),
+    ("budget=nan", "budget must be a fraction of the full latency in (0, 1], got nan"),
+    ("budget=half", "budget must be a fraction of the full latency in (0, 1], got 'half'"),
+    ("latency_batch=0", "latency_batch must be a positive integer"),
+    ("search=anneal", "unknown search 'anneal'"),
+])
+def test_bad_search_settings_are_one_line_errors(tmp_path, arg, message):
+    r = cli("difa.calibrate", "+model=tiny_dit", "steps=3", arg, f"hydra.run.dir={tmp_path}", f"out={tmp_path / 'p.json'}")
+    assert r.returncode == 2 and r.stderr.strip().startswith(f"difa: error: {message}"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.json").exists()
+
+
 def test_generate_refuses_a_mismatched_run(tmp_path):
     plan_path = tmp_path / "plan.json"
     calibrate_cli.run(config("calibrate", ["+model=tiny_dit", "threshold=0.05", "steps=5", f"out={plan_path}"]))
@@ -116,6 +143,7 @@ def test_ditfastattn_preset_is_calibration(tmp_path):
     generate_cli.run(cfg)
     plan = load_plan(tmp_path / "p.json")
     assert plan.calibration["threshold"] == 0.05 and set(plan.calibration["candidates"]) == {"ast", "wars", "asc", "wars+asc"}
+    assert plan.techniques["wars"]["residual_from"] == "full+asc"  # DiTFastAttn's residual rule (DESIGN.md §7)
 
 
 def test_generate_with_a_diffusers_hook(tmp_path):

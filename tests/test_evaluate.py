@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from difa.calibration import fixed_plan
+from difa import evaluation
 from difa.cli import evaluate as evaluate_cli
 from difa.cli.common import CONF_DIR, REPO_ROOT, load_model, model_config
 from difa.errors import DifaError
@@ -60,13 +61,13 @@ def test_baseline_and_plan_side_by_side(tmp_path, ast_plan, capsys):
 def test_same_seeds_give_the_same_baseline(tmp_path, monkeypatch):
     """Batches are seeded per index, so the baseline images do not depend on the batch size."""
     seen = []
-    original = evaluate_cli.score
+    original = evaluation.score
 
     def keep_images(methods, *args, **kwargs):
         seen.append(torch.cat(methods[0].images))
         return original(methods, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate_cli, "score", keep_images)
+    monkeypatch.setattr(evaluation, "score", keep_images)
     for batch in (1, 3):
         evaluate_cli.run(config(["+model=tiny_dit", "n=3", f"batch={batch}", f"steps={STEPS}", "fid=false",
                                  "warmup=false", f"out={tmp_path / f'b{batch}.csv'}"]))
@@ -144,13 +145,13 @@ def test_total_macs_are_counted_per_method(tmp_path, ast_plan):
 
 def test_baseline_cache_reuses_identical_images(tmp_path, ast_plan, capsys, monkeypatch):
     seen = []
-    original = evaluate_cli.score
+    original = evaluation.score
 
     def keep_images(methods, *args, **kwargs):
         seen.append([torch.cat(m.images) for m in methods])
         return original(methods, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate_cli, "score", keep_images)
+    monkeypatch.setattr(evaluation, "score", keep_images)
     cache = tmp_path / "baseline"
     common = ["+model=tiny_dit", f"plan={ast_plan}", "n=6", "batch=2", "fid=false", "warmup=false",
               f"baseline_cache={cache}", "time_batches=1"]
@@ -174,3 +175,18 @@ def test_diffusers_hooks_side_by_side(tmp_path, hook):
     assert list(table.method) == ["baseline", f"diffusers_{hook}"]
     row = table.iloc[1]
     assert row.attn_flops < 1.0 and row.macs < 1.0 and row.rel_l1 > 0
+
+
+def test_predicted_latency_next_to_measured(tmp_path):
+    """A budget plan's predicted latency (the measured cost model) is printed next to the measured one."""
+    from difa.calibration import calibrate_pipeline
+
+    pipe = load_model(model_config("tiny_dit"), "cpu", "float32")
+    plan = calibrate_pipeline(pipe, [1, 2], threshold=0.05, budget=0.9, steps=STEPS, guidance_scale=4.0,
+                              name="tiny_dit", latency_cache=None)
+    path = plan.save(tmp_path / "budget.json")
+    table, _ = evaluate_cli.run(config(["+model=tiny_dit", f"plan={path}", "n=2", "batch=2", "fid=false",
+                                        f"out={tmp_path / 'e.csv'}"]))
+    base, row = table.iloc[0], table.iloc[1]
+    assert base.pred_latency == 1.0 and row.pred_latency == plan.latency["predicted_fraction"] <= 0.9
+    assert row.rel_latency > 0

@@ -116,3 +116,33 @@ def test_asc_with_identical_halves_is_exact(family):
 
     cell = Cell(attn, "attn1", 0, 1, LayerState(), {}, attn.processor, cond=slice(1, 2))
     torch.testing.assert_close(asc.execute(cell, x), attn.processor(attn, x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["full", "full+asc"])
+def test_ditfastattn_residual_rule_against_naive_reference(rule):
+    """With residual_from="full+asc" (DiTFastAttn), an `asc` step computes R on the conditional half and both
+    halves read it; with "full" (difa's default) R stays the one of the last `full` step."""
+    pipe = tiny("dit")
+    name, attn = next((n, m) for n, m in pipe.transformer.named_modules() if n.endswith("attn1"))
+    pattern = ["full", "asc", "wars", "wars+asc", "full", "full"]
+    plan = fixed_plan(pipe, lambda i, t: pattern[t] if i == 0 else "full", steps=STEPS,
+                      guidance_scale=GUIDANCE["dit"], window=WINDOW, techniques={"wars": {"residual_from": rule}})
+    assert plan.methods[0] == tuple(pattern)
+    calls, handle = capture(attn)
+    difa.apply_plan(pipe, plan)
+    generate(pipe, "dit")
+    handle.remove()
+    difa.remove_plan(pipe)
+    x = [c[0] for c in calls]
+    w = round(WINDOW * x[0].shape[1])
+    cond = slice(0, x[0].shape[0] // 2)  # DiT: conditional half first
+    if rule == "full":
+        r = naive_attention(attn, x[0]) - naive_attention(attn, x[0], w)
+    else:
+        half = naive_attention(attn, x[1][cond]) - naive_attention(attn, x[1][cond], w)
+        r = torch.cat([half, half])
+    o1 = naive_out(attn, naive_attention(attn, x[1][cond]))
+    torch.testing.assert_close(calls[1][1], torch.cat([o1, o1]), atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(calls[2][1], naive_out(attn, naive_attention(attn, x[2], w) + r), atol=ATOL, rtol=1e-4)
+    o3 = naive_out(attn, naive_attention(attn, x[3][cond], w) + r[cond])
+    torch.testing.assert_close(calls[3][1], torch.cat([o3, o3]), atol=ATOL, rtol=1e-4)

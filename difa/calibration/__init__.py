@@ -21,7 +21,7 @@ from difa.calibration.latency import CACHE_DIR, Capture, LatencyModel, decode_se
 from difa.engine import Engine, plan_blocks, plan_layers
 from difa.errors import DifaError
 from difa.plan import (AGENT, BLOCK, CFG_METHODS, FULL, RESIDUAL_METHODS, TOME, ModelIdentity, Plan, config_hash,
-                       executed_cells)
+                       executed_cells, residual_producers)
 from difa.techniques import REGISTRY, TECHNIQUES, agent, kind_of, tome, wars
 
 DITFASTATTN_CANDIDATES = ("ast", "wars", "asc", "wars+asc")
@@ -93,6 +93,7 @@ def fixed_plan(
     blocks = plan_blocks(pipe) if block is not None else []
     brows = block_rows(blocks, block, calls) if block is not None else ()
     ran = executed_cells([n for n, _ in layers], [n for n, _ in blocks], brows, calls)
+    producers = residual_producers(techniques or {})
 
     def row(i: int) -> tuple[str, ...]:
         kind, out = kind_of(layers[i][0]), []
@@ -101,16 +102,24 @@ def fixed_plan(
             if m not in REGISTRY:
                 raise DifaError(f"unknown method {m!r}; choose from {', '.join(sorted(REGISTRY))}")
             done = [x for x, r in zip(out, ran[i]) if r]
-            no_residual = m in RESIDUAL_METHODS and FULL not in done
+            no_residual = m in RESIDUAL_METHODS and not producers & set(done)
             no_cache = REGISTRY[m].READS_CACHE and not done
             out.append(FULL if kind not in REGISTRY[m].KINDS or m == BLOCK or no_cache or no_residual else m)
         return tuple(out)
 
     methods = tuple(row(i) for i in range(len(layers)))
-    params = {wars.NAME: {"window": window}, **{k: dict(v) for k, v in (techniques or {}).items()}}
+    params = technique_params(window, techniques)
     return Plan(model=model_identity(model, layers, name, adapter.family, blocks), scheduler=type(pipe.scheduler).__name__,
                 steps=calls, num_inference_steps=steps, methods=methods, cfg_enabled=guidance_scale > 1,
                 cfg_layout=adapter.cfg_layout, guidance_scale=float(guidance_scale), techniques=params, blocks=brows)
+
+
+def technique_params(window, techniques: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """The plan's technique parameters: the `wars` window, merged with whatever `techniques` gives."""
+    params = {k: dict(v) for k, v in (techniques or {}).items()}
+    params[wars.NAME] = {"window": window, **params.get(wars.NAME, {})}
+    residual_producers(params)  # a bad residual_from is a one-line error before anything runs
+    return params
 
 
 LOSS_ON = ("guided", "halves")
@@ -209,7 +218,7 @@ def calibrate_pipeline(
     if not cfg_on:
         skipped.update({c: "CFG is off" for c in check_candidates(candidates) if c in CFG_METHODS})
     cands = [c for c in cands if c not in skipped]
-    params = {wars.NAME: {"window": window}, **{k: dict(v) for k, v in (techniques or {}).items()}}
+    params = technique_params(window, techniques)
     for merging in (TOME, AGENT):
         if merging in cands or merging in params:
             tome.config(params, merging, agent.Config if merging == AGENT else tome.Config)  # one-line errors up front
@@ -301,7 +310,7 @@ def _calibrate_trajectory(pipe: Any, inputs: Sequence, *, threshold: float, budg
     if not blocks:
         raise DifaError(f"found no transformer blocks in {type(model).__name__}; use search=greedy")
     calls = denoiser_calls(pipe.scheduler, steps)
-    params = {wars.NAME: {"window": window}, **{k: dict(v) for k, v in (techniques or {}).items()}}
+    params = technique_params(window, techniques)
     attention = [[FULL] * calls for _ in layers]
     forwards = [0]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Sequence
 
 from difa.attention import band_pairs, window_tokens
-from difa.plan import FULL, TGATE, residual_steps
+from difa.plan import FULL, TGATE, residual_producers, residual_steps
 from difa.techniques import REGISTRY, kind_of, wars
 from difa.techniques.base import LayerShape, core_flops
 
@@ -43,7 +43,7 @@ def plan_flops(methods: Sequence[Sequence[str]], shapes: Sequence[LayerShape], p
     """Attention FLOPs of the plan vs all-full. With `names` and `cfg`, steps that collapse CFG (all cross-attention
     gated) count self-attention at half the batch (the engine skips the collapse when a cache's halves differ).
     `executed` ([layer][step], from `plan.attention_executed`): cells of skipped blocks cost nothing."""
-    keep_r = residual_steps(methods, executed)
+    keep_r = residual_steps(methods, executed, residual_producers(params))
     collapsed = collapsed_steps(methods, names, cfg) if names else [False] * (len(methods[0]) if methods else 0)
     full_total = plan_total = 0.0
     for i, (row, keep, shape) in enumerate(zip(methods, keep_r, shapes)):
@@ -52,7 +52,8 @@ def plan_flops(methods: Sequence[Sequence[str]], shapes: Sequence[LayerShape], p
         for t, (m, k) in enumerate(zip(row, keep)):
             if executed is not None and not executed[i][t]:
                 continue
-            cost = method_flops(m, shape, params) + (residual_flops(shape, params) if k else 0.0)
+            extra = residual_flops(shape, params) * (0.5 if m == "asc" else 1.0) if k else 0.0  # asc: cond half
+            cost = method_flops(m, shape, params) + extra
             plan_total += cost / 2 if collapsed[t] else cost
     return {
         "full_gflops": full_total / 1e9,

@@ -12,8 +12,9 @@ saved, and whole-plan checks of the final output. About 10x fewer model forwards
    per predicted second saved (the measured latency model), recomputing only the changed block's row. This gives
    a nested sequence of plans from fast to slow, with a predicted latency and a table error for each.
 4. **Whole-plan checks.** The table ignores how errors propagate through later blocks and steps. Budget mode
-   takes the least-error plan under the budget and measures its final-output error in one generation (recorded
-   in the plan). Threshold mode measures the plan whose table error equals the threshold, rescales the table by
+   builds two plans under the budget, the greedy's and the every-second-step schedule pruned back (or extended)
+   to the budget by the same error-per-second rule, measures both on the final output (one generation each)
+   and keeps the one with less error. Threshold mode measures the plan whose table error equals the threshold, rescales the table by
    measured / table, measures the plan that rescaling points to, and keeps the fastest measured plan within the
    threshold (at most two check generations).
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -99,20 +100,25 @@ class Candidate:
 
 
 def greedy_sequence(table: Table, latency: LatencyModel, n_blocks: int, steps: int, methods: Sequence[str],
-                    stop: Callable[[Candidate], bool], full_seconds: float) -> list[Candidate]:
-    """Plans from all-full to `stop`, one more skipped cell each, the cell with least added error per second.
+                    stop: Callable[[Candidate], bool], full_seconds: float,
+                    seed: Sequence[set[int]] | None = None) -> list[Candidate]:
+    """Plans from `seed` (skipped steps per block; default all-full) to `stop`, one more skipped cell each, the
+    cell with least added error per predicted second saved.
 
     Moves are taken in rounds of growing staleness: first only cells whose block was computed the step before,
     then two steps before, and so on. Without the rounds the greedy strings early skips together (the table
     sees small steps there), and errors that compound over the remaining steps make such plans far worse than
     an every-second-step schedule at the same latency (measured on the bundled DiT: 0.12 vs 0.035)."""
-    skipped: list[set[int]] = [set() for _ in range(n_blocks)]
-    errs = [0.0] * n_blocks
-    rows = [[FULL] * steps for _ in range(n_blocks)]
-    seconds = full_seconds
+    skipped: list[set[int]] = [set(x) for x in seed] if seed is not None else [set() for _ in range(n_blocks)]
     saved = [latency.block_s[j] - latency.skip_s[j] for j in range(n_blocks)]
+    rows, errs = [], []
+    for j in range(n_blocks):
+        e, row, _ = table.row(j, steps, skipped[j], methods)
+        errs.append(e)
+        rows.append(row)
+    seconds = full_seconds - sum(saved[j] * len(skipped[j]) for j in range(n_blocks))
     best: list[tuple[float, int, float] | None] = [None] * n_blocks  # per block: (ratio, step, new error)
-    max_stale = [1]
+    max_stale = [max([table.row(j, steps, skipped[j], methods)[2] for j in range(n_blocks)] + [1])]
 
     def refresh(j: int) -> None:
         choice = None
@@ -129,7 +135,7 @@ def greedy_sequence(table: Table, latency: LatencyModel, n_blocks: int, steps: i
 
     for j in range(n_blocks):
         refresh(j)
-    out = [Candidate([list(r) for r in rows], 0.0, 1.0)]
+    out = [Candidate([list(r) for r in rows], sum(errs), seconds / full_seconds)]
     while not stop(out[-1]):
         options = [(b[0], j) for j, b in enumerate(best) if b is not None]
         if not options:
@@ -148,6 +154,40 @@ def greedy_sequence(table: Table, latency: LatencyModel, n_blocks: int, steps: i
         out.append(Candidate([list(r) for r in rows], sum(errs), seconds / full_seconds))
         refresh(j)
     return out
+
+
+def pruned(table: Table, latency: LatencyModel, n_blocks: int, steps: int, methods: Sequence[str],
+           seed: Sequence[set[int]], budget: float, full_seconds: float) -> Candidate:
+    """From `seed` (under budget), give back skipped cells, the one with most table error per second first, as
+    long as the plan stays within `budget`."""
+    skipped = [set(x) for x in seed]
+    saved = [latency.block_s[j] - latency.skip_s[j] for j in range(n_blocks)]
+    seconds = full_seconds - sum(saved[j] * len(skipped[j]) for j in range(n_blocks))
+    errs = [table.row(j, steps, skipped[j], methods)[0] for j in range(n_blocks)]
+    while True:
+        choice = None
+        for j in range(n_blocks):
+            if (seconds + saved[j]) / full_seconds > budget:
+                continue
+            for s in skipped[j]:
+                e = table.row(j, steps, skipped[j] - {s}, methods)[0]
+                ratio = (errs[j] - e) / max(saved[j], 1e-12)
+                if choice is None or ratio > choice[0]:
+                    choice = (ratio, j, s, e)
+        if choice is None or choice[0] <= 0:
+            break
+        _, j, s, e = choice
+        skipped[j].discard(s)
+        errs[j] = e
+        seconds += saved[j]
+    rows = [table.row(j, steps, skipped[j], methods)[1] for j in range(n_blocks)]
+    return Candidate(rows, sum(errs), seconds / full_seconds)
+
+
+def alternating(n_blocks: int, steps: int) -> list[set[int]]:
+    """Every block skipped at every second step (1, 3, 5, ...): the uniform schedule that, forecast, beat
+    FirstBlockCache by a third on the bundled DiT (DESIGN.md §5)."""
+    return [set(range(1, steps, 2)) for _ in range(n_blocks)]
 
 
 def record(run: Callable[..., torch.Tensor], model: torch.nn.Module, n_blocks: int) -> Trajectory:
@@ -190,14 +230,27 @@ def search(table: Table, latency: LatencyModel, n_blocks: int, steps: int, metho
         return c.measured
 
     if budget is not None:
-        seq = greedy_sequence(table, latency, n_blocks, steps, methods, lambda c: c.predicted <= budget, full)
-        chosen = seq[-1]
-        if chosen.predicted > budget + 1e-9:  # every cell skipped and still over budget
+        def under(c: Candidate) -> bool:
+            return c.predicted <= budget + 1e-12
+
+        seq = greedy_sequence(table, latency, n_blocks, steps, methods, under, full)
+        greedy = seq[-1]
+        if not under(greedy):  # every cell skipped and still over budget
             from difa.errors import DifaError
 
             raise DifaError(f"budget {budget} is below the fastest block plan this model allows (predicted "
-                            f"{chosen.predicted:.3f} of full with every block skipped after step 0); raise the budget")
-        measure(chosen)
+                            f"{greedy.predicted:.3f} of full with every block skipped after step 0); raise the budget")
+        # A second, structured candidate: the every-second-step schedule, pruned back to the budget or extended
+        # to it by the same greedy. The table cannot see how errors propagate, so both are checked on the final
+        # output and the one with less measured error wins.
+        seed = alternating(n_blocks, steps)
+        start = greedy_sequence(table, latency, n_blocks, steps, methods, lambda c: True, full, seed)[0]
+        if under(start):
+            other = pruned(table, latency, n_blocks, steps, methods, seed, budget, full)
+        else:
+            other = greedy_sequence(table, latency, n_blocks, steps, methods, under, full, seed)[-1]
+        found = [greedy] + ([other] if under(other) and other.rows != greedy.rows else [])
+        chosen = min(found, key=measure)
         return chosen, seq, checks
     assert threshold is not None
     cap = 20 * max(threshold, 1e-6)

@@ -9,7 +9,7 @@ from typing import Mapping
 
 from difa.attention import full_attention
 from difa.techniques import wars
-from difa.techniques.blocks import computed as run  # as a block method: run, cache the residual if read later
+from difa.techniques.blocks import BlockCell, computed
 from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, project_out, project_qkv, projection_flops
 
 NAME = "full"
@@ -17,6 +17,10 @@ LETTER = "F"  # one character per cell in the calibration summary
 KINDS = ("attn1", "attn2", "block")
 READS_CACHE = False
 NEEDS_METRIC = False
+SHARES_CFG = False  # needs the two CFG halves in one batch
+READS_OUTPUT = False  # returns the layer's last computed output (the step before must keep it)
+READS_RESIDUAL = False  # adds the window residual R of an earlier step
+ON_ONE_HALF = None  # what it becomes when the engine runs one CFG half (None: itself)
 DEFAULT_CANDIDATE = False
 SKIPS_ATTENTION = False  # as a block method: the block runs as it is
 COMPUTES = ("residual", "ff")
@@ -41,3 +45,8 @@ def execute(cell: Cell, hidden_states, encoder_hidden_states=None, attention_mas
     o = full_attention(q, k, v)  # (B, H, N, D)
     cell.state.residual = o - wars.window(cell, q, k, v)
     return project_out(attn, o, hidden_states, q.dtype)
+
+
+def run(cell: BlockCell, x, compute):
+    """As a block cell: run the block, keep its residual if a later cell reads it."""
+    return computed(cell, x, compute)

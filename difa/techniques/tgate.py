@@ -21,6 +21,10 @@ LETTER = "T"  # one character per cell in the calibration summary
 KINDS = ("attn2",)
 READS_CACHE = True
 NEEDS_METRIC = False
+SHARES_CFG = False  # needs the two CFG halves in one batch
+READS_OUTPUT = True  # returns the layer's last computed output (the step before must keep it)
+READS_RESIDUAL = False  # adds the window residual R of an earlier step
+ON_ONE_HALF = None  # what it becomes when the engine runs one CFG half (None: itself)
 DEFAULT_CANDIDATE = True
 
 

@@ -21,6 +21,10 @@ LETTER = "W"  # one character per cell in the calibration summary
 KINDS = ("attn1",)
 READS_CACHE = True
 NEEDS_METRIC = False
+SHARES_CFG = False  # needs the two CFG halves in one batch
+READS_OUTPUT = False  # returns the layer's last computed output (the step before must keep it)
+READS_RESIDUAL = True  # adds the window residual R of an earlier step
+ON_ONE_HALF = None  # what it becomes when the engine runs one CFG half (None: itself)
 DEFAULT_CANDIDATE = True
 DEFAULT_WINDOW = 0.125  # DiTFastAttn: w = N/8 tokens on each side
 
@@ -28,6 +32,8 @@ DEFAULT_WINDOW = 0.125  # DiTFastAttn: w = N/8 tokens on each side
 @dataclass(frozen=True)
 class Config:
     window: float | int = DEFAULT_WINDOW
+    # which steps compute R: "full" (difa's default) or "full+asc" (DiTFastAttn's rule; see plan.RESIDUAL_RULES)
+    residual_from: str = "full"
 
 
 def flops(shape: LayerShape, params: Mapping[str, Mapping]) -> float:

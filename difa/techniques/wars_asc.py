@@ -17,6 +17,10 @@ LETTER = "X"  # one character per cell in the calibration summary
 KINDS = ("attn1",)
 READS_CACHE = True
 NEEDS_METRIC = False
+SHARES_CFG = True  # needs the two CFG halves in one batch
+READS_OUTPUT = False  # returns the layer's last computed output (the step before must keep it)
+READS_RESIDUAL = True  # adds the window residual R of an earlier step
+ON_ONE_HALF = "wars"  # what it becomes when the engine runs one CFG half (None: itself)
 DEFAULT_CANDIDATE = True
 
 

@@ -1,0 +1,247 @@
+"""Evaluation as a library: a plan (or a diffusers hook) next to the uncompressed model on the same seeds, one
+row per method: FID, class accuracy, fidelity to the baseline images, attention FLOPs, counted MACs, latency
+(measured, and the plan's prediction) and peak memory. Batches of the methods are interleaved, so machine noise
+hits both alike. `difa/cli/evaluate.py` is the thin Hydra CLI over it (`python -m difa.evaluate`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difa import metrics
+from difa.adapters import Adapter
+from difa.data import FMNIST_CLASSES, captions
+from difa.engine import Engine, apply_plan, remove_plan
+from difa.peers import DiffusersHook
+from difa.plan import Plan
+
+NO_PLAN = "none"
+BASELINE = "baseline"
+FMNIST = "fmnist"  # model.dataset of the Fashion-MNIST models: FID reference set and classifier apply
+MAX_REFERENCE = 10_000  # images in the committed Fashion-MNIST test split
+COLUMNS = ["method", "fid", "inception_score", "class_acc", "rel_l1", "psnr_db", "ssim", "attn_flops", "macs",
+           "gmacs_per_image", "s_per_image", "rel_latency", "pred_latency", "peak_mem_mb"]
+
+
+@dataclass
+class Method:
+    name: str
+    plan: Plan | None
+    hook: DiffusersHook | None = None  # a diffusers caching hook instead of a plan (difa.peers)
+    images: list[torch.Tensor] = field(default_factory=list)  # per batch: (B, 3, H, W) in [0, 1]
+    seconds: float = 0.0  # timed batches only
+    timed: int = 0  # images in the timed batches
+    peak_mb: float = 0.0
+    flops: float = math.nan  # attention FLOPs relative to full attention
+    counted: tuple[float, float] = (math.nan, math.nan)  # FlopCounterMode FLOPs of one image: (total, attention)
+    cached: bool = False  # images (and features) came from the baseline cache
+
+    @property
+    def compressed(self) -> bool:
+        return self.plan is not None or self.hook is not None
+
+
+def class_inputs(adapter: Adapter, n: int, seed: int) -> tuple[torch.Tensor, list]:
+    """Labels cycling 0..9 (n,), and the pipeline inputs: the labels, or one Fashion-MNIST caption per label."""
+    labels = [i % len(FMNIST_CLASSES) for i in range(n)]
+    inputs = labels if adapter.inputs_kind == "classes" else captions(labels, seed=seed)
+    return torch.tensor(labels), inputs
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """Independent, reproducible seed of batch `index`: the same for every method."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+@contextmanager
+def applied(pipe, method: Method):
+    """The method's plan or hook applied to `pipe`, removed on exit."""
+    if method.hook is not None:
+        method.hook.apply(pipe)
+        try:
+            yield
+        finally:
+            method.hook.remove(pipe)
+        return
+    engine: Engine | None = apply_plan(pipe, method.plan) if method.plan is not None else None
+    try:
+        yield
+    finally:
+        if engine is not None:
+            if math.isnan(method.flops):
+                method.flops = flops_fraction(method.plan, engine)
+            remove_plan(pipe)
+
+
+def generate_batch(pipe, adapter: Adapter, method: Method, inputs: list, seed: int, steps: int, guidance: float,
+                   extra: dict, device: str) -> tuple[torch.Tensor, float, float]:
+    """One timed pipeline call with the method's plan applied: images (B, 3, H, W) in [0, 1], seconds, peak MB."""
+    with applied(pipe, method):
+        with metrics.PeakMemory(device) as mem:
+            t0 = time.perf_counter()
+            out = adapter.call_pipeline(pipe, inputs, steps=steps, guidance_scale=guidance, output_type="pt",
+                                        generator=torch.Generator(device="cpu").manual_seed(seed), extra=extra)
+            images = torch.as_tensor(out.images).float().cpu()  # .cpu() waits for queued CUDA kernels
+            seconds = time.perf_counter() - t0
+    return images, seconds, mem.mb
+
+
+def count_flops(pipe, adapter: Adapter, method: Method, inputs: list, steps: int, guidance: float, extra: dict) -> None:
+    """FLOPs of one image (CFG batch included) under torch.utils.flop_counter: total and inside attention modules.
+    SDPA runs on its MATH backend, which the counter sees (CPU's fused kernel counts as 0; see tests/test_flops.py)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    names = {n for n, _ in adapter.planned_layers(adapter.denoiser(pipe))}
+    with applied(pipe, method), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        adapter.call_pipeline(pipe, inputs[:1], steps=steps, guidance_scale=guidance, output_type="pt",
+                              generator=torch.Generator(device="cpu").manual_seed(0), extra=extra)
+    counts = fc.get_flop_counts()
+    attn = sum(sum(ops.values()) for key, ops in counts.items() if key.split(".", 1)[-1] in names)
+    method.counted = (float(fc.get_total_flops()), float(attn))
+
+
+def flops_fraction(plan: Plan, engine: Engine) -> float:
+    """Attention FLOPs of the plan relative to full attention: the plan's record, else from the shapes just run."""
+    if "fraction" in plan.flops:
+        return float(plan.flops["fraction"])
+    from difa.calibration.cost import plan_flops
+
+    shapes = [engine.shapes.get(i) for i in range(len(plan.layers))]
+    if any(s is None for s in shapes):
+        return math.nan
+    from difa.plan import attention_executed
+
+    return float(plan_flops(plan.methods, shapes, plan.techniques, plan.layers, plan.cfg_enabled,
+                            attention_executed(plan))["fraction"])
+
+
+def generate_all(pipe, adapter: Adapter, methods: list[Method], inputs: list, *, seed: int, steps: int,
+                 guidance: float, batch: int, extra: dict, device: str, warmup: bool, time_batches: int | None) -> None:
+    """Every method's images, batch by batch, methods interleaved. A method whose images are cached is run only on
+    the first `time_batches` batches, for its latency next to the others; the others are timed on those too."""
+    from tqdm.auto import tqdm
+
+    chunks = [inputs[i : i + batch] for i in range(0, len(inputs), batch)]
+    timed = len(chunks) if time_batches is None else min(len(chunks), time_batches)
+    if warmup:  # first-call costs (allocator, kernels) stay out of the timings
+        for m in methods:
+            generate_batch(pipe, adapter, m, chunks[0], batch_seed(seed, 0), steps, guidance, extra, device)
+    for k, chunk in enumerate(tqdm(chunks, desc="generate", unit="batch")):
+        for m in methods if k % 2 == 0 else methods[::-1]:  # alternate who goes first
+            if m.cached and k >= timed:
+                continue
+            images, seconds, mb = generate_batch(pipe, adapter, m, chunk, batch_seed(seed, k), steps, guidance, extra, device)
+            if not m.cached:
+                m.images.append(images)
+            if k < timed:
+                m.seconds += seconds
+                m.timed += len(chunk)
+            m.peak_mb = max(m.peak_mb, mb)
+    for m in methods:
+        count_flops(pipe, adapter, m, inputs, steps, guidance, extra)
+
+
+# ---------------------------------------------------------------- baseline cache
+def baseline_key(pipe, adapter: Adapter, family: str, call_kwargs: dict, inputs: list, *, seed: int, steps: int,
+                 guidance: float, batch: int, device: str, dtype: str) -> str:
+    """Everything the baseline images depend on: weights (hashed), inputs, seeds, settings, versions, threads."""
+    import diffusers
+
+    digest = hashlib.sha256()
+    for module in (adapter.denoiser(pipe), getattr(pipe, "vae", None)):
+        for name, t in (module.state_dict().items() if module is not None else ()):
+            digest.update(name.encode())
+            digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    payload = {"weights": digest.hexdigest(), "scheduler": dict(pipe.scheduler.config), "family": family,
+               "inputs": [str(x) for x in inputs], "call_kwargs": call_kwargs, "seed": seed, "steps": steps,
+               "guidance": guidance, "batch": batch, "device": device, "dtype": dtype,
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def load_baseline(cache: Path | None, base: Method) -> bool:
+    """Fill the baseline's images from the cache; True on a hit."""
+    if cache is None or not cache.is_file():
+        return False
+    state = torch.load(cache, weights_only=True)
+    base.images, base.cached = list(state["images"]), True
+    return True
+
+
+def save_baseline(cache: Path | None, base: Method) -> None:
+    if cache is None or base.cached:
+        return
+    metrics.save_atomic(cache, lambda f: torch.save({"images": base.images}, f))
+
+
+def classifier_dir(path: str) -> Path | None:
+    """The classifier folder: as given (absolute or relative to the working directory), else a bundled data/<...>."""
+    from difa.models import resolve_path
+
+    p = Path(resolve_path(path))
+    return p if p.is_dir() else None
+
+
+def score(methods: list[Method], labels: torch.Tensor, *, fid_ref: np.ndarray | None, net, classifier, batch: int,
+          feature_cache: Path | None = None) -> list[dict]:
+    base = torch.cat(methods[0].images)  # (N, 3, H, W)
+    total0, attn0 = methods[0].counted
+    rows = []
+    for m in methods:
+        images = torch.cat(m.images)
+        total, attn = m.counted
+        s_img = m.seconds / m.timed if m.timed else math.nan
+        row = {"method": m.name, "fid": math.nan, "inception_score": math.nan, "class_acc": math.nan,
+               "rel_l1": metrics.relative_l1(images, base), "psnr_db": metrics.psnr(images, base),
+               "ssim": metrics.ssim(images, base),
+               # plans: the cost model (the ideal window kernel); hooks have none, so the counted FLOPs
+               "attn_flops": 1.0 if not m.compressed else m.flops if m.plan is not None else attn / attn0,
+               "macs": total / total0, "gmacs_per_image": total / 2e9, "s_per_image": s_img,
+               "rel_latency": s_img / (methods[0].seconds / methods[0].timed) if methods[0].timed else math.nan,
+               # the plan's measured cost model (calibration), next to the measured rel_latency
+               "pred_latency": 1.0 if not m.compressed else predicted_latency(m.plan),
+               "peak_mem_mb": m.peak_mb}
+        if fid_ref is not None:
+            cached = feature_cache if m is methods[0] and feature_cache is not None else None
+            if cached is not None and cached.is_file():
+                feats = np.load(cached)
+            else:
+                feats = metrics.inception_features(images, batch_size=batch, progress=True, net=net)
+                if cached is not None:
+                    metrics.save_atomic(cached, lambda f: np.save(f, feats))
+            row["fid"] = metrics.fid_from_features(feats, fid_ref)
+            if net.logit_weight is not None:
+                row["inception_score"] = metrics.inception_score(feats, net)[0]
+        if classifier is not None:
+            row["class_acc"] = metrics.class_accuracy(images, labels, classifier, batch_size=batch)
+        rows.append(row)
+    return rows
+
+
+def predicted_latency(plan: Plan | None) -> float:
+    if plan is None or "predicted_fraction" not in plan.latency:
+        return math.nan
+    return float(plan.latency["predicted_fraction"])
+
+
+def report(table, model: str, n: int, steps: int, guidance: float, mem: str, notes: list[str], out: Path) -> str:
+    lines = [
+        f"difa evaluation of {model}: {n} samples, {steps} steps, guidance {guidance}, same seeds for every method",
+        table.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+        ("rel_l1 / psnr_db / ssim: against the baseline images; attn_flops: attention FLOPs relative to full; "
+         "macs: all multiply-adds of one image relative to the baseline (torch.utils.flop_counter); "
+         f"s_per_image: wall clock, methods interleaved; rel_latency: vs the baseline timed on the same batches; "
+         f"peak_mem_mb: {metrics.MEMORY_MEASURES[mem]}"),
+        *notes,
+        f"written to {out}",
+    ]
+    return "\n".join(lines)
