@@ -91,7 +91,7 @@ class Engine:
         self.scheduler, self.calibrating, self.on_step = scheduler, calibrating, on_step
         self.states = [LayerState() for _ in self.layers]
         self.shapes: dict[int, LayerShape] = {}
-        producers = residual_producers(params)
+        self.producers = producers = residual_producers(params)
         if calibrating:  # future decisions are unknown: keep every cache that a later cell could read
             self.keep_residual = [[m in producers and kind_of(n) in REGISTRY[WARS].KINDS for m in row]
                                   for (n, _), row in zip(self.layers, methods)]
@@ -349,7 +349,8 @@ class Engine:
         method = self.methods[layer][step]
         if self.collapsed and REGISTRY[method].ON_ONE_HALF:  # one half only: sharing across halves is plain attention
             method = REGISTRY[method].ON_ONE_HALF
-        keep_residual = self.keep_residual[layer][step]
+        # (calibrating, every cell may keep R: only the methods of the residual rule compute it)
+        keep_residual = self.keep_residual[layer][step] and method in self.producers
         if method == FULL and not keep_residual and not self.keep_output[layer][step]:
             return original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         state = self.states[layer]

@@ -62,11 +62,16 @@ def tgate(pipe: Any, *, steps: int, guidance_scale: float, gate_step: int = 10, 
                         "models condition through adaLN); use tomesd, agentsd or calibration instead")
 
     def self_attention(t: int) -> str:
-        if t < gate_step:
-            fresh = t <= warm_up or (t - warm_up) % sp_interval == 0
-        else:
-            fresh = (t - gate_step) % fi_interval == 0
-        return FULL if fresh else AST
+        # T-GATE's tgate_scheduler (tgate 1.0.0), absolute step indices: before gate_step - 1, computed up to and
+        # at warm_up, then when t % sp_interval == 0 (counted from 0, not from warm_up); always at gate_step - 1;
+        # after it, when t % fi_interval == 0. In between, the last computed output is reused (`ast`).
+        if t < gate_step - 1:
+            return FULL if t <= warm_up or t % sp_interval == 0 else AST
+        if t == gate_step - 1:
+            return FULL
+        # after the gate T-GATE's self-attention cache is the CFG mean taken at gate_step - 1 (or a later one-half
+        # output): `tgate` reuses exactly that
+        return FULL if t % fi_interval == 0 else TGATE
 
     def method(i: int, t: int) -> str:
         if kind_of(layers[i][0]) == "attn2":

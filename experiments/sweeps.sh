@@ -3,7 +3,9 @@
 # collection into experiments/results/. Prints the wall time of each part and the total.
 #   bash experiments/sweeps.sh              # N=100 images per method (the README numbers)
 #   N=500 bash experiments/sweeps.sh        # more images, longer
-#   PARTS="1 4" bash experiments/sweeps.sh  # only some parts (0 baselines, 1 thresholds, 2 ablation, 3 peers, 4 collect)
+#   PARTS="1 4" bash experiments/sweeps.sh  # only some parts (0 baselines, 1 difa's budgets, 1g the greedy's and
+#                                           # DiTFastAttn's thresholds, 2 ablation, 3 peers, 5 DiTFastAttn's
+#                                           # residual rule, 4 collect)
 # Jobs run two at a time (hydra/launcher=local, joblib) with one thread each: 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +17,7 @@ L=hydra/launcher=local
 # Evaluate settings shared by every job: the uncompressed baseline of (model, N, seeds) is generated once (cached
 # under runs/cache/baseline) and, in every job, timed side by side with the method on the first batch.
 EV=(n=$N ref_n=2000 batch=25 warmup=false time_batches=1 'out=${hydra:runtime.output_dir}/evaluate.csv')
-PARTS=${PARTS:-"0 1 2 3 4"}
+PARTS=${PARTS:-"0 1 1g 2 3 5 4"}
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 T0=$(date +%s)
 part() { echo "[sweeps] $1: $(( $(date +%s) - T0 )) s so far"; }
@@ -31,14 +33,21 @@ fi
 
 if has 1; then
 # 1. difa's default (trajectory search over block cells) in budget mode, its latency model timed at the evaluation
-#    batch; the greedy over attention cells (search=greedy, the previous default) over DiTFastAttn's thresholds
-#    (Table 1: D1..D6 = 0.025..0.15); DiTFastAttn's four candidates (ast, wars, asc, wars+asc) and its loss (both
-#    CFG halves, unguided) at D2, D4, D6.
+#    batch (25 images per call).
 for M in $MODELS; do
   python -m difa.calibrate -m $L +model=$M budget=0.3,0.4,0.5,0.6,0.7,0.8,0.9 latency_batch=25 \
     'out=plans/sweeps/${model.name}_difa_b${budget}.json' "hydra.sweep.dir=$OUT/calibrate/budget_$M"
   python -m difa.evaluate -m $L +model=$M "${EV[@]}" +budget=0.3,0.4,0.5,0.6,0.7,0.8,0.9 \
     'plan=plans/sweeps/${model.name}_difa_b${budget}.json' "hydra.sweep.dir=$OUT/evaluate/budget_$M"
+done
+part "difa budgets"
+fi
+
+if has 1g; then
+# 1g. The greedy over attention cells (search=greedy, the previous default) over DiTFastAttn's thresholds
+#     (Table 1: D1..D6 = 0.025..0.15); DiTFastAttn's four candidates (ast, wars, asc, wars+asc) and its loss (both
+#     CFG halves, unguided) at D2, D4, D6.
+for M in $MODELS; do
   python -m difa.calibrate -m $L +model=$M search=greedy threshold=0.025,0.05,0.075,0.1,0.125,0.15 \
     'out=plans/sweeps/${model.name}_difa_d${threshold}.json' "hydra.sweep.dir=$OUT/calibrate/threshold_$M"
   python -m difa.calibrate -m $L +model=$M search=greedy threshold=0.05,0.1,0.15 'candidates=[ast,wars,asc,wars+asc]' loss_on=halves \
@@ -48,7 +57,7 @@ for M in $MODELS; do
   python -m difa.evaluate -m $L +model=$M "${EV[@]}" +variant=ditfastattn +delta=0.05,0.1,0.15 \
     'plan=plans/sweeps/${model.name}_${variant}_d${delta}.json' "hydra.sweep.dir=$OUT/evaluate/ditfastattn_$M"
 done
-part "threshold sweep"
+part "greedy and DiTFastAttn thresholds"
 fi
 
 if has 2; then
@@ -87,10 +96,25 @@ fi
 part peers
 fi
 
+if has 5; then
+# 5. DiTFastAttn's residual rule (an `asc` step also refreshes the window residual; DESIGN.md §7) against difa's
+#    (only `full` steps do), same candidates, loss and thresholds as the `ditfastattn` variant of part 1.
+for M in $MODELS; do
+  python -m difa.calibrate -m $L +model=$M search=greedy threshold=0.05,0.1,0.15 'candidates=[ast,wars,asc,wars+asc]' \
+    loss_on=halves 'techniques={wars: {residual_from: full+asc}}' \
+    'out=plans/sweeps/${model.name}_ditfastattn-rule_d${threshold}.json' "hydra.sweep.dir=$OUT/calibrate/dfarule_$M"
+  python -m difa.evaluate -m $L +model=$M "${EV[@]}" +variant=ditfastattn-rule +delta=0.05,0.1,0.15 +tag=ditfastattn-rule \
+    'plan=plans/sweeps/${model.name}_${variant}_d${delta}.json' "hydra.sweep.dir=$OUT/evaluate/dfarule_$M"
+done
+part "residual rule"
+fi
+
 if has 4; then
 # 4. Tables and figures.
 python experiments/collect.py "$OUT/evaluate" --out experiments/results --heatmaps
-python experiments/collect.py $OUT/evaluate/threshold_* $OUT/evaluate/ditfastattn_* $OUT/evaluate/ablation_* \
-  --out experiments/results/ablation --x attn_flops
+if compgen -G "$OUT/evaluate/ablation_*" > /dev/null; then
+  python experiments/collect.py $OUT/evaluate/threshold_* $OUT/evaluate/ditfastattn_* $OUT/evaluate/ablation_* \
+    --out experiments/results/ablation --x attn_flops
+fi
 fi
 part "total (N=$N)"

@@ -280,8 +280,10 @@ def test_presets_follow_the_published_schedules():
     self_row = p.methods[names.index(next(n for n in names if n.endswith("attn1")))]
     cross_row = p.methods[names.index(next(n for n in names if n.endswith("attn2")))]
     assert cross_row == ("full",) * 8 + ("tgate",) * 4
-    #          0     1     2     3    4    5     6    7    8     9    10    11
-    assert self_row == ("full", "full", "full", "ast", "ast", "full", "ast", "ast", "full", "ast", "full", "ast")
+    # tgate_scheduler (tgate 1.0.0): fresh up to warm_up, then at t % sp_interval == 0 (from step 0), always at
+    # gate_step - 1, after the gate at t % fi_interval == 0; reuse after the gate reads the CFG mean (`tgate`)
+    #          0     1     2     3     4    5     6     7     8     9        10    11
+    assert self_row == ("full", "full", "full", "full", "ast", "ast", "full", "full", "full", "tgate", "full", "tgate")
     a = presets.agentsd(tiny("dit"), steps=10, guidance_scale=4.0)
     assert set(a.methods[0][:4]) == {"agent"} and set(a.methods[0][4:]) == {"tome"}
     assert a.techniques["agent"]["sx"] == 4 and a.techniques["tome"]["sx"] == 2

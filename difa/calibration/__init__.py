@@ -22,7 +22,7 @@ from difa.engine import Engine, plan_blocks, plan_layers
 from difa.errors import DifaError
 from difa.plan import (AGENT, BLOCK, CFG_METHODS, FULL, RESIDUAL_METHODS, TOME, ModelIdentity, Plan, config_hash,
                        executed_cells, residual_producers)
-from difa.techniques import REGISTRY, TECHNIQUES, agent, kind_of, tome, wars
+from difa.techniques import REGISTRY, TECHNIQUES, agent, candidate_kinds, kind_of, tome, wars
 
 DITFASTATTN_CANDIDATES = ("ast", "wars", "asc", "wars+asc")
 # Every technique whose file says DEFAULT_CANDIDATE, in registry order. Ties in the greedy's cost model keep this
@@ -213,8 +213,8 @@ def calibrate_pipeline(
     if not layers:
         raise DifaError(f"found no attention layers in {type(model).__name__}")
     kinds = {kind_of(n) for n, _ in layers}
-    skipped = {c: f"no {'/'.join(REGISTRY[c].KINDS)} layers in {type(model).__name__}"
-               for c in cands if not kinds & set(REGISTRY[c].KINDS)}  # e.g. T-GATE on class-conditional DiT
+    skipped = {c: f"no {'/'.join(candidate_kinds(c))} layers in {type(model).__name__}"
+               for c in cands if not kinds & set(candidate_kinds(c))}  # e.g. T-GATE on class-conditional DiT
     if not cfg_on:
         skipped.update({c: "CFG is off" for c in check_candidates(candidates) if c in CFG_METHODS})
     cands = [c for c in cands if c not in skipped]
@@ -228,7 +228,7 @@ def calibrate_pipeline(
     search = GreedySearch(methods, cands, float(threshold), params, kinds=[kind_of(n) for n, _ in layers],
                           progress=progress, guidance_scale=float(guidance_scale) if guided else None,
                           channels=sampled_channels(model))
-    metric = [i for i, (n, _) in enumerate(layers) if any(REGISTRY[c].NEEDS_METRIC and kind_of(n) in REGISTRY[c].KINDS
+    metric = [i for i, (n, _) in enumerate(layers) if any(REGISTRY[c].NEEDS_METRIC and kind_of(n) in candidate_kinds(c)
                                                           for c in cands)]
     engine = Engine(model, adapter, layers, methods, params, scheduler=pipe.scheduler, calibrating=True,
                     on_step=search.on_step, inference_steps=steps, metric_layers=metric)

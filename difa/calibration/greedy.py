@@ -15,7 +15,7 @@ import torch
 from difa.calibration.cost import order_candidates
 from difa.calibration.loss import relative_l1
 from difa.plan import CFG_METHODS, FULL
-from difa.techniques import REGISTRY
+from difa.techniques import candidate_kinds
 
 
 @dataclass
@@ -56,7 +56,7 @@ class GreedySearch:
         reference = self.guided(engine, trial())
         for i, row in enumerate(self.methods):
             thr = self.layer_threshold(i)
-            allowed = [c for c in self.candidates if not self.kinds or self.kinds[i] in REGISTRY[c].KINDS]
+            allowed = [c for c in self.candidates if not self.kinds or self.kinds[i] in candidate_kinds(c)]
             order = order_candidates(allowed, engine.shapes[i], self.params)
             tried: dict[str, float] = {}
             for m in order:

@@ -23,6 +23,12 @@ def letters() -> dict[str, str]:
     return {name: t.LETTER for name, t in REGISTRY.items()}
 
 
+def candidate_kinds(method: str) -> tuple[str, ...]:
+    """The kinds of layers calibration proposes `method` on (a technique may narrow its KINDS)."""
+    t = REGISTRY[method]
+    return tuple(getattr(t, "CANDIDATE_KINDS", t.KINDS))
+
+
 def is_block_method(method: str) -> bool:
     return BLOCK in REGISTRY[method].KINDS and method != full.NAME
 

@@ -4,6 +4,11 @@ A gated cross-attention layer returns the output it computed at its last compute
 two CFG halves (T-GATE caches (uncond + cond) / 2 at gate_step - 1 and reuses it from then on). Without CFG
 it is plain reuse. Once every cross-attention layer of a step is gated, the two CFG halves of the model are
 identical, and the engine runs the step on one half only (see Engine: CFG collapse).
+
+On self-attention it is T-GATE's reuse after the gate: the package caches self-attention at gate_step - 1 as
+the mean of the halves too, and a self-attention step after the gate that is not recomputed (fi_interval > 1)
+returns that mean (or the one-half output of a later recomputed step). The T-GATE preset writes it there;
+calibration proposes `tgate` on cross-attention only (CANDIDATE_KINDS), where `ast` would tie with it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from difa.techniques.base import Cell, LayerShape
 
 NAME = "tgate"
 LETTER = "T"  # one character per cell in the calibration summary
-KINDS = ("attn2",)
+KINDS = ("attn1", "attn2")
+CANDIDATE_KINDS = ("attn2",)  # where calibration proposes it
 READS_CACHE = True
 NEEDS_METRIC = False
 SHARES_CFG = False  # needs the two CFG halves in one batch
@@ -44,7 +50,7 @@ def gated(cell: Cell, batch: int) -> torch.Tensor:
         return st.gated
     out = st.out
     if out is None:
-        raise DifaError(f"{cell.name} step {cell.step}: 'tgate' has no earlier cross-attention output to reuse; "
+        raise DifaError(f"{cell.name} step {cell.step}: 'tgate' has no earlier output to reuse; "
                         "the layer must compute at an earlier step")
     cfg = cell.collapsed or cell.cond is not None
     if cfg and out.shape[0] == (batch if cell.collapsed else batch // 2):
