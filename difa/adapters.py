@@ -51,6 +51,34 @@ class Adapter:
             out.setdefault(parent, model.get_submodule(parent))
         return list(out.items())
 
+    def cache_units(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, tuple[str, int, int]]]:
+        """A UNet's DeepCache units (the modules DeepCache's `DeepCacheSDHelper` wraps), outermost-last per block:
+        (name, module, (part, block, layer)) with part "down" / "mid" / "up". Up blocks and their layers are
+        numbered from the output end, as DeepCache does (the last up block is block 0, its last resnet layer 0).
+        Empty for transformers (no down/mid/up structure)."""
+        if self.patched or not all(hasattr(model, a) for a in ("down_blocks", "mid_block", "up_blocks")):
+            return []
+        out: list[tuple[str, torch.nn.Module, tuple[str, int, int]]] = []
+        for i, block in enumerate(model.down_blocks):
+            n_res = len(getattr(block, "resnets", []) or [])
+            for part in ("attentions", "resnets"):
+                for k, m in enumerate(getattr(block, part, None) or []):
+                    out.append((f"down_blocks.{i}.{part}.{k}", m, ("down", i, k)))
+            for k, m in enumerate(getattr(block, "downsamplers", None) or []):
+                out.append((f"down_blocks.{i}.downsamplers.{k}", m, ("down", i, n_res)))
+            out.append((f"down_blocks.{i}", block, ("down", i, 0)))
+        out.append(("mid_block", model.mid_block, ("mid", 0, 0)))
+        n_up = len(model.up_blocks)
+        for i, block in enumerate(model.up_blocks):
+            b, n_res = n_up - 1 - i, len(getattr(block, "resnets", []) or [])
+            for part in ("attentions", "resnets"):
+                for k, m in enumerate(getattr(block, part, None) or []):
+                    out.append((f"up_blocks.{i}.{part}.{k}", m, ("up", b, n_res - 1 - k)))
+            for k, m in enumerate(getattr(block, "upsamplers", None) or []):
+                out.append((f"up_blocks.{i}.upsamplers.{k}", m, ("up", b, 0)))
+            out.append((f"up_blocks.{i}", block, ("up", b, 0)))
+        return out
+
     def patch_size(self, model: torch.nn.Module) -> int | None:
         """Side of a token in latent pixels for transformers; None for the UNet (tokens depend on the level)."""
         return int(model.config.patch_size) if self.patched else None

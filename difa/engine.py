@@ -86,7 +86,9 @@ class Engine:
         self.block_states = [BlockState() for _ in blocks]
         self.keep_block_residual = [_keeps(row, "residual") for row in block_methods]
         self.keep_ff = [_keeps(row, "ff") for row in block_methods]
-        executed = executed_cells([n for n, _ in layers], [n for n, _ in blocks], block_methods, self.steps)
+        self.keep_block_output = [_keeps(row, "output") for row in block_methods]
+        self.executed = executed = executed_cells([n for n, _ in layers], [n for n, _ in blocks], block_methods,
+                                                  self.steps)
         self.inference_steps = inference_steps or self.steps  # num_inference_steps, for messages
         self.scheduler, self.calibrating, self.on_step = scheduler, calibrating, on_step
         self.states = [LayerState() for _ in self.layers]
@@ -253,7 +255,9 @@ class Engine:
         return None
 
     def _gates(self, step: int) -> bool:
-        return self.collapse_cfg and all(self.methods[i][step] == TGATE for i in self.cross)
+        """Every cross-attention layer that runs at `step` is gated (moot cells inside a skipped block do not count)."""
+        ran = [i for i in self.cross if self.executed[i][step]] if step < self.steps else []
+        return self.collapse_cfg and bool(ran) and all(self.methods[i][step] == TGATE for i in ran)
 
     def _can_collapse(self, step: int, b: int) -> bool:
         if self.cond is None or not self._gates(step):
@@ -264,7 +268,8 @@ class Engine:
                 return False
         for j, _, _ in self.blocks:
             st, needs = self.block_states[j], REGISTRY[self.block_methods[j][step]].NEEDS
-            caches = [r for _, r in st.residuals] if needs == "residual" else [st.ff] if needs == "ff" else []
+            caches = {"residual": [r for _, r in st.residuals], "ff": [st.ff],
+                      "output": [_first_tensor(st.output)]}.get(needs, [])
             if any(c is not None and c.shape[0] == b and not torch.equal(c[: b // 2], c[b // 2:]) for c in caches):
                 return False
         return True
@@ -313,7 +318,8 @@ class Engine:
         st = self.block_states[j]
         st.residuals = [(s, self._fit(r, x.shape[0])) for s, r in st.residuals]
         st.ff = self._fit(st.ff, x.shape[0])
-        cell = BlockCell(self.block_names[j], j, step, st, self.keep_block_residual[j][step], self.keep_ff[j][step])
+        cell = BlockCell(self.block_names[j], j, step, st, self.keep_block_residual[j][step], self.keep_ff[j][step],
+                         self.keep_block_output[j][step])
         self._block_cells[j] = cell
         out = REGISTRY[self.block_methods[j][step]].run(cell, x, lambda: original(*args, **kwargs))
         if self.on_block is not None and not self._inside:
@@ -375,6 +381,14 @@ def _keeps(row: Sequence[str], what: str) -> list[bool]:
     return out
 
 
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if torch.is_tensor(obj) or obj is None:
+        return obj
+    if isinstance(obj, (tuple, list)):
+        return next((t for t in map(_first_tensor, obj) if t is not None), None)
+    return None
+
+
 def _ours(forward: Any, engine: "Engine") -> bool:
     return isinstance(forward, functools.partial) and getattr(forward.func, "__self__", None) is engine
 
@@ -403,10 +417,13 @@ def plan_layers(obj: Any) -> tuple[Adapter, torch.nn.Module, list[tuple[str, tor
     return adapter, model, adapter.planned_layers(model)
 
 
-def plan_blocks(obj: Any) -> list[tuple[str, torch.nn.Module]]:
-    """The transformer blocks a plan can hold block cells for, in execution order."""
+def plan_blocks(obj: Any, cache_units: bool = False) -> list[tuple[str, torch.nn.Module]]:
+    """The transformer blocks a plan can hold block cells for, in execution order; with `cache_units`, followed by
+    a UNet's DeepCache units (adapters.Adapter.cache_units)."""
     adapter = adapter_for(obj)
-    return adapter.block_layers(adapter.denoiser(obj))
+    model = adapter.denoiser(obj)
+    units = [(n, m) for n, m, _ in adapter.cache_units(model)] if cache_units else []
+    return adapter.block_layers(model) + units
 
 
 def check_identity(plan: Plan, model: torch.nn.Module, names: Sequence[str], blocks: Sequence[str] = ()) -> None:
@@ -447,6 +464,8 @@ def apply_plan(obj: Any, plan: Plan, *, collapse_cfg: bool = True) -> Engine:
     """
     adapter, model, layers = plan_layers(obj)
     blocks = adapter.block_layers(model) if plan.blocks else []
+    if plan.blocks and len(plan.model.blocks) > len(blocks):  # a plan with DeepCache units
+        blocks = blocks + [(n, m) for n, m, _ in adapter.cache_units(model)]
     check_identity(plan, model, [n for n, _ in layers], [n for n, _ in blocks])
     if plan.cfg_layout != adapter.cfg_layout:
         raise DifaError(f"the plan assumes CFG layout {plan.cfg_layout} but {adapter.family} uses {adapter.cfg_layout}; recalibrate")

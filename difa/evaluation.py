@@ -20,7 +20,7 @@ from difa import metrics
 from difa.adapters import Adapter
 from difa.data import FMNIST_CLASSES, captions
 from difa.engine import Engine, apply_plan, remove_plan
-from difa.peers import DiffusersHook
+from difa.peers import CacheDit, DiffusersHook
 from difa.plan import Plan
 
 NO_PLAN = "none"
@@ -35,7 +35,7 @@ COLUMNS = ["method", "fid", "inception_score", "class_acc", "rel_l1", "psnr_db",
 class Method:
     name: str
     plan: Plan | None
-    hook: DiffusersHook | None = None  # a diffusers caching hook instead of a plan (difa.peers)
+    hook: DiffusersHook | CacheDit | None = None  # a caching peer instead of a plan (difa.peers)
     images: list[torch.Tensor] = field(default_factory=list)  # per batch: (B, 3, H, W) in [0, 1]
     seconds: float = 0.0  # timed batches only
     timed: int = 0  # images in the timed batches

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -296,18 +295,10 @@ def reference_features(
 
 
 def save_atomic(path: str | os.PathLike, write) -> Path:
-    """Call write(binary file) on a temporary file next to `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Call write(binary file) on a temporary file next to `path`, then rename it over `path` (difa.files)."""
+    from difa.files import write_atomic
+
+    return write_atomic(path, write, what="file")
 
 
 # -- class accuracy -------------------------------------------------------------------------------------------

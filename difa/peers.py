@@ -1,6 +1,7 @@
-"""diffusers' own caching hooks as evaluation peers, run through the same evaluation code as difa's plans:
-Pyramid Attention Broadcast (`diffusers.hooks.apply_pyramid_attention_broadcast`, arXiv 2408.12588) and First Block
-Cache (`diffusers.hooks.apply_first_block_cache`, ParaAttention).
+"""Caching peers run through the same evaluation code as difa's plans: diffusers' own hooks, Pyramid Attention
+Broadcast (`diffusers.hooks.apply_pyramid_attention_broadcast`, arXiv 2408.12588) and First Block Cache
+(`diffusers.hooks.apply_first_block_cache`, ParaAttention), and cache-dit's DBCache (optionally with its TaylorSeer
+calibrator), `plan=cachedit:dbcache` (class CacheDit below).
 
 The hooks are diffusers' code, unchanged. difa only supplies what the stock DiT / PixArt pipelines do not:
 - PAB needs `current_timestep_callback`; the pipelines have no `current_timestep`, so a forward pre-hook on the
@@ -36,8 +37,16 @@ _FBC_HOOKS = ("fbc_leader_block_hook", "fbc_block_hook")
 _PROBE_ATTR = "_difa_peer_probe"
 
 
+CACHEDIT_PREFIX = "cachedit:"
+DBCACHE = "dbcache"
+# cache-dit's DBCacheConfig knobs under short keys, with its own defaults (1.5.3); taylorseer: 0 = off, else the
+# TaylorSeer calibrator's order. Trap: Fn_compute_blocks = 8 (the default) leaves nothing to cache on an 8-block
+# model; the sweeps draw the curve over fn_blocks and threshold.
+PARAMS[DBCACHE] = {"threshold": 0.08, "fn_blocks": 8, "bn_blocks": 0, "warmup_steps": 8, "taylorseer": 0}
+
+
 def is_hook(spec: Any) -> bool:
-    return str(spec).startswith(PREFIX)
+    return str(spec).startswith((PREFIX, CACHEDIT_PREFIX))
 
 
 @dataclass
@@ -138,6 +147,80 @@ class DiffusersHook:
         registry.invalidate_child_registries_cache()
 
 
-def hook_from_spec(spec: str, params: Mapping[str, Any]) -> DiffusersHook:
-    """`diffusers:<pab|fbc>` plus the keys that apply to it (None values dropped)."""
-    return DiffusersHook(str(spec)[len(PREFIX):], {k: v for k, v in params.items() if v is not None})
+def _int(params: Mapping[str, Any], key: str, low: int) -> int:
+    v = params[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise DifaError(f"{key} must be an integer >= {low} (got {v!r})")
+    return v
+
+
+@dataclass
+class CacheDit:
+    """cache-dit's DBCache on a pipeline cache-dit supports (DiTPipeline, PixArt...), its code unchanged; `apply`
+    twice is safe, `remove` is cache-dit's `disable_cache`, which restores the pipeline exactly.
+
+    Trap: cache-dit patches the pipeline *class*'s __call__ (every instance of that class is cached while applied) and
+    resets its state per pipeline call, so it must be applied to a pipeline and called through it."""
+
+    name: str
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name != DBCACHE:
+            raise DifaError(f"unknown cache-dit method {self.name!r}; use {CACHEDIT_PREFIX}{DBCACHE}")
+        unknown = sorted(set(self.params) - set(PARAMS[DBCACHE]))
+        if unknown:
+            raise DifaError(f"{CACHEDIT_PREFIX}{DBCACHE} takes {', '.join(PARAMS[DBCACHE])}; drop {', '.join(unknown)}")
+        self.params = {**PARAMS[DBCACHE], **{k: v for k, v in self.params.items() if v is not None}}
+        p = self.params
+        if isinstance(p["threshold"], bool) or not isinstance(p["threshold"], (int, float)) or not p["threshold"] >= 0:
+            raise DifaError(f"threshold must be a number >= 0 (got {p['threshold']!r}): cache-dit's residual_diff_threshold")
+        for key, low in (("fn_blocks", 1), ("bn_blocks", 0), ("warmup_steps", 0), ("taylorseer", 0)):
+            _int(p, key, low)
+        if p["taylorseer"] > 2:
+            raise DifaError(f"taylorseer must be 0 (off), 1 or 2, the TaylorSeer order (got {p['taylorseer']})")
+
+    @property
+    def label(self) -> str:
+        return f"{CACHEDIT_PREFIX}{self.name}"
+
+    def configs(self) -> tuple[Any, Any]:
+        """(DBCacheConfig, TaylorSeerCalibratorConfig or None) as cache-dit takes them."""
+        try:
+            import cache_dit
+        except ImportError:
+            raise DifaError("cache-dit is not installed; pip install 'difa[peers]' (cache-dit 1.5.3)") from None
+        p = self.params
+        cache = cache_dit.DBCacheConfig(Fn_compute_blocks=p["fn_blocks"], Bn_compute_blocks=p["bn_blocks"],
+                                        residual_diff_threshold=float(p["threshold"]), max_warmup_steps=p["warmup_steps"])
+        calib = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=p["taylorseer"]) if p["taylorseer"] else None
+        return cache, calib
+
+    def apply(self, pipe: Any) -> None:
+        import cache_dit
+
+        cache, calib = self.configs()
+        self.remove(pipe)
+        n_blocks = len(adapter_for(pipe).block_layers(adapter_for(pipe).denoiser(pipe)))
+        if self.params["fn_blocks"] + self.params["bn_blocks"] > n_blocks:
+            raise DifaError(f"fn_blocks + bn_blocks = {self.params['fn_blocks'] + self.params['bn_blocks']} exceeds the "
+                            f"model's {n_blocks} blocks; lower them")
+        try:
+            cache_dit.enable_cache(pipe, cache_config=cache, calibrator_config=calib)
+        except (ValueError, AssertionError, KeyError) as e:
+            self.remove(pipe)
+            raise DifaError(f"cache-dit does not support {type(pipe).__name__} ({e}); use a difa plan") from None
+
+    def remove(self, pipe: Any) -> None:
+        import cache_dit
+
+        if getattr(pipe, "_is_cached", False) or hasattr(type(pipe), "_original_call"):
+            cache_dit.disable_cache(pipe)
+
+
+def hook_from_spec(spec: str, params: Mapping[str, Any]) -> DiffusersHook | CacheDit:
+    """`diffusers:<pab|fbc>` or `cachedit:dbcache` plus the keys that apply to it (None values dropped)."""
+    given = {k: v for k, v in params.items() if v is not None}
+    if str(spec).startswith(CACHEDIT_PREFIX):
+        return CacheDit(str(spec)[len(CACHEDIT_PREFIX):], given)
+    return DiffusersHook(str(spec)[len(PREFIX):], given)

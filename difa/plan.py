@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -94,11 +93,6 @@ def _count(rows: Sequence[Sequence[str]]) -> dict[str, int]:
         for m in row:
             out[m] = out.get(m, 0) + 1
     return dict(sorted(out.items()))
-
-
-def parent_block(layer: str) -> str:
-    """`transformer_blocks.3.attn1` -> `transformer_blocks.3`: the block an attention layer belongs to."""
-    return layer.rsplit(".", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -215,20 +209,10 @@ class Plan:
         return cls.from_dict(d, source)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically: a temporary file in the same folder, then rename over the target."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Write atomically (difa.files.write_atomic): the old file stays intact on any failure."""
+        from difa.files import write_atomic
+
+        return write_atomic(path, lambda f: f.write(self.to_json()), binary=False)
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
@@ -260,13 +244,20 @@ def validate(plan: Plan) -> None:
     for name, row in zip(plan.model.blocks, plan.blocks):
         if len(row) != plan.steps:
             raise DifaError(f"plan row for block {name} has {len(row)} steps, expected {plan.steps}; recalibrate to get a consistent plan")
+    block_ran = block_executed(plan.model.blocks, plan.blocks, plan.steps)
+    for name, row, ran in zip(plan.model.blocks, plan.blocks, block_ran):
         for step, m in enumerate(row):
             if m not in known or BLOCK not in REGISTRY[m].KINDS:
                 options = sorted(k for k in known if BLOCK in REGISTRY[k].KINDS)
                 raise DifaError(f"plan block cell ({name}, step {step}) has method {m!r}, which is not a block method; "
                                 f"use one of {', '.join(options)}")
+            if not ran[step]:
+                if m != FULL:
+                    raise DifaError(f"plan block cell ({name}, step {step}) is {m!r} but a block around it is skipped at "
+                                    "that step, so it never runs (moot); write 'full' there")
+                continue
             needs = getattr(REGISTRY[m], "NEEDS", None)  # what an earlier step of the block must have computed
-            if needs is not None and not any(needs in _computes(REGISTRY[x]) for x in row[:step]):
+            if needs is not None and not any(needs in _computes(REGISTRY[x]) for x, r in zip(row[:step], ran) if r):
                 raise DifaError(f"plan block cell ({name}, step {step}) is {m!r}, which reuses the block's {needs} from an "
                                 f"earlier step, but no earlier step computes it; use 'full' there")
     executed = attention_executed(plan)
@@ -309,13 +300,25 @@ def attention_executed(plan: Plan) -> list[list[bool]]:
 
 def executed_cells(layers: Sequence[str], block_names: Sequence[str], block_rows: Sequence[Sequence[str]],
                    steps: int) -> list[list[bool]]:
+    """[layer][step]: the attention layer runs, i.e. no block containing it (its transformer block, or a UNet
+    DeepCache unit around it) skips at that step."""
+    return _not_skipped(layers, block_names, block_rows, steps)
+
+
+def block_executed(block_names: Sequence[str], block_rows: Sequence[Sequence[str]], steps: int) -> list[list[bool]]:
+    """[block][step]: the block's own cell runs, i.e. no block containing it skips at that step (nested UNet units:
+    a resnet inside a skipped down block never runs; its cell is moot)."""
+    return _not_skipped(block_names, block_names, block_rows, steps)
+
+
+def _not_skipped(names: Sequence[str], block_names: Sequence[str], block_rows: Sequence[Sequence[str]],
+                 steps: int) -> list[list[bool]]:
     from difa.techniques import REGISTRY
 
-    index = {b: j for j, b in enumerate(block_names)}
     out = []
-    for name in layers:
-        j = index.get(parent_block(name)) if block_rows else None
-        out.append([True] * steps if j is None else [not REGISTRY[m].SKIPS_ATTENTION for m in block_rows[j]])
+    for name in names:
+        around = [j for j, b in enumerate(block_names) if name.startswith(b + ".")] if block_rows else []
+        out.append([not any(REGISTRY[block_rows[j][t]].SKIPS_ATTENTION for j in around) for t in range(steps)])
     return out
 
 

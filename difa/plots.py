@@ -169,6 +169,13 @@ def _column(df, name: str, what: str) -> None:
         raise DifaError(f"column {name!r} has no values (e.g. FID needs fid=true in difa.evaluate); pick another {what} column")
 
 
+MAIN_FAMILY = "difa"
+# Okabe & Ito's colour-blind-safe palette (blue first, for difa), and markers cycling independently of it.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#999999", "#882255",
+           "#117733")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p")
+
+
 def pareto_plot(df, path: str | os.PathLike, *, x: str = "s_per_image", y: str = "fid", family: str = "family",
                 label: str | None = None, title: str | None = None) -> Path:
     """Quality `y` against cost `x`, one line per value of the `family` column (points joined in order of x), with
@@ -186,13 +193,18 @@ def pareto_plot(df, path: str | os.PathLike, *, x: str = "s_per_image", y: str =
     data = df[df[x].notna() & df[y].notna()]
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    names = sorted(data[family].astype(str).unique(), key=lambda f: (f != BASELINE, f))
+    names = sorted(data[family].astype(str).unique(), key=lambda f: (f != BASELINE, f != MAIN_FAMILY, f))
+    others = 0
     for name in names:
         part = data[data[family].astype(str) == name].sort_values(x)
         if name == BASELINE:
             ax.scatter(part[x], part[y], marker="*", s=120, color="black", zorder=3, label=name)
-        else:
-            ax.plot(part[x], part[y], marker="o", markersize=4, linewidth=1.2, label=name)
+        elif name == MAIN_FAMILY:  # difa's own curve: first, boldest, on top
+            ax.plot(part[x], part[y], marker="o", markersize=6, linewidth=2.6, color=PALETTE[0], zorder=4, label=name)
+        else:  # a colour and a marker per family, so series differ in print and for colour-blind readers
+            others += 1
+            ax.plot(part[x], part[y], marker=MARKERS[others % len(MARKERS)], markersize=4, linewidth=1.1,
+                    color=PALETTE[1 + (others - 1) % (len(PALETTE) - 1)], label=name)
         if label is not None and name != BASELINE:
             for _, row in part[part[label].notna()].iterrows():
                 ax.annotate(str(row[label]), (row[x], row[y]), fontsize=6, xytext=(3, 3), textcoords="offset points")

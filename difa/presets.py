@@ -7,6 +7,9 @@
     tgate        T-GATE: cross-attention computed until `gate_step`, then its CFG mean is reused (and the
                  engine runs one CFG half); self-attention cached at `warm_up`, recomputed every
                  `sp_interval` steps before the gate and every `fi_interval` steps after it
+    deepcache    DeepCache (UNets): every `cache_interval`-th step in full, between them the deep branch's
+                 units return their cached outputs (`cache_branch_id` picks the cut; defaults 3 and 0)
+    tgate+deepcache  both, as tgate's DeepCache loaders combine them (DeepCache restarts at the gate)
     ditfastattn  DiTFastAttn is its calibration: `difa.calibrate_pipeline` (`python -m difa.calibrate`)
 
 Steps are denoiser calls (= num_inference_steps for DPM-Solver and DDIM).
@@ -16,11 +19,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from difa.calibration import DITFASTATTN_CANDIDATES, calibrate_pipeline, fixed_plan
+from difa.adapters import adapter_for
+from difa.calibration import DITFASTATTN_CANDIDATES, calibrate_pipeline, denoiser_calls, fixed_plan
 from difa.engine import plan_layers
 from difa.errors import DifaError
 from difa.plan import AGENT, AST, FULL, TGATE, TOME, Plan
-from difa.techniques import agent, kind_of, tome
+from difa.techniques import agent, deepcache, kind_of, tome
 
 
 def tomesd(pipe: Any, *, steps: int, guidance_scale: float, ratio: float = 0.5, sx: int = 2, sy: int = 2,
@@ -82,6 +86,58 @@ def tgate(pipe: Any, *, steps: int, guidance_scale: float, gate_step: int = 10, 
     return _tag(fixed_plan(pipe, method, steps=steps, guidance_scale=guidance_scale, name=name), "tgate", params)
 
 
+def _deepcache_rows(pipe: Any, steps: int, cache_interval: int, cache_branch_id: int,
+                    fresh: Callable[[int], bool] | None = None) -> Callable[[int, int], str]:
+    """block(j, t) for fixed_plan(..., cache_units=True): transformer blocks full, DeepCache units on its schedule."""
+    for key, v, low in (("cache_interval", cache_interval, 1), ("cache_branch_id", cache_branch_id, 0)):
+        if isinstance(v, bool) or int(v) != v or v < low:
+            raise DifaError(f"deepcache {key} must be an integer >= {low}, got {v}")
+    adapter = adapter_for(pipe)
+    model = adapter.denoiser(pipe)
+    units = adapter.cache_units(model)
+    if not units:
+        raise DifaError(f"deepcache caches a UNet's deep branch and {type(model).__name__} has no down/mid/up blocks; "
+                        "use a difa plan (block reuse / forecast) instead")
+    if deepcache.branch(int(cache_branch_id))[0] >= len(model.down_blocks):
+        raise DifaError(f"deepcache cache_branch_id {cache_branch_id} is past the UNet's {len(model.down_blocks)} down "
+                        f"blocks; use 0..{3 * len(model.down_blocks) - 1}")
+    n_blocks = len(adapter.block_layers(model))
+    calls = denoiser_calls(pipe.scheduler, steps)
+    rows = deepcache.schedule([c for _, _, c in units], calls, int(cache_interval), int(cache_branch_id), fresh)
+    return lambda j, t: FULL if j < n_blocks else rows[j - n_blocks][t]
+
+
+def deepcache_preset(pipe: Any, *, steps: int, guidance_scale: float, cache_interval: int = 3,
+                     cache_branch_id: int = 0, name: str = "") -> Plan:
+    """DeepCache's defaults (cache_interval 3, cache_branch_id 0), as its DeepCacheSDHelper runs them."""
+    block = _deepcache_rows(pipe, steps, cache_interval, cache_branch_id)
+    plan = fixed_plan(pipe, lambda i, t: FULL, steps=steps, guidance_scale=guidance_scale, name=name, block=block,
+                      cache_units=True)
+    return _tag(plan, "deepcache", dict(cache_interval=cache_interval, cache_branch_id=cache_branch_id))
+
+
+def tgate_deepcache(pipe: Any, *, steps: int, guidance_scale: float, gate_step: int = 10, sp_interval: int = 5,
+                    fi_interval: int = 1, warm_up: int = 2, cache_interval: int = 3, cache_branch_id: int = 0,
+                    name: str = "") -> Plan:
+    """T-GATE with DeepCache, as tgate's TgateSDDeepCacheLoader / TgateSDXLDeepCacheLoader run them: DeepCache
+    restarts at gate_step - 1 and at gate_step (both computed in full), so its cached outputs are remade at the
+    one-half batch after the gate."""
+    gated = tgate(pipe, steps=steps, guidance_scale=guidance_scale, gate_step=gate_step, sp_interval=sp_interval,
+                  fi_interval=fi_interval, warm_up=warm_up, name=name)
+
+    def fresh(t: int) -> bool:
+        if t < gate_step - 1:
+            return t % cache_interval == 0
+        return t == gate_step - 1 or (t - gate_step) % cache_interval == 0
+
+    block = _deepcache_rows(pipe, steps, cache_interval, cache_branch_id, fresh)
+    layers = gated.model.layers
+    plan = fixed_plan(pipe, lambda i, t: gated.methods[i][t], steps=steps, guidance_scale=guidance_scale, name=name,
+                      block=block, cache_units=True, kinds=tuple({kind_of(n) for n in layers}))
+    return _tag(plan, "tgate+deepcache", {**gated.calibration["params"], "cache_interval": cache_interval,
+                                          "cache_branch_id": cache_branch_id})
+
+
 def ditfastattn(pipe: Any, *, steps: int, guidance_scale: float, inputs, threshold: float = 0.05,
                  name: str = "", **kw) -> Plan:
     """DiTFastAttn is its greedy calibration with its four candidates, its loss (on both CFG halves, unguided) and
@@ -94,7 +150,8 @@ def ditfastattn(pipe: Any, *, steps: int, guidance_scale: float, inputs, thresho
 
 
 PRESETS: dict[str, Callable[..., Plan]] = {"tomesd": tomesd, "agentsd": agentsd, "tgate": tgate,
-                                           "ditfastattn": ditfastattn}
+                                           "ditfastattn": ditfastattn, "deepcache": deepcache_preset,
+                                           "tgate+deepcache": tgate_deepcache}
 
 
 def preset_plan(preset: str, pipe: Any, *, steps: int, guidance_scale: float, **params) -> Plan:

@@ -9,6 +9,7 @@ with the job's overrides as extra columns. Writes to --out:
     results.csv          every row of every job, with `family`, `rel_latency` (s_per_image / the same job's
                          baseline: both were timed side by side), `threshold` (from the override or the plan file)
     results.md           one markdown table per model (baseline rows of all jobs averaged into one)
+    matched.md           per model and family: relative L1 interpolated at 0.4, 0.6 and 0.8 of full latency
     pareto_<model>.png   quality (--y) against cost (--x), one line per family
     heatmaps/<plan>.png  with --heatmaps, the heatmap of every plan file the rows name; --plan draws given plans
 """
@@ -33,7 +34,8 @@ BASELINE = "baseline"
 PRESET_PREFIX = "preset_"  # difa.evaluate names a preset's row "preset_<name>"
 METRICS = ["attn_flops", "macs", "rel_latency", "s_per_image", "fid", "inception_score", "class_acc", "rel_l1",
            "psnr_db", "ssim", "gmacs_per_image", "peak_mem_mb"]
-QUALITY_ORDER = ("fid", "class_acc", "rel_l1")  # --y auto: the first of these with values
+QUALITY_ORDER = ("rel_l1", "psnr_db", "class_acc", "fid")  # --y auto: the first with values (fidelity first: FID
+# at n = 100 is small-sample bias, see experiments/README.md)
 # Overrides that say where things go or which machine runs them, not what was measured.
 NOT_LABELS = {"model", "plan", "out", "save_plan", "cache_dir", "classifier", "device", "n", "batch", "fid", "warmup",
               "ref_n", "fid_source", "tag", "baseline_cache", "time_batches", "timed_images", "threads"}
@@ -216,6 +218,39 @@ def model_tables(df: pd.DataFrame) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+MATCHED_AT = (0.4, 0.6, 0.8)
+
+
+def at_latency(x: Sequence[float], y: Sequence[float], at: float) -> float:
+    """y linearly interpolated at x = `at` along one family's curve (points sorted by x; at equal x the lower y,
+    since a Pareto curve keeps the better point); NaN outside the curve's x range (not reached)."""
+    pts: dict[float, float] = {}
+    for a, b in zip(x, y):
+        if math.isfinite(a) and math.isfinite(b):
+            pts[a] = min(b, pts.get(a, math.inf))
+    xs = sorted(pts)
+    for lo, hi in zip(xs, xs[1:]):
+        if lo <= at <= hi:
+            return pts[lo] + (pts[hi] - pts[lo]) * (at - lo) / (hi - lo)
+    return pts[xs[0]] if len(xs) == 1 and xs[0] == at else math.nan
+
+
+def matched_table(df: pd.DataFrame, y: str = "rel_l1", at: Sequence[float] = MATCHED_AT) -> str:
+    """Per model, each family's `y` interpolated at the latencies `at` (fractions of the uncompressed model's):
+    the planner issue's comparison at matched latency. '–': the family's curve does not reach that latency."""
+    parts = []
+    for model, part in df.groupby("model", sort=True):
+        part = part[part.method != BASELINE]
+        rows = []
+        for family, fam in part.groupby("family", sort=True):
+            vals = [at_latency(fam.rel_latency.tolist(), fam[y].tolist(), a) for a in at]
+            rows.append({"family": family, "points": len(fam),
+                         **{f"{y} @ {a}": "–" if math.isnan(v) else f"{v:.3f}" for a, v in zip(at, vals)}})
+        table = pd.DataFrame(rows)
+        parts.append(f"### {model}\n\n" + markdown_table(table, list(table.columns)))
+    return "\n\n".join(parts) + "\n"
+
+
 def write_text(path: Path, text: str) -> Path:
     return save_atomic(path, lambda f: f.write(text.encode()))
 
@@ -262,6 +297,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     df = collect(roots)
     written.append(write_text(out / "results.csv", df.to_csv(index=False)))
     written.append(write_text(out / "results.md", model_tables(df)))
+    if "rel_l1" in df.columns and "rel_latency" in df.columns:
+        written.append(write_text(out / "matched.md", matched_table(df)))
     written += draw_pareto(df, out, args.x, args.y)
     if args.heatmaps:
         files = [p for p in df.get("plan", pd.Series(dtype=str)).dropna().astype(str).unique() if Path(p).is_file()]

@@ -4,7 +4,7 @@
 #   bash experiments/sweeps.sh              # N=100 images per method (the README numbers)
 #   N=500 bash experiments/sweeps.sh        # more images, longer
 #   PARTS="1 4" bash experiments/sweeps.sh  # only some parts (0 baselines, 1 difa's budgets, 1g the greedy's and
-#                                           # DiTFastAttn's thresholds, 2 ablation, 3 peers, 5 DiTFastAttn's
+#                                           # DiTFastAttn's thresholds, 2 ablation, 3 peers, 3c cache-dit, 5 DiTFastAttn's
 #                                           # residual rule, 4 collect)
 # Jobs run two at a time (hydra/launcher=local, joblib) with one thread each: 2 CPU cores.
 set -euo pipefail
@@ -17,7 +17,7 @@ L=hydra/launcher=local
 # Evaluate settings shared by every job: the uncompressed baseline of (model, N, seeds) is generated once (cached
 # under runs/cache/baseline) and, in every job, timed side by side with the method on the first batch.
 EV=(n=$N ref_n=2000 batch=25 warmup=false time_batches=1 'out=${hydra:runtime.output_dir}/evaluate.csv')
-PARTS=${PARTS:-"0 1 1g 2 3 5 4"}
+PARTS=${PARTS:-"0 1 1g 2 3 3c 5 4"}
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 T0=$(date +%s)
 part() { echo "[sweeps] $1: $(( $(date +%s) - T0 )) s so far"; }
@@ -94,6 +94,21 @@ if [[ " $MODELS " == *" fmnist_pixart "* ]]; then
     "hydra.sweep.dir=$OUT/evaluate/peers_tgate_fmnist_pixart"
 fi
 part peers
+fi
+
+if has 3c; then
+# 3c. cache-dit's DBCache (the real package, `pip install 'difa[peers]'`) over its documented knobs: Fn_compute_blocks
+#     1 and 2 (its default 8 caches nothing on these 8-block models), residual_diff_threshold 0.08 (its default) to
+#     0.4, 2 warm-up steps (its default 8 would fix 40% of 20 steps); then the same with its TaylorSeer calibrator.
+for M in $MODELS; do
+  for F in 1 2; do
+    python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=cachedit:dbcache fn_blocks=$F warmup_steps=2 \
+      +tag=cachedit-F$F threshold=0.08,0.15,0.25,0.4 "hydra.sweep.dir=$OUT/evaluate/peers_cachedit_F${F}_$M"
+  done
+  python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=cachedit:dbcache fn_blocks=1 warmup_steps=2 taylorseer=1 \
+    +tag=cachedit-F1-taylorseer threshold=0.08,0.15,0.25,0.4 "hydra.sweep.dir=$OUT/evaluate/peers_cachedit_ts_$M"
+done
+part "cache-dit"
 fi
 
 if has 5; then

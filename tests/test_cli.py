@@ -3,7 +3,9 @@ user meets first, run as real subprocesses."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from difa.cli import calibrate as calibrate_cli
 from difa.cli import generate as generate_cli
 from difa.cli.common import CONF_DIR, REPO_ROOT
+from difa.errors import DifaError
 from difa.models import build_tiny_pipeline
 from difa.plan import load_plan
 
@@ -114,6 +117,8 @@ def test_generate_refuses_a_mismatched_run(tmp_path):
     ("tiny_sd", "tomesd", ["ratio=0.5"], {"tome"}),
     ("tiny_dit", "agentsd", [], {"agent", "tome"}),
     ("tiny_pixart", "tgate", ["gate_step=3", "sp_interval=2", "warm_up=1"], {"tgate", "ast", "full"}),
+    ("tiny_sd", "deepcache", ["cache_interval=2"], {"deepcache", "full"}),
+    ("tiny_sd", "tgate+deepcache", ["gate_step=3", "warm_up=1", "cache_interval=2"], {"tgate", "ast", "deepcache", "full"}),
 ])
 def test_generate_runs_presets_and_saves_their_plan(tmp_path, model, preset, extra, expect):
     saved = tmp_path / "preset.json"
@@ -121,7 +126,8 @@ def test_generate_runs_presets_and_saves_their_plan(tmp_path, model, preset, ext
                               f"save_plan={saved}", f"out={tmp_path / 'img'}"])
     images, _ = generate_cli.run(cfg)
     plan = load_plan(saved)  # an ordinary plan: saved and loaded the same way
-    assert len(images) == 2 and set(plan.counts()) - {"full"} <= expect and set(plan.counts()) & (expect - {"full"})
+    used = set(plan.counts()) | set(plan.block_counts())
+    assert len(images) == 2 and used - {"full"} <= expect and used & (expect - {"full"})
     assert plan.calibration["preset"] == preset
 
 
@@ -157,3 +163,119 @@ def test_generate_with_a_diffusers_hook(tmp_path):
     base = run("plan=none")
     assert np.array_equal(run("plan=diffusers:pab", "skip=1"), base)  # recompute every step: the stock model
     assert not np.array_equal(run("plan=diffusers:pab", "skip=2", "cross_skip=2", "timestep_range=[0,1000]"), base)
+    if importlib.util.find_spec("cache_dit") is not None:  # the peers extra
+        assert np.array_equal(run("plan=cachedit:dbcache", "fn_blocks=1", "threshold=0"), base)  # never caches
+        assert not np.array_equal(run("plan=cachedit:dbcache", "fn_blocks=1", "warmup_steps=1", "threshold=10"), base)
+        with pytest.raises(DifaError, match="skip do not apply to cachedit:dbcache"):
+            run("plan=cachedit:dbcache", "skip=2")
+
+
+def test_technique_parameters_in_the_documented_form(tmp_path):
+    """README's `'techniques={tome: {ratio: 0.3}}'` merges into the defaults table (it was "not in struct"); the plan
+    records only what differs from the defaults; unknown names and keys are refused by Hydra."""
+    from hydra.errors import ConfigCompositionException
+
+    cfg = config("calibrate", ["+model=tiny_dit", "techniques={tome: {ratio: 0.3}, wars: {residual_from: full+asc}}",
+                               "search=greedy", "candidates=[wars,tome]", "threshold=0.05", "steps=3",
+                               f"out={tmp_path / 'p.json'}"])
+    assert cfg.techniques.tome.ratio == 0.3 and cfg.techniques.tome.sx == 2 and cfg.techniques.agent.ratio == 0.4
+    plan, _ = calibrate_cli.run(cfg)
+    assert plan.techniques["tome"] == {"ratio": 0.3}
+    assert plan.techniques["wars"] == {"window": 0.125, "residual_from": "full+asc"}
+    for bad in ("techniques={tome: {ratioo: 0.3}}", "techniques={tomme: {ratio: 0.3}}", "techniques.wars.windw=2"):
+        with pytest.raises(ConfigCompositionException):
+            config("calibrate", ["+model=tiny_dit", bad])
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("techniques.wars.window=0", "techniques.wars.window=0 is invalid"),
+    ("techniques.tome.ratio=1.5", "tome ratio must be in [0, 1), got 1.5"),
+    ("techniques.wars.residual_from=asc", "wars residual_from 'asc' is unknown"),
+])
+def test_bad_technique_parameters_fail_before_the_model_loads(tmp_path, arg, message, monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the parameters were checked")
+
+    monkeypatch.setattr(calibrate_cli, "load_model", no_load)
+    with pytest.raises(DifaError, match=re.escape(message)):
+        calibrate_cli.run(config("calibrate", ["+model=tiny_dit", arg, f"out={tmp_path / 'p.json'}"]))
+
+
+@pytest.mark.parametrize("app,arg,message", [
+    ("calibrate", "threshold=nan", "threshold must be a finite number (got nan)"),
+    ("calibrate", "guidance_scale=nan", "guidance_scale must be a finite number (got nan)"),
+    ("calibrate", "guidance_scale=abc", "guidance_scale must be a finite number (got 'abc')"),
+    ("calibrate", "steps=2.5", "steps must be an integer >= 1 (got 2.5)"),
+    ("calibrate", "steps=abc", "steps must be an integer >= 1 (got 'abc')"),
+    ("calibrate", "seed=abc", "seed must be an integer >= 0 (got 'abc')"),
+    ("calibrate", "n_calib=abc", "n_calib must be an integer >= 1 (got 'abc')"),
+    ("calibrate", "device=foo", "unknown device 'foo'"),
+    ("generate", "steps=0", "steps must be an integer >= 1 (got 0)"),
+    ("evaluate", "seed=-1", "seed must be an integer >= 0 (got -1)"),
+])
+def test_bad_settings_fail_before_the_model_loads(tmp_path, app, arg, message, monkeypatch):
+    """Issue 15's inputs: one-line errors, no model forward (load_model is never reached)."""
+    from difa.cli import evaluate as evaluate_cli
+
+    module = {"calibrate": calibrate_cli, "generate": generate_cli, "evaluate": evaluate_cli}[app]
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(module, "load_model", no_load)
+    extra = [] if app == "calibrate" else ["plan=none"]
+    with pytest.raises(DifaError, match=re.escape(message)):
+        module.run(config(app, ["+model=tiny_dit", arg, *extra, f"out={tmp_path / 'o'}"]))
+
+
+def test_cuda_without_cuda_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = cli("difa.calibrate", "+model=tiny_dit", "device=cuda", f"hydra.run.dir={tmp_path}", f"out={tmp_path / 'p.json'}")
+    assert r.returncode == 2 and r.stderr.strip().startswith("difa: error: device=cuda but this machine has no CUDA")
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.json").exists()
+
+
+def test_calibrate_checks_out_before_loading_and_writes_the_heatmap_first(tmp_path, monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before out= was checked")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(calibrate_cli, "load_model", no_load)
+        with pytest.raises(DifaError, match="is a directory"):
+            calibrate_cli.run(config("calibrate", ["+model=tiny_dit", f"out={tmp_path}"]))
+        with pytest.raises(DifaError, match="is not a regular file"):
+            calibrate_cli.run(config("calibrate", ["+model=tiny_dit", "out=/dev/null"]))
+    order = []
+    from difa import files
+
+    real = files.write_atomic
+
+    def spy(path, *a, **k):
+        order.append(str(path).rsplit(".", 1)[-1])
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(files, "write_atomic", spy)
+    calibrate_cli.run(config("calibrate", ["+model=tiny_dit", "steps=3", f"out={tmp_path / 'p.json'}"]))
+    assert order == ["png", "json"] and not list(tmp_path.glob(".*.lock"))
+
+
+def test_ctrl_c_is_one_line_and_leaves_no_plan(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "p.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "difa.calibrate", "+model=tiny_dit", "search=greedy", "steps=20",
+                             f"out={out}", f"hydra.run.dir={tmp_path}"], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / ".p.json.lock"
+    deadline = time.time() + 120
+    while not lock.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # the lock exists once the CLI is inside its error handling
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("difa: interrupted"), err
+    assert "Traceback" not in err and not out.exists() and not lock.exists()

@@ -115,7 +115,7 @@ def test_main_writes_csv_markdown_pareto_and_heatmaps(sweep, tmp_path):
     plan = make_plan().save(tmp_path / "real_plan.json")
     out = tmp_path / "results"
     assert collect.main([str(sweep), "--out", str(out), "--y", "fid", "--plan", str(plan)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["heatmaps", "pareto_m.png", "results.csv", "results.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["heatmaps", "matched.md", "pareto_m.png", "results.csv", "results.md"]
     assert [p.name for p in (out / "heatmaps").iterdir()] == ["real_plan.png"]
     assert len(pd.read_csv(out / "results.csv")) == 8
 
@@ -168,3 +168,16 @@ def test_job_dirs_mixes_single_runs_and_multiruns(tmp_path):
         (tmp_path / job / ".hydra" / "overrides.yaml").write_text("[]\n")
     found = [p.relative_to(tmp_path).as_posix() for p in collect.job_dirs(tmp_path)]
     assert found == ["baseline", "sweep/0", "sweep/9", "sweep/10"]
+
+
+def test_matched_latency_interpolation_against_numpy():
+    import numpy as np
+
+    x, y = [0.9, 0.3, 0.6, 0.6], [0.01, 0.3, 0.08, 0.05]  # unsorted; a repeated latency keeps its better point
+    for at in (0.3, 0.4, 0.6, 0.75, 0.9):
+        assert collect.at_latency(x, y, at) == pytest.approx(np.interp(at, [0.3, 0.6, 0.9], [0.3, 0.05, 0.01]))
+    assert math.isnan(collect.at_latency(x, y, 0.2)) and math.isnan(collect.at_latency(x, y, 0.95))  # not reached
+    df = pd.DataFrame({"model": "m", "method": ["a", "a", "b"], "family": ["fa", "fa", "fb"],
+                       "rel_latency": [0.3, 0.9, 0.5], "rel_l1": [0.2, 0.02, 0.1]})
+    table = collect.matched_table(df, at=(0.6,))
+    assert "| fa | 2 | 0.110 |" in table and "| fb | 1 | – |" in table

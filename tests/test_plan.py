@@ -43,7 +43,9 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    from difa.errors import DifaError
+
+    with pytest.raises(DifaError, match="disk full; the previous file, if any, is unchanged"):
         make(methods=(("full", "full", "full"), ("full", "full", "full"))).save(path)
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["p.json"]

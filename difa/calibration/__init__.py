@@ -52,20 +52,28 @@ def model_identity(model: Any, layers: Sequence[tuple[str, Any]], name: str, fam
 
 
 def block_rows(blocks: Sequence[tuple[str, Any]], method: Callable[[int, int], str], calls: int) -> tuple[tuple[str, ...], ...]:
-    """Block cells from `method(block, step)`; a cell that would read a cache nothing computed yet stays `full`."""
-    rows = []
-    for j in range(len(blocks)):
+    """Block cells from `method(block, step)`; a cell that would read a cache nothing computed yet stays `full`, and
+    so does a cell of a block nested in one that skips at that step (moot; UNet DeepCache units). Outer blocks are
+    decided first."""
+    names = [n for n, _ in blocks]
+    rows: list[tuple[str, ...] | None] = [None] * len(blocks)
+    for j in sorted(range(len(blocks)), key=lambda j: names[j].count(".")):  # a block's name extends its ancestors'
+        around = [a for a in range(len(blocks)) if names[j].startswith(names[a] + ".")]
         out: list[str] = []
+        ran: list[bool] = []
         for t in range(calls):
             m = method(j, t)
             if m not in REGISTRY or BLOCK not in REGISTRY[m].KINDS:
                 raise DifaError(f"{m!r} is not a block method; choose from "
                                 f"{', '.join(sorted(k for k, v in REGISTRY.items() if BLOCK in v.KINDS))}")
+            runs = not any(REGISTRY[rows[a][t]].SKIPS_ATTENTION for a in around)
             needs = getattr(REGISTRY[m], "NEEDS", None)
-            if needs is not None and not any(needs in getattr(REGISTRY[x], "COMPUTES", ()) for x in out):
+            done = [x for x, r in zip(out, ran) if r]
+            if not runs or (needs is not None and not any(needs in getattr(REGISTRY[x], "COMPUTES", ()) for x in done)):
                 m = FULL
             out.append(m)
-        rows.append(tuple(out))
+            ran.append(runs)
+        rows[j] = tuple(out)
     return tuple(rows)
 
 
@@ -80,9 +88,11 @@ def fixed_plan(
     techniques: Mapping[str, Mapping[str, Any]] | None = None,
     kinds: Sequence[str] = ("attn1", "attn2"),
     block: Callable[[int, int], str] | None = None,
+    cache_units: bool = False,
 ) -> Plan:
     """A plan without calibration: `method(layer, step)` picks each cell of the layers of `kinds`, and
-    `block(block, step)` (optional) each block cell.
+    `block(block, step)` (optional) each block cell: of the transformer blocks, followed by a UNet's DeepCache units
+    with `cache_units`.
 
     Cells stay `full` where the method does not apply to the layer's kind (e.g. `asc` on cross-attention), at
     step 0 for methods that reuse an earlier step, and where the layer's block is skipped (the cell is moot).
@@ -90,7 +100,7 @@ def fixed_plan(
     """
     adapter, model, layers = plan_layers(pipe)
     calls = denoiser_calls(pipe.scheduler, steps)
-    blocks = plan_blocks(pipe) if block is not None else []
+    blocks = plan_blocks(pipe, cache_units) if block is not None else []
     brows = block_rows(blocks, block, calls) if block is not None else ()
     ran = executed_cells([n for n, _ in layers], [n for n, _ in blocks], brows, calls)
     producers = residual_producers(techniques or {})

@@ -8,10 +8,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from difa.calibration import DEFAULT_CANDIDATES, calibrate_pipeline, check_budget
-from difa.cli.common import CONF_DIR, call_kwargs, load_model, model_config, reject_unplussed_model, report_errors, take_inputs
+from difa.calibration import DEFAULT_CANDIDATES, calibrate_pipeline, check_budget, technique_params
+from difa.cli.common import (CONF_DIR, call_kwargs, check_settings, load_model, model_config, reject_unplussed_model,
+                             report_errors, take_inputs)
+from difa.files import check_target, target_lock
 from difa.plan import Plan, attention_executed
-from difa.techniques import letters
+from difa.techniques import changed_params, check_params, letters
 
 MAX_MAP_LAYERS = 40
 
@@ -21,28 +23,37 @@ def resolve_model(cfg: DictConfig) -> DictConfig:
 
 
 def run(cfg: DictConfig) -> tuple[Plan, Path]:
-    budget = check_budget(cfg.get("budget"))  # one-line error before the model loads
+    check_settings(cfg)
+    budget = check_budget(cfg.get("budget"))  # one-line errors before the model loads
+    techniques = OmegaConf.to_container(cfg.get("techniques") or OmegaConf.create({}), resolve=True)
+    check_params(techniques)
+    techniques = changed_params(techniques)  # the plan records what differs from the defaults
+    technique_params(cfg.window, techniques)
     m = resolve_model(cfg)
     steps = int(cfg.steps if cfg.steps is not None else m.steps)
     guidance = float(cfg.guidance_scale if cfg.guidance_scale is not None else m.guidance_scale)
     inputs = take_inputs(m.inputs, cfg.n_calib if cfg.n_calib is not None else m.get("n_calib"))
-    pipe = load_model(m, cfg.device, cfg.dtype)
-    plan = calibrate_pipeline(
-        pipe, inputs, threshold=cfg.threshold, steps=steps, guidance_scale=guidance, seed=int(cfg.seed),
-        candidates=list(cfg.candidates) if cfg.get("candidates") is not None else DEFAULT_CANDIDATES,
-        window=cfg.window, loss_on=str(cfg.loss_on), call_kwargs=call_kwargs(m), name=m.name,
-        search=str(cfg.get("search", "trajectory")), budget=budget, dtype=str(cfg.dtype),
-        latency_batch=cfg.get("latency_batch"),
-        techniques=OmegaConf.to_container(cfg.get("techniques") or OmegaConf.create({}), resolve=True),
-    )
-    record = {**plan.calibration, "model_config": OmegaConf.to_container(m, resolve=True), "device": cfg.device, "dtype": cfg.dtype}
-    plan = plan.with_(calibration=record)
     mode = f"b{budget}" if budget is not None else f"d{cfg.threshold}"
     out = Path(cfg.out) if cfg.out else Path("plans") / f"{m.name}_{mode}_s{steps}.json"
-    plan.save(out)
-    from difa.plots import plan_heatmap
+    check_target(out.with_suffix(".png"), "the heatmap next to out")  # before any model forward
+    with target_lock(out):  # a second calibration writing the same out= is refused
+        pipe = load_model(m, cfg.device, cfg.dtype)
+        plan = calibrate_pipeline(
+            pipe, inputs, threshold=cfg.threshold, steps=steps, guidance_scale=guidance, seed=int(cfg.seed),
+            candidates=list(cfg.candidates) if cfg.get("candidates") is not None else DEFAULT_CANDIDATES,
+            window=cfg.window, loss_on=str(cfg.loss_on), call_kwargs=call_kwargs(m), name=m.name,
+            search=str(cfg.get("search", "trajectory")), budget=budget, dtype=str(cfg.dtype),
+            latency_batch=cfg.get("latency_batch"), techniques=techniques,
+        )
+        record = {**plan.calibration, "model_config": OmegaConf.to_container(m, resolve=True), "device": cfg.device,
+                  "dtype": cfg.dtype}
+        plan = plan.with_(calibration=record)
+        from difa.plots import plan_heatmap
 
-    heatmap = plan_heatmap(plan, out.with_suffix(".png"))
+        # The heatmap first: a kill between the two writes leaves the old plan next to a new heatmap, never a new
+        # plan next to an old heatmap.
+        heatmap = plan_heatmap(plan, out.with_suffix(".png"))
+        plan.save(out)
     print(summary(plan, out) + f"\nheatmap    {heatmap}")
     return plan, out
 

@@ -18,6 +18,22 @@ MODEL_DIR = CONF_DIR / "model"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+TECHNIQUES_NODE = "difa_techniques"  # in the defaults list of calibrate.yaml
+
+
+def register_technique_defaults() -> None:
+    """Put each technique's Config defaults under `techniques` (ConfigStore node TECHNIQUES_NODE), so that Hydra
+    merges `techniques={tome: {ratio: 0.3}}` and `techniques.wars.window=0.25` and refuses unknown names and keys."""
+    from hydra.core.config_store import ConfigStore
+
+    from difa.techniques import default_params
+
+    ConfigStore.instance().store(name=TECHNIQUES_NODE, node={"techniques": default_params()})
+
+
+register_technique_defaults()  # on import: calibrate.yaml's defaults list names the node
+
+
 def model_names() -> list[str]:
     return sorted(p.stem for p in MODEL_DIR.glob("*.yaml"))
 
@@ -27,6 +43,40 @@ def model_config(name: str) -> DictConfig:
     if not path.is_file():
         raise DifaError(f"no model config {name!r}; choose one of: {', '.join(model_names())}")
     return OmegaConf.load(path)
+
+
+# Settings every CLI shares: key -> (kind, lowest value); checked before any model loads (check_settings).
+INT_SETTINGS = {"steps": 1, "seed": 0, "n_calib": 1}
+FLOAT_SETTINGS = ("guidance_scale", "threshold", "window")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """One-line errors for settings of the wrong type or out of range (`steps=2.5`, `seed=abc`, `guidance_scale=nan`,
+    `device=cuda` without CUDA, ...) before anything runs; null means the default wherever a key allows it."""
+    import math
+
+    import torch
+
+    for key, low in INT_SETTINGS.items():
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise DifaError(f"{key} must be an integer >= {low} (got {v!r})")
+    for key in FLOAT_SETTINGS:
+        v = cfg.get(key)
+        if v is None or (key == "window" and isinstance(v, int) and not isinstance(v, bool)):
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise DifaError(f"{key} must be a finite number (got {v!r})")
+    device = str(cfg.get("device", "cpu"))
+    kind = device.split(":", 1)[0]
+    if kind not in ("cpu", "cuda", "mps") or (":" in device and not device.split(":", 1)[1].isdigit()):
+        raise DifaError(f"unknown device {device!r}; use cpu, cuda or cuda:<index>")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise DifaError(f"device={device} but this machine has no CUDA device (torch {torch.__version__}); use device=cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise DifaError("device=mps but MPS is not available here; use device=cpu")
 
 
 def take_inputs(inputs: Sequence, n: int | None) -> list:
@@ -81,12 +131,16 @@ def report_errors(fn: Callable[[], Any]) -> Any:
     except DifaError as e:
         sys.stderr.write(f"difa: error: {e}\n")
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        sys.stderr.write("difa: interrupted; nothing was written that was not complete\n")
+        raise SystemExit(130) from None
 
 
 PRESET = "preset:"
 PRESET_KEYS = ("ratio", "sx", "sy", "max_downsample", "use_rand", "agent_ratio", "switch", "gate_step", "sp_interval",
-               "fi_interval", "warm_up", "threshold")
-HOOK_KEYS = ("skip", "cross_skip", "timestep_range", "threshold")  # plan=diffusers:pab|fbc (difa.peers)
+               "fi_interval", "warm_up", "threshold", "cache_interval", "cache_branch_id")
+HOOK_KEYS = ("skip", "cross_skip", "timestep_range", "threshold",  # plan=diffusers:pab|fbc (difa.peers)
+             "fn_blocks", "bn_blocks", "warmup_steps", "taylorseer")  # plan=cachedit:dbcache
 
 
 def is_preset(plan_arg: Any) -> bool:
@@ -104,7 +158,8 @@ def check_no_preset_keys(cfg: DictConfig) -> None:
     if stray:
         where = f"{cfg.plan}" if is_preset(cfg.plan) or is_hook(cfg.plan) else "a plan file or none"
         raise DifaError(f"{', '.join(stray)} do not apply to {where}; drop them (preset keys need plan=preset:<name>, "
-                        f"skip/cross_skip/timestep_range need plan=diffusers:pab, threshold also diffusers:fbc)")
+                        f"skip/cross_skip/timestep_range need plan=diffusers:pab, threshold also diffusers:fbc and "
+                        f"cachedit:dbcache, fn_blocks/bn_blocks/warmup_steps/taylorseer cachedit:dbcache)")
 
 
 def hook_from_cfg(cfg: DictConfig):

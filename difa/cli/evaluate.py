@@ -13,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from difa import evaluation, metrics
 from difa.adapters import get_adapter
-from difa.cli.common import (CONF_DIR, call_kwargs, check_no_preset_keys, hook_from_cfg, is_preset, load_model,
-                             model_config, preset_from_cfg, reject_unplussed_model, report_errors)
+from difa.cli.common import (CONF_DIR, call_kwargs, check_no_preset_keys, check_settings, hook_from_cfg, is_preset,
+                             load_model, model_config, preset_from_cfg, reject_unplussed_model, report_errors)
 from difa.engine import apply_plan, remove_plan
 from difa.errors import DifaError
 from difa.evaluation import (BASELINE, COLUMNS, FMNIST, MAX_REFERENCE, NO_PLAN, Method, baseline_key, class_inputs,
@@ -69,6 +69,7 @@ def _int(cfg: DictConfig, key: str) -> int:
 def run(cfg: DictConfig):
     import pandas as pd
 
+    check_settings(cfg)
     m, plan = resolve(cfg)
     adapter = get_adapter(m.family)
     fmnist = m.get("dataset") == FMNIST

@@ -13,8 +13,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from difa.adapters import get_adapter
-from difa.cli.common import (CONF_DIR, call_kwargs, check_no_preset_keys, hook_from_cfg, is_preset, load_model,
-                             model_config, preset_from_cfg, report_errors, take_inputs)
+from difa.cli.common import (CONF_DIR, call_kwargs, check_no_preset_keys, check_settings, hook_from_cfg, is_preset,
+                             load_model, model_config, preset_from_cfg, report_errors, take_inputs)
 from difa.engine import apply_plan, remove_plan
 from difa.errors import DifaError
 from difa.peers import is_hook
@@ -33,6 +33,7 @@ def resolve(cfg: DictConfig) -> tuple[Plan | None, DictConfig]:
 
 
 def run(cfg: DictConfig) -> tuple[list, Path]:
+    check_settings(cfg)
     plan, m = resolve(cfg)
     adapter = get_adapter(m.family)
     steps = int(cfg.steps if cfg.steps is not None else plan.inference_steps if plan else m.steps)

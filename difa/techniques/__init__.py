@@ -4,11 +4,15 @@ Adding a technique is one file with the common skeleton (NAME, LETTER, KINDS, RE
 DEFAULT_CANDIDATE, Config, flops, execute or run) plus one entry in TECHNIQUES below.
 """
 
-from difa.techniques import (agent, asc, ast, forecast, full, mlp_reuse, reuse, tgate, tome, wars,
+import dataclasses
+from typing import Any, Mapping
+
+from difa.errors import DifaError
+from difa.techniques import (agent, asc, ast, deepcache, forecast, full, mlp_reuse, reuse, tgate, tome, wars,
                              wars_asc)
 
 # Registry order is the greedy's tie order among equal costs (`tgate` before `ast`: see calibration).
-TECHNIQUES = (full, tgate, ast, wars, asc, wars_asc, tome, agent, reuse, forecast, mlp_reuse)
+TECHNIQUES = (full, tgate, ast, wars, asc, wars_asc, tome, agent, reuse, forecast, mlp_reuse, deepcache)
 REGISTRY = {m.NAME: m for m in TECHNIQUES}
 BLOCK = "block"
 
@@ -39,3 +43,37 @@ def attention_methods(methods) -> list[str]:
 
 def block_methods(methods) -> list[str]:
     return [m for m in methods if m in REGISTRY and is_block_method(m)]
+
+
+def default_params() -> dict[str, dict[str, Any]]:
+    """Technique -> its Config's defaults, for the techniques that take parameters: the CLI's `techniques` table
+    (Hydra then refuses unknown technique names and keys, and `techniques={tome: {ratio: 0.3}}` merges)."""
+    return {t.NAME: {f.name: f.default for f in dataclasses.fields(t.Config)}
+            for t in TECHNIQUES if dataclasses.fields(t.Config)}
+
+
+def changed_params(params: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Only the entries of `params` that differ from the defaults (what a plan records)."""
+    defaults = default_params()
+    out = {}
+    for name, table in params.items():
+        diff = {k: v for k, v in dict(table).items() if defaults.get(name, {}).get(k, object()) != v}
+        if diff:
+            out[name] = diff
+    return out
+
+
+def check_params(params: Mapping[str, Mapping[str, Any]]) -> None:
+    """One-line errors for unknown techniques, unknown parameters and bad values, before any model loads."""
+    for name, table in params.items():
+        t = REGISTRY.get(name)
+        if t is None:
+            raise DifaError(f"techniques.{name}: no such technique; choose from {', '.join(sorted(REGISTRY))}")
+        known = {f.name for f in dataclasses.fields(t.Config)}
+        unknown = sorted(set(dict(table)) - known)
+        if unknown:
+            raise DifaError(f"techniques.{name}: unknown parameter(s) {unknown}; "
+                            f"{'known: ' + ', '.join(sorted(known)) if known else name + ' takes none'}")
+        check = getattr(t, "check_config", None)
+        if check is not None:
+            check(params)

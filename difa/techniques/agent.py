@@ -44,6 +44,10 @@ class Config:
     seed: int = 0
 
 
+def check_config(params: Mapping[str, Mapping]) -> None:
+    tome.config(params, NAME, Config)
+
+
 def agents_used(n: int, kept: int, n_agents: int) -> bool:
     return n_agents * 2 < kept  # AgentSD: (N - agent_r) * 2 < N - r
 

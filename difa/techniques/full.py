@@ -23,7 +23,7 @@ READS_RESIDUAL = False  # adds the window residual R of an earlier step
 ON_ONE_HALF = None  # what it becomes when the engine runs one CFG half (None: itself)
 DEFAULT_CANDIDATE = False
 SKIPS_ATTENTION = False  # as a block method: the block runs as it is
-COMPUTES = ("residual", "ff")
+COMPUTES = ("residual", "ff", "output")
 NEEDS = None
 
 

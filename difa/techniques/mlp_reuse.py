@@ -19,7 +19,7 @@ READS_CACHE = True
 NEEDS_METRIC = False
 SKIPS_ATTENTION = False
 NEEDS = "ff"
-COMPUTES = ("residual",)
+COMPUTES = ("residual", "output")
 DEFAULT_CANDIDATE = False  # fixed plans only: the trajectory search has no error table for it yet
 
 

@@ -64,6 +64,10 @@ def config(params: Mapping[str, Mapping], name: str = NAME, cls=Config):
     return cfg
 
 
+def check_config(params: Mapping[str, Mapping]) -> None:
+    config(params)
+
+
 def generator(cfg, cell: Cell) -> torch.Generator | None:
     if not cfg.use_rand:
         return None

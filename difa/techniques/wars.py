@@ -36,6 +36,15 @@ class Config:
     residual_from: str = "full"
 
 
+def check_config(params: Mapping[str, Mapping]) -> None:
+    """A one-line error for a bad window (residual_from: difa.plan.residual_producers)."""
+    cfg = Config(**params.get(NAME, {}))
+    try:
+        window_tokens(cfg.window, 16)
+    except ValueError as e:
+        raise DifaError(f"techniques.{NAME}.{e}") from None
+
+
 def flops(shape: LayerShape, params: Mapping[str, Mapping]) -> float:
     w = window_tokens(Config(**params.get(NAME, {})).window, shape.n_kv)
     return projection_flops(shape) + core_flops(shape, band_pairs(shape.n_kv, w))
