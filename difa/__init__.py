@@ -6,10 +6,10 @@
     difa.remove_plan(pipe)                                   # exact undo
 """
 
-from difa.calibration import calibrate_pipeline
+from difa.calibration import calibrate_pipeline, retime_plan
 from difa.engine import apply_plan, remove_plan
 from difa.errors import DifaError
 from difa.plan import Plan, load_plan
 
-__all__ = ["Plan", "DifaError", "apply_plan", "calibrate_pipeline", "load_plan", "remove_plan"]
+__all__ = ["Plan", "DifaError", "apply_plan", "calibrate_pipeline", "load_plan", "remove_plan", "retime_plan"]
 __version__ = "0.1.0"

@@ -59,11 +59,12 @@ def method_colors(methods: Sequence[str]) -> dict[str, str]:
 
 def plan_rows(plan: Plan) -> tuple[list[str], list[list[str]]]:
     """Row names and cells of the heatmap: block rows first, then attention rows with moot cells marked."""
-    from difa.plan import attention_executed
+    from difa.plan import attention_executed, block_executed
 
     ran = attention_executed(plan)
-    cells = [list(r) for r in plan.blocks] + [[m if ok else MOOT for m, ok in zip(row, r)]
-                                              for row, r in zip(plan.methods, ran)]
+    block_ran = block_executed(plan.model.blocks, plan.blocks, plan.steps)  # UNet units inside a cached unit
+    cells = [[m if ok else MOOT for m, ok in zip(row, r)] for row, r in zip(plan.blocks, block_ran)] + \
+        [[m if ok else MOOT for m, ok in zip(row, r)] for row, r in zip(plan.methods, ran)]
     return list(plan.model.blocks) + list(plan.layers), cells
 
 

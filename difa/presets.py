@@ -116,12 +116,13 @@ def deepcache_preset(pipe: Any, *, steps: int, guidance_scale: float, cache_inte
     return _tag(plan, "deepcache", dict(cache_interval=cache_interval, cache_branch_id=cache_branch_id))
 
 
-def tgate_deepcache(pipe: Any, *, steps: int, guidance_scale: float, gate_step: int = 10, sp_interval: int = 5,
-                    fi_interval: int = 1, warm_up: int = 2, cache_interval: int = 3, cache_branch_id: int = 0,
+def tgate_deepcache(pipe: Any, *, steps: int, guidance_scale: float, gate_step: int = 10, sp_interval: int = 1,
+                    fi_interval: int = 1, warm_up: int = 0, cache_interval: int = 3, cache_branch_id: int = 0,
                     name: str = "") -> Plan:
     """T-GATE with DeepCache, as tgate's TgateSDDeepCacheLoader / TgateSDXLDeepCacheLoader run them: DeepCache
     restarts at gate_step - 1 and at gate_step (both computed in full), so its cached outputs are remade at the
-    one-half batch after the gate."""
+    one-half batch after the gate. Defaults: the T-GATE README's SD-XL + DeepCache example (gate_step 10,
+    sp_interval 1, fi_interval 1, warm_up 0; DeepCache interval 3, branch 0)."""
     gated = tgate(pipe, steps=steps, guidance_scale=guidance_scale, gate_step=gate_step, sp_interval=sp_interval,
                   fi_interval=fi_interval, warm_up=warm_up, name=name)
 

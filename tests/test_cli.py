@@ -102,13 +102,12 @@ def test_bad_search_settings_are_one_line_errors(tmp_path, arg, message):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.json").exists()
 
 
-def test_generate_refuses_a_mismatched_run(tmp_path):
+def test_generate_transfers_a_plan_to_another_step_count_and_refuses_stray_keys(tmp_path, caplog):
     plan_path = tmp_path / "plan.json"
-    calibrate_cli.run(config("calibrate", ["+model=tiny_dit", "threshold=0.05", "steps=5", f"out={plan_path}"]))
-    from difa.errors import DifaError
-
-    with pytest.raises(DifaError, match="made for 5 steps"):
-        generate_cli.run(config("generate", [f"plan={plan_path}", "steps=7", f"out={tmp_path}"]))
+    calibrate_cli.run(config("calibrate", ["+model=tiny_dit", "budget=0.9", "steps=5", f"out={plan_path}"]))
+    with caplog.at_level("WARNING", logger="difa"):
+        images, _ = generate_cli.run(config("generate", [f"plan={plan_path}", "steps=9", "n=1", f"out={tmp_path}"]))
+    assert len(images) == 1 and "calibrated at 5 steps and runs at 9" in caplog.text
     with pytest.raises(DifaError, match="ratio do not apply to a plan file"):
         generate_cli.run(config("generate", [f"plan={plan_path}", "ratio=0.5", f"out={tmp_path}"]))
 
@@ -279,3 +278,45 @@ def test_ctrl_c_is_one_line_and_leaves_no_plan(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("difa: interrupted"), err
     assert "Traceback" not in err and not out.exists() and not lock.exists()
+
+
+def test_a_killed_greedy_calibration_resumes_to_the_same_plan(tmp_path):
+    """Issue 15: kill -9 a calibration in a subprocess once a few steps are checkpointed; the same command then
+    replays them and gives the plan an uninterrupted run gives."""
+    import json
+    import signal
+    import time
+
+    args = ["+model=tiny_dit", "search=greedy", "threshold=0.1", "steps=12", "n_calib=2"]
+    straight, _ = calibrate_cli.run(config("calibrate", [*args, f"out={tmp_path / 'a.json'}"]))
+    assert not (tmp_path / ".a.json.calib.json").exists()  # removed once the plan is saved
+    out, ckpt = tmp_path / "b.json", tmp_path / ".b.json.calib.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "difa.calibrate", *args, f"out={out}", f"hydra.run.dir={tmp_path}"],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if len(json.loads(ckpt.read_text())["steps"]) >= 3:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and len(json.loads(ckpt.read_text())["steps"]) >= 3
+    resumed, _ = calibrate_cli.run(config("calibrate", [*args, f"out={out}"]))
+    assert resumed.calibration["resumed_steps"] >= 3 and resumed.methods == straight.methods
+    assert resumed.calibration["forwards"] < straight.calibration["forwards"]  # replayed steps run no trials
+    assert resumed.calibration["decisions"] == straight.calibration["decisions"]
+    assert not ckpt.exists()
+
+
+def test_misspelled_keys_are_refused(tmp_path):
+    r = cli("difa.calibrate", "+model=tiny_dit", "+threshhold=0.9", f"hydra.run.dir={tmp_path}",
+            f"out={tmp_path / 'p.json'}")
+    assert r.returncode == 2 and r.stderr.strip().startswith("difa: error: unknown key(s) threshhold for difa.calibrate")
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.json").exists()
+    cfg = config("generate", ["plan=none", "+tag=kept", "n=1", f"out={tmp_path / 'img'}"])  # a sweep label is fine
+    images, _ = generate_cli.run(cfg)
+    assert len(images) == 1

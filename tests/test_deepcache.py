@@ -91,6 +91,9 @@ def test_deepcache_plan_round_trip_and_moot_cells(tmp_path):
     assert loaded == plan and "mid_block" in loaded.model.blocks
     j = loaded.model.blocks.index("down_blocks.0.resnets.0")  # inside down block 0, which is cached: moot
     assert loaded.blocks[j][1] == "full" and loaded.blocks[loaded.model.blocks.index("down_blocks.0")][1] == "deepcache"
+    from difa.plots import MOOT, plan_rows
+
+    assert plan_rows(loaded)[1][j][1] == MOOT and plan_rows(loaded)[1][j][0] == "full"  # the heatmap says so too
     rows = [list(r) for r in loaded.blocks]
     rows[j][1] = "deepcache"  # a moot cell that is not `full` is refused
     with pytest.raises(DifaError, match="a block around it is skipped at that step"):

@@ -51,6 +51,46 @@ def model_identity(model: Any, layers: Sequence[tuple[str, Any]], name: str, fam
                          tuple(n for n, _ in blocks))
 
 
+def attention_row(name: str, proposed: Sequence[str], ran: Sequence[bool], producers: frozenset[str]) -> tuple[str, ...]:
+    """Layer `name`'s cells as proposed, each left `full` where it cannot run as written: a method that does not apply
+    to the layer's kind, a moot cell (its block skipped), a cache read with nothing computed before it."""
+    kind, out = kind_of(name), []
+    for t, m in enumerate(proposed):
+        if m not in REGISTRY:
+            raise DifaError(f"unknown method {m!r}; choose from {', '.join(sorted(REGISTRY))}")
+        done = [x for x, r in zip(out, ran) if r]
+        no_residual = m in RESIDUAL_METHODS and not producers & set(done)
+        no_cache = REGISTRY[m].READS_CACHE and not done
+        out.append(FULL if not ran[t] or kind not in REGISTRY[m].KINDS or m == BLOCK or no_cache or no_residual else m)
+    return tuple(out)
+
+
+def retime_plan(plan: Plan, pipe: Any, steps: int) -> Plan:
+    """`plan` (calibrated at S = plan.inference_steps) for `steps` = S' on `pipe`'s scheduler: each cell of the new
+    schedule takes the method of the cell at the nearest normalized position, t' (S_calls - 1) / (S'_calls - 1)
+    (the same fraction of the denoising trajectory), then cells that cannot run as mapped (a cache read before
+    anything was computed, a moot cell) are left `full`. Latency and FLOPs records are dropped (they were for S).
+    The plan is not recalibrated: measure its error (experiments/README.md, step transfer) before relying on it."""
+    calls = denoiser_calls(pipe.scheduler, int(steps))
+    if int(steps) < 1:
+        raise DifaError(f"steps must be >= 1 (got {steps})")
+    if calls == plan.steps:
+        return plan
+
+    def src(t: int) -> int:
+        return 0 if calls == 1 else min(plan.steps - 1, round(t * (plan.steps - 1) / (calls - 1)))
+
+    names = [(n, None) for n in plan.model.blocks]
+    brows = block_rows(names, lambda j, t: plan.blocks[j][src(t)], calls) if plan.blocks else ()
+    ran = executed_cells(plan.model.layers, plan.model.blocks, brows, calls)
+    producers = residual_producers(plan.techniques)
+    methods = tuple(attention_row(name, [row[src(t)] for t in range(calls)], ran[i], producers)
+                    for i, (name, row) in enumerate(zip(plan.model.layers, plan.methods)))
+    calibration = {**plan.calibration, "retimed_from": {"steps": plan.inference_steps, "calls": plan.steps}}
+    return plan.with_(steps=calls, num_inference_steps=int(steps), methods=methods, blocks=brows,
+                      calibration=calibration, latency={}, flops={})
+
+
 def block_rows(blocks: Sequence[tuple[str, Any]], method: Callable[[int, int], str], calls: int) -> tuple[tuple[str, ...], ...]:
     """Block cells from `method(block, step)`; a cell that would read a cache nothing computed yet stays `full`, and
     so does a cell of a block nested in one that skips at that step (moot; UNet DeepCache units). Outer blocks are
@@ -105,19 +145,11 @@ def fixed_plan(
     ran = executed_cells([n for n, _ in layers], [n for n, _ in blocks], brows, calls)
     producers = residual_producers(techniques or {})
 
-    def row(i: int) -> tuple[str, ...]:
-        kind, out = kind_of(layers[i][0]), []
-        for t in range(calls):
-            m = method(i, t) if kind in kinds and ran[i][t] else FULL
-            if m not in REGISTRY:
-                raise DifaError(f"unknown method {m!r}; choose from {', '.join(sorted(REGISTRY))}")
-            done = [x for x, r in zip(out, ran[i]) if r]
-            no_residual = m in RESIDUAL_METHODS and not producers & set(done)
-            no_cache = REGISTRY[m].READS_CACHE and not done
-            out.append(FULL if kind not in REGISTRY[m].KINDS or m == BLOCK or no_cache or no_residual else m)
-        return tuple(out)
+    def proposed(i: int) -> list[str]:
+        kind = kind_of(layers[i][0])
+        return [method(i, t) if kind in kinds and ran[i][t] else FULL for t in range(calls)]
 
-    methods = tuple(row(i) for i in range(len(layers)))
+    methods = tuple(attention_row(layers[i][0], proposed(i), ran[i], producers) for i in range(len(layers)))
     params = technique_params(window, techniques)
     return Plan(model=model_identity(model, layers, name, adapter.family, blocks), scheduler=type(pipe.scheduler).__name__,
                 steps=calls, num_inference_steps=steps, methods=methods, cfg_enabled=guidance_scale > 1,
@@ -176,6 +208,7 @@ def calibrate_pipeline(
     dtype: str = "float32",
     latency_cache: Any = CACHE_DIR,  # None: measure every time
     latency_batch: int | None = None,
+    checkpoint: Any = None,  # greedy: a calibration.checkpoint.Checkpoint to resume from and write to
 ) -> Plan:
     """Calibrate `pipe` on `inputs` (class ids or prompts) -> Plan.
 
@@ -235,9 +268,16 @@ def calibrate_pipeline(
     calls = denoiser_calls(pipe.scheduler, steps)
     methods = [[FULL] * calls for _ in layers]
     guided = cfg_on and loss_on == "guided"
+    resume, on_decided = {}, None
+    if checkpoint is not None:  # the settings that decide the search's choices
+        resume = checkpoint.start({"model": model_identity(model, layers, name, adapter.family).__dict__,
+                                   "inputs": list(inputs), "steps": steps, "guidance": guidance_scale, "seed": seed,
+                                   "threshold": threshold, "candidates": cands, "params": params,
+                                   "loss_on": loss_on, "dtype": dtype, "torch": torch.__version__})
+        on_decided = checkpoint.save
     search = GreedySearch(methods, cands, float(threshold), params, kinds=[kind_of(n) for n, _ in layers],
                           progress=progress, guidance_scale=float(guidance_scale) if guided else None,
-                          channels=sampled_channels(model))
+                          channels=sampled_channels(model), resume=resume, on_decided=on_decided)
     metric = [i for i, (n, _) in enumerate(layers) if any(REGISTRY[c].NEEDS_METRIC and kind_of(n) in candidate_kinds(c)
                                                           for c in cands)]
     engine = Engine(model, adapter, layers, methods, params, scheduler=pipe.scheduler, calibrating=True,
@@ -280,6 +320,7 @@ def calibrate_pipeline(
             "wall_time_s": round(wall, 3),
             "forwards": engine.forwards + latency.forwards,
             "decisions": search.decisions,
+            "resumed_steps": len(resume),
         },
         flops=flops,
         latency=_latency_record(latency, [n for n, _ in layers], methods, (), calls, latency_batch or len(inputs)),

@@ -33,6 +33,10 @@ class GreedySearch:
     guidance_scale: float | None = None
     channels: int | None = None  # learned-sigma models: the sampler reads only the first `channels` (epsilon)
     decisions: list[dict] = field(default_factory=list)
+    # Resuming a killed calibration: step -> (its column of methods, its decision records), replayed without
+    # trials; `on_decided(step, column, records)` is called after each decided step (a checkpoint).
+    resume: Mapping[int, tuple[list[str], list[dict]]] = field(default_factory=dict)
+    on_decided: Callable[[int, list[str], list[dict]], None] | None = None
 
     def guided(self, engine, out: torch.Tensor) -> torch.Tensor:
         """The denoiser output (B, C, ...) as the sampler reads it: epsilon channels, CFG halves combined."""
@@ -51,6 +55,13 @@ class GreedySearch:
         t = engine.step
         if t == 0:  # nothing is cached yet: step 0 is always full
             return
+        if t in self.resume:  # decided before the kill: the same methods, no trials
+            column, records = self.resume[t]
+            for row, m in zip(self.methods, column):
+                row[t] = m
+            self.decisions.extend(records)
+            return
+        first = len(self.decisions)
         for row in self.methods:
             row[t] = FULL
         reference = self.guided(engine, trial())
@@ -69,5 +80,7 @@ class GreedySearch:
             else:
                 row[t] = FULL
             self.decisions.append({"step": t, "layer": i, "threshold": thr, "tried": tried, "chosen": row[t]})
+        if self.on_decided is not None:
+            self.on_decided(t, [row[t] for row in self.methods], self.decisions[first:])
         if self.progress is not None:
             self.progress(t)

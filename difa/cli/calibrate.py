@@ -9,10 +9,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from difa.calibration import DEFAULT_CANDIDATES, calibrate_pipeline, check_budget, technique_params
-from difa.cli.common import (CONF_DIR, call_kwargs, check_settings, load_model, model_config, reject_unplussed_model,
-                             report_errors, take_inputs)
+from difa.calibration.checkpoint import Checkpoint
+from difa.cli.common import (CONF_DIR, call_kwargs, check_known_keys, check_settings, load_model, model_config,
+                             reject_unplussed_model, report_errors, take_inputs)
 from difa.files import check_target, target_lock
-from difa.plan import Plan, attention_executed
+from difa.plan import Plan, attention_executed, block_executed
 from difa.techniques import changed_params, check_params, letters
 
 MAX_MAP_LAYERS = 40
@@ -23,6 +24,7 @@ def resolve_model(cfg: DictConfig) -> DictConfig:
 
 
 def run(cfg: DictConfig) -> tuple[Plan, Path]:
+    check_known_keys(cfg, "calibrate")
     check_settings(cfg)
     budget = check_budget(cfg.get("budget"))  # one-line errors before the model loads
     techniques = OmegaConf.to_container(cfg.get("techniques") or OmegaConf.create({}), resolve=True)
@@ -37,13 +39,14 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
     out = Path(cfg.out) if cfg.out else Path("plans") / f"{m.name}_{mode}_s{steps}.json"
     check_target(out.with_suffix(".png"), "the heatmap next to out")  # before any model forward
     with target_lock(out):  # a second calibration writing the same out= is refused
+        checkpoint = Checkpoint(out)  # greedy: a killed run of the same command resumes from its decided steps
         pipe = load_model(m, cfg.device, cfg.dtype)
         plan = calibrate_pipeline(
             pipe, inputs, threshold=cfg.threshold, steps=steps, guidance_scale=guidance, seed=int(cfg.seed),
             candidates=list(cfg.candidates) if cfg.get("candidates") is not None else DEFAULT_CANDIDATES,
             window=cfg.window, loss_on=str(cfg.loss_on), call_kwargs=call_kwargs(m), name=m.name,
             search=str(cfg.get("search", "trajectory")), budget=budget, dtype=str(cfg.dtype),
-            latency_batch=cfg.get("latency_batch"), techniques=techniques,
+            latency_batch=cfg.get("latency_batch"), techniques=techniques, checkpoint=checkpoint,
         )
         record = {**plan.calibration, "model_config": OmegaConf.to_container(m, resolve=True), "device": cfg.device,
                   "dtype": cfg.dtype}
@@ -54,6 +57,7 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
         # plan next to an old heatmap.
         heatmap = plan_heatmap(plan, out.with_suffix(".png"))
         plan.save(out)
+        checkpoint.clear()
     print(summary(plan, out) + f"\nheatmap    {heatmap}")
     return plan, out
 
@@ -61,7 +65,7 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
 def summary(plan: Plan, path: Path) -> str:
     c = plan.calibration
     counts = " | ".join(f"{k} {v}" for k, v in plan.counts().items())
-    goal = f"budget {c['budget']}" if c.get("budget") is not None else f"threshold {c['threshold']}"
+    goal = f"budget {c['budget']}" if c.get("budget") is not None else f"threshold {c.get('threshold')}"
     lines = [
         f"difa plan written to {path}",
         f"model      {plan.model.cls} ({plan.model.name}): {len(plan.layers)} attention layers, {len(plan.model.blocks)} "
@@ -81,6 +85,8 @@ def summary(plan: Plan, path: Path) -> str:
                      f"({plan.flops['plan_gflops']:.3g} of {plan.flops['full_gflops']:.3g} GFLOPs per generation)")
     lines.append(f"calibrated in {c['wall_time_s']:.1f} s wall, {c['forwards']} model forwards ({c.get('search', 'greedy')} "
                  f"search); {goal}, {len(c['inputs'])} inputs, seed {c['seed']}")
+    if c.get("resumed_steps"):
+        lines.append(f"resumed    {c['resumed_steps']} decided steps replayed from the checkpoint of a killed run")
     if c.get("skipped_candidates"):
         lines.append("skipped    " + "; ".join(f"{k}: {v}" for k, v in c["skipped_candidates"].items()))
     chars = letters()
@@ -90,7 +96,8 @@ def summary(plan: Plan, path: Path) -> str:
         legend = ", ".join(f"{chars[m]} {m}" for m in used)
         lines.append(f"plan map   (row = block or attention layer, column = step; {legend}; attention cells of a "
                      "skipped block print '.')")
-        ran = dict(zip(plan.layers, attention_executed(plan)))
+        ran = {**dict(zip(plan.model.blocks, block_executed(plan.model.blocks, plan.blocks, plan.steps))),
+               **dict(zip(plan.layers, attention_executed(plan)))}
         for i, (name, row) in enumerate(rows):
             cells = "".join(chars[x] if ran.get(name, [True] * len(row))[t] else "." for t, x in enumerate(row))
             lines.append(f"  {i:>3} {cells}  {name}")

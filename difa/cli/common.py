@@ -50,6 +50,19 @@ INT_SETTINGS = {"steps": 1, "seed": 0, "n_calib": 1}
 FLOAT_SETTINGS = ("guidance_scale", "threshold", "window")
 
 
+# Free labels the sweeps attach to jobs with a plus (`+tag=...`); experiments/collect.py reads them back.
+LABEL_KEYS = ("tag", "variant", "delta", "technique")
+
+
+def check_known_keys(cfg: DictConfig, app: str) -> None:
+    """Refuse keys the app's config does not define (`+threshhold=0.9` would otherwise be ignored silently)."""
+    defined = set(OmegaConf.load(CONF_DIR / f"{app}.yaml")) - {"defaults"}
+    unknown = sorted(set(cfg) - defined - {"model", "techniques", "hydra", *LABEL_KEYS})
+    if unknown:
+        raise DifaError(f"unknown key(s) {', '.join(unknown)} for difa.{app}; check the spelling (keys: "
+                        f"{', '.join(sorted(defined))}; free labels: {', '.join('+' + k for k in LABEL_KEYS)})")
+
+
 def check_settings(cfg: DictConfig) -> None:
     """One-line errors for settings of the wrong type or out of range (`steps=2.5`, `seed=abc`, `guidance_scale=nan`,
     `device=cuda` without CUDA, ...) before anything runs; null means the default wherever a key allows it."""
@@ -170,6 +183,18 @@ def hook_from_cfg(cfg: DictConfig):
     if "timestep_range" in params:
         params["timestep_range"] = tuple(params["timestep_range"])
     return hook_from_spec(str(cfg.plan), params)
+
+
+def transfer(plan: Any, pipe: Any, steps: int) -> Any:
+    """A plan calibrated at another step count, mapped to `steps` (difa.retime_plan), with a warning naming both."""
+    import logging
+
+    from difa.calibration import retime_plan
+
+    logging.getLogger("difa").warning(
+        "the plan was calibrated at %d steps and runs at %d: each cell takes the method of the nearest normalized "
+        "step, not recalibrated (recalibrate with steps=%d for a measured plan)", plan.inference_steps, steps, steps)
+    return retime_plan(plan, pipe, steps)
 
 
 def preset_from_cfg(cfg: DictConfig, pipe: Any, m: DictConfig, steps: int, guidance: float, inputs: list):

@@ -13,8 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from difa import evaluation, metrics
 from difa.adapters import get_adapter
-from difa.cli.common import (CONF_DIR, call_kwargs, check_no_preset_keys, check_settings, hook_from_cfg, is_preset,
-                             load_model, model_config, preset_from_cfg, reject_unplussed_model, report_errors)
+from difa.cli.common import (CONF_DIR, call_kwargs, check_known_keys, check_no_preset_keys, check_settings,
+                             hook_from_cfg, is_preset, load_model, model_config, preset_from_cfg,
+                             reject_unplussed_model, report_errors, transfer)
 from difa.engine import apply_plan, remove_plan
 from difa.errors import DifaError
 from difa.evaluation import (BASELINE, COLUMNS, FMNIST, MAX_REFERENCE, NO_PLAN, Method, baseline_key, class_inputs,
@@ -38,8 +39,6 @@ def run_settings(cfg: DictConfig, m: DictConfig, plan: Plan | None) -> tuple[int
     steps = int(cfg.steps if cfg.steps is not None else plan.inference_steps if plan else m.steps)
     default_scale = plan.guidance_scale if plan and plan.guidance_scale is not None else m.guidance_scale
     guidance = float(cfg.guidance_scale if cfg.guidance_scale is not None else default_scale)
-    if plan is not None and steps != plan.inference_steps:
-        raise DifaError(f"the plan was made for {plan.inference_steps} steps; drop steps={steps} or recalibrate with steps={steps}")
     if plan is not None and guidance <= 1 and any(x in CFG_METHODS for x in plan.counts()):
         raise DifaError(f"the plan shares attention across CFG halves but guidance_scale={guidance} turns CFG off; use guidance_scale > 1")
     return steps, guidance
@@ -69,6 +68,7 @@ def _int(cfg: DictConfig, key: str) -> int:
 def run(cfg: DictConfig):
     import pandas as pd
 
+    check_known_keys(cfg, "evaluate")
     check_settings(cfg)
     m, plan = resolve(cfg)
     adapter = get_adapter(m.family)
@@ -96,6 +96,8 @@ def run(cfg: DictConfig):
     pipe.set_progress_bar_config(disable=True)
     if is_preset(cfg.plan):
         plan = preset_from_cfg(cfg, pipe, m, steps, guidance, list(dict.fromkeys(inputs))[:10])
+    elif plan is not None and steps != plan.inference_steps:
+        plan = transfer(plan, pipe, steps)
     if plan is not None:  # fail before generating anything if the plan does not fit the model
         apply_plan(pipe, plan)
         remove_plan(pipe)

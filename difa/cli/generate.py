@@ -13,8 +13,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from difa.adapters import get_adapter
-from difa.cli.common import (CONF_DIR, call_kwargs, check_no_preset_keys, check_settings, hook_from_cfg, is_preset,
-                             load_model, model_config, preset_from_cfg, report_errors, take_inputs)
+from difa.cli.common import (CONF_DIR, call_kwargs, check_known_keys, check_no_preset_keys, check_settings,
+                             hook_from_cfg, is_preset, load_model, model_config, preset_from_cfg, report_errors,
+                             take_inputs, transfer)
 from difa.engine import apply_plan, remove_plan
 from difa.errors import DifaError
 from difa.peers import is_hook
@@ -33,14 +34,13 @@ def resolve(cfg: DictConfig) -> tuple[Plan | None, DictConfig]:
 
 
 def run(cfg: DictConfig) -> tuple[list, Path]:
+    check_known_keys(cfg, "generate")
     check_settings(cfg)
     plan, m = resolve(cfg)
     adapter = get_adapter(m.family)
     steps = int(cfg.steps if cfg.steps is not None else plan.inference_steps if plan else m.steps)
     default_scale = plan.guidance_scale if plan and plan.guidance_scale is not None else m.guidance_scale
     guidance = float(cfg.guidance_scale if cfg.guidance_scale is not None else default_scale)
-    if plan is not None and steps != plan.inference_steps:
-        raise DifaError(f"the plan was made for {plan.inference_steps} steps; drop steps={steps} or recalibrate with steps={steps}")
     if plan is not None and plan.cfg_enabled != (guidance > 1):
         uses = [m_ for m_ in plan.counts() if m_ in CFG_METHODS]
         if uses:
@@ -50,6 +50,8 @@ def run(cfg: DictConfig) -> tuple[list, Path]:
     check_no_preset_keys(cfg)
     if is_preset(cfg.plan):
         plan = preset_from_cfg(cfg, pipe, m, steps, guidance, inputs)
+    elif plan is not None and steps != plan.inference_steps:
+        plan = transfer(plan, pipe, steps)
     hook = hook_from_cfg(cfg) if is_hook(cfg.plan) else None
     if plan is not None:
         apply_plan(pipe, plan)

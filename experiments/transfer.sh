@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Plans across step counts (issue 19): the 20-step budget-0.6 plan of each bundled model (plans/sweeps/, from
+# sweeps.sh part 1) used at 10, 30 and 50 steps (difa.retime_plan: nearest normalized step), next to a plan
+# calibrated natively at each step count with the same budget; same seeds, metric code and N as sweeps.sh.
+#   bash experiments/transfer.sh            # then experiments/results/transfer/{results.md,matched.md}
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+N=${N:-100}
+OUT=${OUT:-multirun}
+MODELS=${MODELS:-"fmnist_dit fmnist_pixart"}
+STEPS=${STEPS:-"10 30 50"}
+L=hydra/launcher=local
+EV=(n=$N ref_n=2000 batch=25 warmup=false time_batches=1 fid=false 'out=${hydra:runtime.output_dir}/evaluate.csv')
+T0=$(date +%s)
+for M in $MODELS; do
+  for S in $STEPS; do
+    python -m difa.calibrate +model=$M budget=0.6 steps=$S latency_batch=25 out=plans/transfer/${M}_b0.6_s$S.json \
+      "hydra.run.dir=$OUT/calibrate/transfer_${M}_s$S"
+  done
+  python -m difa.evaluate -m $L +model=$M "${EV[@]}" steps=${STEPS// /,} plan=plans/sweeps/${M}_difa_b0.6.json \
+    +tag=from-20-steps "hydra.sweep.dir=$OUT/evaluate/transfer_$M"
+  python -m difa.evaluate -m $L +model=$M "${EV[@]}" steps=${STEPS// /,} +tag=native \
+    'plan=plans/transfer/${model.name}_b0.6_s${steps}.json' "hydra.sweep.dir=$OUT/evaluate/native_$M"
+done
+python experiments/collect.py $OUT/evaluate/transfer_* $OUT/evaluate/native_* --out experiments/results/transfer
+echo "[transfer] $(( $(date +%s) - T0 )) s"
