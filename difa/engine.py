@@ -29,8 +29,8 @@ import torch
 from difa.adapters import CROSS_ATTN, Adapter, adapter_for
 from difa.attention.merge import token_grid
 from difa.errors import DifaError
-from difa.plan import (AST, CFG_METHODS, FULL, OUTPUT_READERS, TGATE, WARS, Plan, config_hash,
-                       executed_cells, output_steps, residual_producers, residual_steps)
+from difa.plan import (AST, CFG_METHODS, FULL, OUTPUT_READERS, TGATE, WARS, Plan, block_executed, block_keeps,
+                       config_hash, executed_cells, output_steps, residual_producers, residual_steps)
 from difa.techniques import REGISTRY, kind_of
 from difa.techniques.base import Cell, LayerShape, LayerState
 from difa.techniques.blocks import BlockCell, BlockState
@@ -84,9 +84,10 @@ class Engine:
         self.block_methods = block_methods
         self.block_names = [n for n, _ in blocks]
         self.block_states = [BlockState() for _ in blocks]
-        self.keep_block_residual = [_keeps(row, "residual") for row in block_methods]
-        self.keep_ff = [_keeps(row, "ff") for row in block_methods]
-        self.keep_block_output = [_keeps(row, "output") for row in block_methods]
+        block_ran = block_executed([n for n, _ in blocks], block_methods, self.steps)
+        self.keep_block_residual = [block_keeps(row, "residual", r) for row, r in zip(block_methods, block_ran)]
+        self.keep_ff = [block_keeps(row, "ff", r) for row, r in zip(block_methods, block_ran)]
+        self.keep_block_output = [block_keeps(row, "output", r) for row, r in zip(block_methods, block_ran)]
         self.executed = executed = executed_cells([n for n, _ in layers], [n for n, _ in blocks], block_methods,
                                                   self.steps)
         self.inference_steps = inference_steps or self.steps  # num_inference_steps, for messages
@@ -370,15 +371,6 @@ class Engine:
             state.out = out
             state.gated = None
         return out
-
-
-def _keeps(row: Sequence[str], what: str) -> list[bool]:
-    """[step]: this cell computes `what` ("residual" or "ff") and a later cell of the block reads it."""
-    out = []
-    for t, m in enumerate(row):
-        later = any(getattr(REGISTRY[x], "NEEDS", None) == what for x in row[t + 1:])
-        out.append(later and what in getattr(REGISTRY[m], "COMPUTES", ()))
-    return out
 
 
 def _first_tensor(obj: Any) -> torch.Tensor | None:

@@ -322,6 +322,23 @@ def _not_skipped(names: Sequence[str], block_names: Sequence[str], block_rows: S
     return out
 
 
+def block_keeps(row: Sequence[str], what: str, ran: Sequence[bool] | None = None) -> list[bool]:
+    """[step]: this cell of a block row computes `what` ("residual", "ff" or "output") and a later cell reads it:
+    only the last NEEDS_POINTS computing steps before a reader keep it (a `forecast` reads two, `reuse` one), since
+    caching costs time (a residual is an (B, N, C) subtraction at every keeping step; the latency model charges it).
+    `ran`: the row's cells that run (block_executed); a moot cell computes nothing."""
+    from difa.techniques import REGISTRY
+
+    keep = [False] * len(row)
+    for s, m in enumerate(row):
+        if getattr(REGISTRY[m], "NEEDS", None) != what:
+            continue
+        makers = [t for t in range(s) if what in getattr(REGISTRY[row[t]], "COMPUTES", ()) and (ran is None or ran[t])]
+        for t in makers[-getattr(REGISTRY[m], "NEEDS_POINTS", 1):]:
+            keep[t] = True
+    return keep
+
+
 def residual_steps(methods: Sequence[Sequence[str]], executed: Sequence[Sequence[bool]] | None = None,
                    producers: frozenset[str] = RESIDUAL_RULES["full"]) -> list[list[bool]]:
     """[layer][step]: this `full` cell (or a cell of another residual producer) must cache the window residual,

@@ -98,15 +98,16 @@ fi
 
 if has 3c; then
 # 3c. cache-dit's DBCache (the real package, `pip install 'difa[peers]'`) over its documented knobs: Fn_compute_blocks
-#     1 and 2 (its default 8 caches nothing on these 8-block models), residual_diff_threshold 0.08 (its default) to
-#     0.4, 2 warm-up steps (its default 8 would fix 40% of 20 steps); then the same with its TaylorSeer calibrator.
+#     1 and 2 (its default 8 caches nothing on these 8-block models), residual_diff_threshold 0.02 to 0.2 (its
+#     default 0.08 inside), 2 warm-up steps (its default 8 would fix 40% of 20 steps); then F1 with its TaylorSeer
+#     calibrator (order 1).
 for M in $MODELS; do
   for F in 1 2; do
     python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=cachedit:dbcache fn_blocks=$F warmup_steps=2 \
-      +tag=cachedit-F$F threshold=0.08,0.15,0.25,0.4 "hydra.sweep.dir=$OUT/evaluate/peers_cachedit_F${F}_$M"
+      +tag=cachedit-F$F threshold=0.02,0.05,0.1,0.2 "hydra.sweep.dir=$OUT/evaluate/peers_cachedit_F${F}_$M"
   done
   python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=cachedit:dbcache fn_blocks=1 warmup_steps=2 taylorseer=1 \
-    +tag=cachedit-F1-taylorseer threshold=0.08,0.15,0.25,0.4 "hydra.sweep.dir=$OUT/evaluate/peers_cachedit_ts_$M"
+    +tag=cachedit-F1-taylorseer threshold=0.02,0.05,0.1,0.2 "hydra.sweep.dir=$OUT/evaluate/peers_cachedit_ts_$M"
 done
 part "cache-dit"
 fi

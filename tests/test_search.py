@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -163,3 +164,12 @@ def test_latency_prediction_matches_a_naive_sum():
     assert p["fraction"] == pytest.approx(p["seconds"] / 3.5)
     assert lat.predict(layers, [["full"] * 3] * 2, [["full"] * 3] * 2, 3)["fraction"] == pytest.approx(1.0)
     assert not math.isnan(p["fraction"])
+    # Caching residuals costs a subtraction at each computed step a later skip reads: block 1's steps 0 (for the
+    # reuse at 1; the forecast at 2 has only step 0 before it as well).
+    kept = replace(lat, keep_s=(0.05, 0.07)).predict(layers, att, blocks, 3)
+    assert kept["seconds"] == pytest.approx(p["seconds"] + 0.07)
+    fc = [["full"] * 4, ["full", "full", "forecast", "reuse"]]  # the forecast reads steps 0 and 1, the reuse step 1
+    one = replace(lat, block_names=("b.1",))
+    base4 = one.predict(layers[1:], [["full"] * 4], fc[1:], 4)["seconds"]
+    assert replace(one, keep_s=(0.05, 0.07)).predict(layers[1:], [["full"] * 4], fc[1:], 4)["seconds"] == \
+        pytest.approx(base4 + 2 * 0.05)

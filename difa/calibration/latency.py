@@ -5,6 +5,7 @@ layer under each candidate method are timed on the real inputs of one denoiser c
 A plan's seconds per generation are then predicted as
 
     fixed + sum over steps of [ step - sum over blocks of (block - cost of the block's cell)
+                                     + sum over blocks caching a residual at that step of (the subtraction)
                                      + sum over running attention cells of (method - full) ]
 
 where `fixed` is what the pipeline spends outside the denoiser (scheduler, VAE, text encoder), measured on the
@@ -27,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from difa.plan import FULL, config_hash, executed_cells
+from difa.plan import FULL, block_keeps, config_hash, executed_cells
 from difa.techniques import REGISTRY, kind_of
 from difa.techniques.base import Cell, LayerState
 
@@ -42,6 +43,7 @@ class LatencyModel:
     block_s: tuple[float, ...]  # per block: the whole block, computed
     ff_s: tuple[float, ...]  # per block: its feed-forward module (what `mlp_reuse` saves)
     skip_s: tuple[float, ...]  # per block: a `reuse` / `forecast` cell (an add, or a first-order extrapolation)
+    keep_s: tuple[float, ...] = ()  # per block: caching the residual (output - input) at a computed step
     attn_s: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # layer -> method -> one call
     forwards: int = 0  # denoiser forwards this measurement cost (0 when read from the cache)
 
@@ -51,6 +53,11 @@ class LatencyModel:
         if REGISTRY[method].SKIPS_ATTENTION:
             return self.skip_s[j]
         return self.block_s[j] - self.ff_s[j]  # mlp_reuse: attention runs, the feed-forward does not
+
+    def row_seconds(self, j: int, row: Sequence[str]) -> float:
+        """Block j's seconds over a generation with cells `row`: its cells, plus the residuals it caches."""
+        keeps = sum(block_keeps(row, "residual")) if self.keep_s else 0
+        return sum(self.block_cost(j, m) for m in row) + keeps * (self.keep_s[j] if self.keep_s else 0.0)
 
     def attn_delta(self, layer: str, method: str) -> float:
         t = self.attn_s.get(layer, {})
@@ -62,11 +69,14 @@ class LatencyModel:
                 steps: int) -> dict[str, float]:
         """Predicted seconds per generation for a plan's cells, and the fraction of the all-full plan."""
         ran = executed_cells(layers, self.block_names, block_methods, steps) if block_methods else None
+        keeps = [block_keeps(row, "residual") for row in block_methods]  # what the engine caches (a subtraction)
         total = self.fixed_s
         for t in range(steps):
             s = self.step_s
             for j, row in enumerate(block_methods):
                 s -= self.block_s[j] - self.block_cost(j, row[t])
+                if self.keep_s and keeps[j][t]:
+                    s += self.keep_s[j]
             for i, (name, row) in enumerate(zip(layers, methods)):
                 if ran is None or ran[i][t]:
                     s += self.attn_delta(name, row[t])
@@ -167,7 +177,7 @@ def cache_key(model: torch.nn.Module, capture: Capture, params: Mapping, candida
         "device": str(device), "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else os.uname().machine,
         "dtype": dtype, "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
         "difa": difa.__version__, "model": type(model).__name__, "config": config_hash(model.config),
-        "inputs": shapes(capture.model_in), "params": params, "candidates": sorted(candidates),
+        "inputs": shapes(capture.model_in), "params": params, "candidates": sorted(candidates), "model_version": 2,
     }, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -218,12 +228,12 @@ def measure(model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, to
         try:
             d = json.loads(path.read_text())
             return LatencyModel(**{**d, "forwards": 0,
-                                   **{k: tuple(d[k]) for k in ("block_s", "ff_s", "skip_s", "block_names")}})
+                                   **{k: tuple(d[k]) for k in ("block_s", "ff_s", "skip_s", "keep_s", "block_names")}})
         except (ValueError, TypeError, KeyError):
             pass  # a stale or broken cache file: measure again
     args, kwargs = capture.model_in
     step_s = _median_time(lambda: model(*args, **kwargs))
-    block_s, ff_s, skip_s = [], [], []
+    block_s, ff_s, skip_s, keep_s = [], [], [], []
     for j, (_, block) in enumerate(blocks):
         b_args, b_kwargs = capture.block_in[j]
         block_s.append(_median_time(lambda: block(*b_args, **b_kwargs)))
@@ -235,6 +245,7 @@ def measure(model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, to
         x = b_args[0] if b_args else b_kwargs["hidden_states"]
         r0, r1 = torch.randn_like(x), torch.randn_like(x)
         skip_s.append(_median_time(lambda: x + (r1 + (r1 - r0) * 0.5)))  # the dearer of reuse / forecast
+        keep_s.append(_median_time(lambda: r1 - x))  # the residual a computed step caches for a later skip
     inside = sum(block_s)
     if inside > step_s:  # blocks timed alone add up to more than the denoiser (noise, warm caches): rescale them
         block_s, ff_s = [t * step_s / inside for t in block_s], [t * step_s / inside for t in ff_s]
@@ -243,7 +254,7 @@ def measure(model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, to
     for i, (name, attn) in enumerate(layers):
         if i in capture.attn_in:
             attn_s[name] = time_attention(attn, name, i, capture.attn_in[i], attention, params, adapter, capture)
-    model_ = LatencyModel(step_s, fixed_s, tuple(block_s), tuple(ff_s), tuple(skip_s), attn_s,
+    model_ = LatencyModel(step_s, fixed_s, tuple(block_s), tuple(ff_s), tuple(skip_s), tuple(keep_s), attn_s,
                           forwards=REPS + 1, block_names=tuple(n for n, _ in blocks))
     if path is not None:
         _write_atomic(path, json.dumps({k: v for k, v in model_.to_dict().items() if k != "forwards"}))

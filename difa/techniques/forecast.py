@@ -22,6 +22,7 @@ READS_CACHE = True
 NEEDS_METRIC = False
 SKIPS_ATTENTION = True
 NEEDS = "residual"
+NEEDS_POINTS = 2  # the last two computed residuals (r0, r1)
 COMPUTES = ()
 DEFAULT_CANDIDATE = True
 
