@@ -320,3 +320,19 @@ def test_misspelled_keys_are_refused(tmp_path):
     cfg = config("generate", ["plan=none", "+tag=kept", "n=1", f"out={tmp_path / 'img'}"])  # a sweep label is fine
     images, _ = generate_cli.run(cfg)
     assert len(images) == 1
+
+
+def test_every_key_the_sweeps_pass_is_accepted():
+    """The experiment scripts' `+key=` labels and plain keys must pass check_known_keys (a label missing from
+    LABEL_KEYS once stopped a whole sweep part)."""
+    from omegaconf import OmegaConf
+
+    from difa.cli.common import check_known_keys
+
+    for script in ("experiments/sweeps.sh", "experiments/transfer.sh"):
+        for line in (REPO_ROOT / script).read_text().replace("\\\n", " ").splitlines():
+            hit = re.search(r"python -m difa\.(calibrate|evaluate)\b(.*)", line)
+            if not hit:
+                continue
+            keys = {k for k in re.findall(r"(?:^|\s|')\+?\+?([a-z_]+)[=.]", hit.group(2)) if k not in ("hydra",)}
+            check_known_keys(OmegaConf.create({k: 1 for k in keys}), hit.group(1))  # raises on an unknown key

@@ -51,12 +51,12 @@ FLOAT_SETTINGS = ("guidance_scale", "threshold", "window")
 
 
 # Free labels the sweeps attach to jobs with a plus (`+tag=...`); experiments/collect.py reads them back.
-LABEL_KEYS = ("tag", "variant", "delta", "technique")
+LABEL_KEYS = ("tag", "variant", "delta", "technique", "budget")
 
 
 def check_known_keys(cfg: DictConfig, app: str) -> None:
     """Refuse keys the app's config does not define (`+threshhold=0.9` would otherwise be ignored silently)."""
-    defined = set(OmegaConf.load(CONF_DIR / f"{app}.yaml")) - {"defaults"}
+    defined = set(OmegaConf.load(CONF_DIR / f"{app}.yaml")) - {"defaults", "hydra"}
     unknown = sorted(set(cfg) - defined - {"model", "techniques", "hydra", *LABEL_KEYS})
     if unknown:
         raise DifaError(f"unknown key(s) {', '.join(unknown)} for difa.{app}; check the spelling (keys: "
