@@ -33,7 +33,7 @@ from difa.plan import (AST, CFG_METHODS, FULL, OUTPUT_READERS, TGATE, WARS, Plan
                        config_hash, executed_cells, output_steps, residual_producers, residual_steps)
 from difa.techniques import REGISTRY, kind_of
 from difa.techniques.base import Cell, LayerShape, LayerState
-from difa.techniques.blocks import BlockCell, BlockState
+from difa.techniques.blocks import BlockCell, BlockState, first_tensor
 
 ENGINE_ATTR = "_difa_engine"  # the handle on the denoiser, so that remove_plan(pipe) can find it
 
@@ -270,7 +270,7 @@ class Engine:
         for j, _, _ in self.blocks:
             st, needs = self.block_states[j], REGISTRY[self.block_methods[j][step]].NEEDS
             caches = {"residual": [r for _, r in st.residuals], "ff": [st.ff],
-                      "output": [_first_tensor(st.output)]}.get(needs, [])
+                      "output": [first_tensor(st.output)]}.get(needs, [])
             if any(c is not None and c.shape[0] == b and not torch.equal(c[: b // 2], c[b // 2:]) for c in caches):
                 return False
         return True
@@ -371,14 +371,6 @@ class Engine:
             state.out = out
             state.gated = None
         return out
-
-
-def _first_tensor(obj: Any) -> torch.Tensor | None:
-    if torch.is_tensor(obj) or obj is None:
-        return obj
-    if isinstance(obj, (tuple, list)):
-        return next((t for t in map(_first_tensor, obj) if t is not None), None)
-    return None
 
 
 def _ours(forward: Any, engine: "Engine") -> bool:

@@ -52,3 +52,12 @@ def computed(cell: BlockCell, x: torch.Tensor, compute: Callable[[], Any]) -> An
     if cell.keep_output:
         cell.state.output = out
     return out
+
+
+def first_tensor(obj: Any) -> torch.Tensor | None:
+    """The first tensor in a module output (a tensor, or nested tuples / lists of them): its batch is the output's."""
+    if torch.is_tensor(obj) or obj is None:
+        return obj
+    if isinstance(obj, (tuple, list)):
+        return next((t for t in map(first_tensor, obj) if t is not None), None)
+    return None

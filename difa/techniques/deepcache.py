@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from difa.errors import DifaError
-from difa.techniques.blocks import BlockCell
+from difa.techniques.blocks import BlockCell, first_tensor
 
 NAME = "deepcache"
 LETTER = "D"
@@ -43,24 +43,13 @@ def flops(shape, params: Mapping[str, Mapping]) -> float:
     return 0.0
 
 
-def _batch(obj: Any) -> int | None:
-    """Batch size of the first tensor in a module output (a tensor, or a tuple of tensors / tuples)."""
-    if torch.is_tensor(obj):
-        return obj.shape[0]
-    if isinstance(obj, (tuple, list)):
-        for x in obj:
-            b = _batch(x)
-            if b is not None:
-                return b
-    return getattr(obj, "sample", None).shape[0] if torch.is_tensor(getattr(obj, "sample", None)) else None
-
-
 def run(cell: BlockCell, x: torch.Tensor, compute: Callable[[], Any]) -> Any:
     out = cell.state.output
     if out is None:
         raise DifaError(f"{cell.name} step {cell.step}: {NAME!r} has no earlier output; an earlier step must run the unit")
-    if _batch(out) != x.shape[0]:
-        raise DifaError(f"{cell.name} step {cell.step}: the cached output has batch {_batch(out)} but the input has "
+    cached = first_tensor(out)
+    if cached is not None and cached.shape[0] != x.shape[0]:
+        raise DifaError(f"{cell.name} step {cell.step}: the cached output has batch {cached.shape[0]} but the input has "
                         f"{x.shape[0]}; compute the step where the batch changes (e.g. T-GATE's gate step)")
     return out
 
