@@ -239,7 +239,10 @@ def matched_table(df: pd.DataFrame, y: str = "rel_l1", at: Sequence[float] = MAT
     """Per model, each family's `y` interpolated at the latencies `at` (fractions of the uncompressed model's):
     the planner issue's comparison at matched latency. '–': the family's curve does not reach that latency."""
     parts = []
-    for model, part in df.groupby("model", sort=True):
+    by = ["model", "steps"] if "steps" in df.columns and df.steps.nunique() > 1 else ["model"]  # never across steps
+    for key, part in df.groupby(by, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        model = " ".join(f"{k}={v}" if k == "steps" else str(v) for k, v in zip(by, key))
         part = part[part.method != BASELINE]
         rows = []
         for family, fam in part.groupby("family", sort=True):

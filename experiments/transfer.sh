@@ -19,9 +19,10 @@ for M in $MODELS; do
       "hydra.run.dir=$OUT/calibrate/transfer_${M}_s$S"
   done
   python -m difa.evaluate -m $L +model=$M "${EV[@]}" steps=${STEPS// /,} plan=plans/sweeps/${M}_difa_b0.6.json \
-    +tag=from-20-steps "hydra.sweep.dir=$OUT/evaluate/transfer_$M"
+    +tag=from-20-steps "hydra.sweep.dir=$OUT/transfer/from20_$M"
   python -m difa.evaluate -m $L +model=$M "${EV[@]}" steps=${STEPS// /,} +tag=native \
-    'plan=plans/transfer/${model.name}_b0.6_s${steps}.json' "hydra.sweep.dir=$OUT/evaluate/native_$M"
+    'plan=plans/transfer/${model.name}_b0.6_s${steps}.json' "hydra.sweep.dir=$OUT/transfer/native_$M"
 done
-python experiments/collect.py $OUT/evaluate/transfer_* $OUT/evaluate/native_* --out experiments/results/transfer
+# (under $OUT/transfer, not $OUT/evaluate: sweeps.sh part 4 collects every folder there, one step count)
+python experiments/collect.py $OUT/transfer/* --out experiments/results/transfer
 echo "[transfer] $(( $(date +%s) - T0 )) s"

@@ -103,7 +103,8 @@ def test_class_accuracy_with_a_classifier_dir(tmp_path, capsys):
     (["plan=diffusers:pab", "skip=0"], "skip must be an integer >= 1"),
     (["plan=diffusers:pab", "timestep_range=[800,100]"], "low < high"),
     (["time_batches=0"], "time_batches must be"),
-    ([f"steps={STEPS + 1}"], f"made for {STEPS} steps"),
+    (["plan=cachedit:dbcache", "fn_blocks=0"], "fn_blocks must be an integer >= 1"),
+    (["plan=cachedit:dbcache", "skip=2"], "skip do not apply to cachedit:dbcache"),
 ])
 def test_bad_arguments(ast_plan, overrides, message):
     plan = [] if any(o.startswith("plan=") for o in overrides) else [f"plan={ast_plan}"]
@@ -190,3 +191,12 @@ def test_predicted_latency_next_to_measured(tmp_path):
     base, row = table.iloc[0], table.iloc[1]
     assert base.pred_latency == 1.0 and row.pred_latency == plan.latency["predicted_fraction"] <= 0.9
     assert row.rel_latency > 0
+
+
+def test_a_plan_runs_at_another_step_count(ast_plan, tmp_path, caplog):
+    """Another `steps=` maps the plan (difa.retime_plan) with a warning, instead of refusing it."""
+    cfg = config(["+model=tiny_dit", f"plan={ast_plan}", f"steps={STEPS + 2}", "n=2", "fid=false", "warmup=false",
+                  f"out={tmp_path / 'e.csv'}"])
+    with caplog.at_level("WARNING", logger="difa"):
+        table, _ = evaluate_cli.run(cfg)
+    assert f"calibrated at {STEPS} steps and runs at {STEPS + 2}" in caplog.text and len(table) == 2
