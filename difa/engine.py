@@ -37,7 +37,10 @@ from difa.techniques.blocks import BlockCell, BlockState, first_tensor
 
 ENGINE_ATTR = "_difa_engine"  # the handle on the denoiser, so that remove_plan(pipe) can find it
 
-StepHook = Callable[["Engine", Callable[[], torch.Tensor]], None]
+# on_step(engine, trial) -> the step's column of methods (one per layer), or None to keep the plan's. `trial(column)`
+# runs this step's forward with `column` proposed and returns the denoiser output; the caches are restored after
+# each trial, and the engine (not the search) writes the returned column into its own table.
+StepHook = Callable[["Engine", Callable[[Sequence[str]], torch.Tensor]], Sequence[str] | None]
 
 
 class PlanProcessor:
@@ -60,7 +63,7 @@ class Engine:
         model: torch.nn.Module,
         adapter: Adapter,
         layers: Sequence[tuple[str, torch.nn.Module]],
-        methods: Sequence[Sequence[str]],  # (n_layers, steps); calibration mutates it between trial forwards
+        methods: Sequence[Sequence[str]],  # (n_layers, steps); while calibrating, on_step decides each step's column
         params: Mapping[str, Mapping[str, Any]],
         *,
         scheduler: Any = None,
@@ -235,18 +238,23 @@ class Engine:
                 for b, (res, ff) in zip(self.block_states, block_snapshot):
                     b.residuals, b.ff = list(res), ff
 
-            def trial() -> torch.Tensor:
+            def trial(column: Sequence[str]) -> torch.Tensor:
                 restore()
+                for row, m in zip(self.methods, column):
+                    row[self.step] = m
                 self.forwards += 1
                 out = module(*args, **kwargs)
                 return out.sample if hasattr(out, "sample") else out[0]
 
+            before = [row[self.step] for row in self.methods]
             self._inside = True
             try:
-                self.on_step(self, trial)
+                decided = self.on_step(self, trial)
             finally:
                 self._inside = False
                 restore()
+            for row, m in zip(self.methods, before if decided is None else decided):
+                row[self.step] = m
         self.forwards += 1
         if self._can_collapse(self.step, b):
             self.collapsed = True

@@ -280,8 +280,8 @@ def calibrate_pipeline(
                           channels=sampled_channels(model), resume=resume, on_decided=on_decided)
     metric = [i for i, (n, _) in enumerate(layers) if any(REGISTRY[c].NEEDS_METRIC and kind_of(n) in candidate_kinds(c)
                                                           for c in cands)]
-    engine = Engine(model, adapter, layers, methods, params, scheduler=pipe.scheduler, calibrating=True,
-                    on_step=search.on_step, inference_steps=steps, metric_layers=metric)
+    engine = Engine(model, adapter, layers, [list(r) for r in methods], params, scheduler=pipe.scheduler,
+                    calibrating=True, on_step=search.on_step, inference_steps=steps, metric_layers=metric)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     blocks = plan_blocks(pipe)
     capture = Capture(model, adapter, blocks, layers)

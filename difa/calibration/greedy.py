@@ -1,8 +1,9 @@
 """Greedy per-step, per-layer search (DiTFastAttn §3.4, with the post-paper threshold δ·(i+1)/L).
 
-Runs inside the real sampler loop: the engine calls `on_step` at the start of every denoiser forward, and
-the search runs trial forwards of that same call before letting it proceed with the decided methods, so
-the trajectory is the compressed one and errors accumulate as they will at inference.
+Runs inside the real sampler loop: the engine calls `on_step` at the start of every denoiser forward; the search
+proposes columns of methods and reads the outputs of trial forwards of that same call, then returns the decided
+column, which the engine runs; so the trajectory is the compressed one and errors accumulate as they will at
+inference. The search writes only its own table (`methods`), never the engine's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from difa.techniques import candidate_kinds
 
 @dataclass
 class GreedySearch:
-    methods: list[list[str]]  # (n_layers, steps), mutated in place; the engine reads it
+    methods: list[list[str]]  # (n_layers, steps): the search's own record of its decisions (the plan)
     candidates: Sequence[str]  # non-full methods allowed
     threshold: float  # δ
     params: Mapping[str, Mapping]
@@ -51,21 +52,30 @@ class GreedySearch:
     def layer_threshold(self, i: int) -> float:
         return self.threshold * (i + 1) / len(self.methods)
 
-    def on_step(self, engine, trial: Callable[[], torch.Tensor]) -> None:
+    def on_step(self, engine, trial: Callable[[list[str]], torch.Tensor]) -> list[str] | None:
         t = engine.step
         if t == 0:  # nothing is cached yet: step 0 is always full
-            return
+            return None
         if t in self.resume:  # decided before the kill: the same methods, no trials
             column, records = self.resume[t]
-            for row, m in zip(self.methods, column):
-                row[t] = m
             self.decisions.extend(records)
-            return
+        else:
+            column, records = self.decide(engine, trial, t)
+            if self.on_decided is not None:
+                self.on_decided(t, column, records)
+        for row, m in zip(self.methods, column):
+            row[t] = m
+        if self.progress is not None:
+            self.progress(t)
+        return list(column)
+
+    def decide(self, engine, trial: Callable[[list[str]], torch.Tensor], t: int) -> tuple[list[str], list[dict]]:
+        """Layer by layer, the first candidate (cheapest first) under the layer's threshold, given the decisions of
+        the layers before it at this step (later layers full while trying)."""
         first = len(self.decisions)
-        for row in self.methods:
-            row[t] = FULL
-        reference = self.guided(engine, trial())
-        for i, row in enumerate(self.methods):
+        column = [FULL] * len(self.methods)
+        reference = self.guided(engine, trial(column))
+        for i in range(len(self.methods)):
             thr = self.layer_threshold(i)
             allowed = [c for c in self.candidates if not self.kinds or self.kinds[i] in candidate_kinds(c)]
             order = order_candidates(allowed, engine.shapes[i], self.params)
@@ -73,14 +83,11 @@ class GreedySearch:
             for m in order:
                 if m in CFG_METHODS and engine.cond is None:
                     continue
-                row[t] = m
-                tried[m] = self.loss(self.guided(engine, trial()), reference)
+                column[i] = m
+                tried[m] = self.loss(self.guided(engine, trial(column)), reference)
                 if tried[m] < thr:
                     break
             else:
-                row[t] = FULL
-            self.decisions.append({"step": t, "layer": i, "threshold": thr, "tried": tried, "chosen": row[t]})
-        if self.on_decided is not None:
-            self.on_decided(t, [row[t] for row in self.methods], self.decisions[first:])
-        if self.progress is not None:
-            self.progress(t)
+                column[i] = FULL
+            self.decisions.append({"step": t, "layer": i, "threshold": thr, "tried": tried, "chosen": column[i]})
+        return column, self.decisions[first:]
