@@ -336,3 +336,12 @@ def test_every_key_the_sweeps_pass_is_accepted():
                 continue
             keys = {k for k in re.findall(r"(?:^|\s|')\+?\+?([a-z_]+)[=.]", hit.group(2)) if k not in ("hydra",)}
             check_known_keys(OmegaConf.create({k: 1 for k in keys}), hit.group(1))  # raises on an unknown key
+
+
+@pytest.mark.parametrize("inputs", ["[5000]", "[-1]", "[cat]"])
+def test_class_ids_out_of_range_are_one_line(tmp_path, inputs):
+    """Issue 15: `generate inputs=[5000]` on a class-conditional model (the label embedding has 1000 classes)."""
+    with pytest.raises(DifaError, match=r"class ids must be integers in \[0, 1000\) for this model"):
+        generate_cli.run(config("generate", ["+model=tiny_dit", "plan=none", f"inputs={inputs}", "n=1",
+                                             f"out={tmp_path / 'img'}"]))
+    assert not (tmp_path / "img").exists()

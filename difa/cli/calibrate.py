@@ -10,8 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from difa.calibration import DEFAULT_CANDIDATES, calibrate_pipeline, check_budget, technique_params
 from difa.calibration.checkpoint import Checkpoint
-from difa.cli.common import (CONF_DIR, call_kwargs, check_known_keys, check_settings, load_model, model_config,
-                             reject_unplussed_model, report_errors, take_inputs)
+from difa.cli.common import (CONF_DIR, call_kwargs, check_class_inputs, check_known_keys, check_settings, load_model,
+                             model_config, reject_unplussed_model, report_errors, take_inputs)
 from difa.files import check_target, target_lock
 from difa.plan import Plan, attention_executed, block_executed
 from difa.techniques import changed_params, check_params, letters
@@ -41,6 +41,7 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
     with target_lock(out):  # a second calibration writing the same out= is refused
         checkpoint = Checkpoint(out)  # greedy: a killed run of the same command resumes from its decided steps
         pipe = load_model(m, cfg.device, cfg.dtype)
+        check_class_inputs(pipe, inputs)
         plan = calibrate_pipeline(
             pipe, inputs, threshold=cfg.threshold, steps=steps, guidance_scale=guidance, seed=int(cfg.seed),
             candidates=list(cfg.candidates) if cfg.get("candidates") is not None else DEFAULT_CANDIDATES,

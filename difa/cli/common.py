@@ -92,6 +92,20 @@ def check_settings(cfg: DictConfig) -> None:
         raise DifaError("device=mps but MPS is not available here; use device=cpu")
 
 
+def check_class_inputs(pipe: Any, inputs: Sequence) -> None:
+    """Class-conditional models: every input is a class id the label embedding has (not its null class)."""
+    from difa.adapters import adapter_for
+
+    adapter = adapter_for(pipe)
+    if adapter.inputs_kind != "classes":
+        return
+    n = getattr(adapter.denoiser(pipe).config, "num_embeds_ada_norm", None)
+    bad = [x for x in inputs if isinstance(x, bool) or not isinstance(x, int) or (n is not None and not 0 <= x < n)]
+    if bad:
+        raise DifaError(f"class ids must be integers in [0, {n}) for this model, got {', '.join(map(repr, bad[:3]))}; "
+                        "e.g. inputs=[0,1,2]")
+
+
 def take_inputs(inputs: Sequence, n: int | None) -> list:
     """The first n inputs, cycling through the list when n is larger than it."""
     items = list(inputs)

@@ -13,9 +13,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from difa.adapters import get_adapter
-from difa.cli.common import (CONF_DIR, call_kwargs, check_known_keys, check_no_preset_keys, check_settings,
-                             hook_from_cfg, is_preset, load_model, model_config, preset_from_cfg, report_errors,
-                             take_inputs, transfer)
+from difa.cli.common import (CONF_DIR, call_kwargs, check_class_inputs, check_known_keys, check_no_preset_keys,
+                             check_settings, hook_from_cfg, is_preset, load_model, model_config, preset_from_cfg,
+                             report_errors, take_inputs, transfer)
 from difa.engine import apply_plan, remove_plan
 from difa.errors import DifaError
 from difa.peers import is_hook
@@ -47,6 +47,7 @@ def run(cfg: DictConfig) -> tuple[list, Path]:
             raise DifaError(f"the plan uses {', '.join(uses)} (CFG sharing) but guidance_scale={guidance} turns CFG off; use guidance_scale > 1")
     inputs = take_inputs(cfg.inputs if cfg.inputs is not None else m.inputs, cfg.n)
     pipe = load_model(m, cfg.device, cfg.dtype)
+    check_class_inputs(pipe, inputs)
     check_no_preset_keys(cfg)
     if is_preset(cfg.plan):
         plan = preset_from_cfg(cfg, pipe, m, steps, guidance, inputs)
