@@ -7,16 +7,7 @@
 #                                           # DiTFastAttn's thresholds, 2 ablation, 3 peers, 3c cache-dit, 5 DiTFastAttn's
 #                                           # residual rule, 4 collect)
 # Jobs run two at a time (hydra/launcher=local, joblib) with one thread each: 2 CPU cores.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-N=${N:-100}
-OUT=${OUT:-multirun}
-MODELS=${MODELS:-"fmnist_dit fmnist_pixart"}
-L=hydra/launcher=local
-# Evaluate settings shared by every job: the uncompressed baseline of (model, N, seeds) is generated once (cached
-# under runs/cache/baseline) and, in every job, timed side by side with the method on the first batch.
-EV=(n=$N ref_n=2000 batch=25 warmup=false time_batches=1 'out=${hydra:runtime.output_dir}/evaluate.csv')
+. "$(dirname "$0")/sweep_env.sh"  # set -euo pipefail, cd to the root, N, OUT, MODELS, L, EV
 PARTS=${PARTS:-"0 1 1g 2 3 3c 5 4"}
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 T0=$(date +%s)

@@ -3,15 +3,9 @@
 # sweeps.sh part 1) used at 10, 30 and 50 steps (difa.retime_plan: nearest normalized step), next to a plan
 # calibrated natively at each step count with the same budget; same seeds, metric code and N as sweeps.sh.
 #   bash experiments/transfer.sh            # then experiments/results/transfer/{results.md,matched.md}
-set -euo pipefail
-cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-N=${N:-100}
-OUT=${OUT:-multirun}
-MODELS=${MODELS:-"fmnist_dit fmnist_pixart"}
+. "$(dirname "$0")/sweep_env.sh"  # set -euo pipefail, cd to the root, N, OUT, MODELS, L, EV
 STEPS=${STEPS:-"10 30 50"}
-L=hydra/launcher=local
-EV=(n=$N ref_n=2000 batch=25 warmup=false time_batches=1 fid=false 'out=${hydra:runtime.output_dir}/evaluate.csv')
+EV+=(fid=false)
 T0=$(date +%s)
 for M in $MODELS; do
   for S in $STEPS; do

@@ -166,7 +166,9 @@ def technique_params(window, techniques: Mapping[str, Mapping[str, Any]] | None)
 
 LOSS_ON = ("guided", "halves")
 SEARCHES = ("trajectory", "greedy")
-BLOCK_CANDIDATES = ("reuse", "forecast")  # what the trajectory search plans (mlp_reuse: fixed plans only, for now)
+# What the trajectory search plans: block methods that stand in for the block's residual (its error table models
+# exactly those: reuse, forecast). mlp_reuse (needs "ff") and deepcache (needs "output") are for fixed plans.
+BLOCK_CANDIDATES = tuple(t.NAME for t in TECHNIQUES if "block" in t.KINDS and getattr(t, "NEEDS", None) == "residual")
 
 
 def check_budget(budget: Any) -> float | None:
