@@ -27,8 +27,12 @@ NO_PLAN = "none"
 BASELINE = "baseline"
 FMNIST = "fmnist"  # model.dataset of the Fashion-MNIST models: FID reference set and classifier apply
 MAX_REFERENCE = 10_000  # images in the committed Fashion-MNIST test split
-COLUMNS = ["method", "fid", "inception_score", "class_acc", "rel_l1", "psnr_db", "ssim", "attn_flops", "macs",
-           "gmacs_per_image", "s_per_image", "rel_latency", "pred_latency", "peak_mem_mb"]
+COLUMNS = ["method", "fid", "inception_score", "class_acc", "class_acc_lo", "class_acc_hi", "rel_l1", "rel_l1_lo",
+           "rel_l1_hi", "psnr_db", "psnr_db_lo", "psnr_db_hi", "ssim", "ssim_lo", "ssim_hi", "attn_flops", "macs",
+           "gmacs_per_image", "s_per_image", "rel_latency", "rel_latency_min", "rel_latency_max", "timed_batches",
+           "pred_latency", "peak_mem_mb"]
+# per image of every method, next to the table (<out>_images.csv): what the intervals are computed from
+IMAGE_COLUMNS = ["method", "image", "label", "l1_num", "l1_den", "mse", "ssim", "class_hit"]
 
 
 @dataclass
@@ -38,6 +42,7 @@ class Method:
     hook: DiffusersHook | CacheDit | None = None  # a caching peer instead of a plan (difa.peers)
     images: list[torch.Tensor] = field(default_factory=list)  # per batch: (B, 3, H, W) in [0, 1]
     seconds: float = 0.0  # timed batches only
+    batch_seconds: list[float] = field(default_factory=list)  # per timed batch: seconds per image
     timed: int = 0  # images in the timed batches
     peak_mb: float = 0.0
     flops: float = math.nan  # attention FLOPs relative to full attention
@@ -144,6 +149,7 @@ def generate_all(pipe, adapter: Adapter, methods: list[Method], inputs: list, *,
                 m.images.append(images)
             if k < timed:
                 m.seconds += seconds
+                m.batch_seconds.append(seconds / len(chunk))
                 m.timed += len(chunk)
             m.peak_mb = max(m.peak_mb, mb)
     for m in methods:
@@ -192,21 +198,26 @@ def classifier_dir(path: str) -> Path | None:
 
 
 def score(methods: list[Method], labels: torch.Tensor, *, fid_ref: np.ndarray | None, net, classifier, batch: int,
-          feature_cache: Path | None = None) -> list[dict]:
+          feature_cache: Path | None = None) -> tuple[list[dict], list[dict]]:
+    """Table rows (one per method, COLUMNS) and per-image rows (IMAGE_COLUMNS). Fidelity and class accuracy carry
+    95% bootstrap intervals over images (metrics.metric_intervals); latency the median and min-max of the per-batch
+    ratios to the baseline timed side by side (latency_spread)."""
     base = torch.cat(methods[0].images)  # (N, 3, H, W)
     total0, attn0 = methods[0].counted
-    rows = []
+    rows, image_rows = [], []
     for m in methods:
         images = torch.cat(m.images)
         total, attn = m.counted
         s_img = m.seconds / m.timed if m.timed else math.nan
-        row = {"method": m.name, "fid": math.nan, "inception_score": math.nan, "class_acc": math.nan,
-               "rel_l1": metrics.relative_l1(images, base), "psnr_db": metrics.psnr(images, base),
-               "ssim": metrics.ssim(images, base),
+        per_image = metrics.per_image_fidelity(images, base)
+        if classifier is not None:
+            per_image["class_hit"] = metrics.class_hits(images, labels, classifier, batch_size=batch)
+        row = {"method": m.name, "fid": math.nan, "inception_score": math.nan,
+               **metrics.metric_intervals(per_image),
                # plans: the cost model (the ideal window kernel); hooks have none, so the counted FLOPs
                "attn_flops": 1.0 if not m.compressed else m.flops if m.plan is not None else attn / attn0,
                "macs": total / total0, "gmacs_per_image": total / 2e9, "s_per_image": s_img,
-               "rel_latency": s_img / (methods[0].seconds / methods[0].timed) if methods[0].timed else math.nan,
+               **latency_spread(m.batch_seconds, methods[0].batch_seconds),
                # the plan's measured cost model (calibration), next to the measured rel_latency
                "pred_latency": 1.0 if not m.compressed else predicted_latency(m.plan),
                "peak_mem_mb": m.peak_mb}
@@ -221,10 +232,21 @@ def score(methods: list[Method], labels: torch.Tensor, *, fid_ref: np.ndarray | 
             row["fid"] = metrics.fid_from_features(feats, fid_ref)
             if net.logit_weight is not None:
                 row["inception_score"] = metrics.inception_score(feats, net)[0]
-        if classifier is not None:
-            row["class_acc"] = metrics.class_accuracy(images, labels, classifier, batch_size=batch)
         rows.append(row)
-    return rows
+        for i in range(len(images)):
+            image_rows.append({"method": m.name, "image": i, "label": int(labels[i]),
+                               **{k: float(v[i]) for k, v in per_image.items()}})
+    return rows, image_rows
+
+
+def latency_spread(seconds: list[float], base_seconds: list[float]) -> dict[str, float]:
+    """rel_latency: the median over the timed batches of (method's s/image) / (baseline's s/image on the same batch,
+    timed next to it); its min and max; and how many batches. NaN where nothing was timed."""
+    ratios = [a / b for a, b in zip(seconds, base_seconds) if b > 0]
+    if not ratios:
+        return {"rel_latency": math.nan, "rel_latency_min": math.nan, "rel_latency_max": math.nan, "timed_batches": 0}
+    return {"rel_latency": float(np.median(ratios)), "rel_latency_min": min(ratios), "rel_latency_max": max(ratios),
+            "timed_batches": len(ratios)}
 
 
 def predicted_latency(plan: Plan | None) -> float:
@@ -233,13 +255,29 @@ def predicted_latency(plan: Plan | None) -> float:
     return float(plan.latency["predicted_fraction"])
 
 
+def compact(table):
+    """The table with each metric's interval folded into one cell: `v [lo, hi]` (latency: `v (min-max)`)."""
+    out = table.copy()
+    for col in list(out.columns):
+        lo, hi, sep = ((f"{col}_lo", f"{col}_hi", ", ") if f"{col}_lo" in out.columns
+                       else (f"{col}_min", f"{col}_max", "-") if f"{col}_min" in out.columns else (None, None, None))
+        if lo is not None:
+            brackets = "[]" if sep == ", " else "()"
+            out[col] = [f"{v:.4g} {brackets[0]}{a:.4g}{sep}{b:.4g}{brackets[1]}" if a == a else f"{v:.4g}"
+                        for v, a, b in zip(out[col], out[lo], out[hi])]
+            out = out.drop(columns=[lo, hi])
+    return out.map(lambda v: f"{v:.4g}" if isinstance(v, float) else v)
+
+
 def report(table, model: str, n: int, steps: int, guidance: float, mem: str, notes: list[str], out: Path) -> str:
     lines = [
         f"difa evaluation of {model}: {n} samples, {steps} steps, guidance {guidance}, same seeds for every method",
-        table.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+        compact(table).to_string(index=False),
         ("rel_l1 / psnr_db / ssim: against the baseline images; attn_flops: attention FLOPs relative to full; "
+         "*_lo / *_hi: 95% bootstrap interval over images; "
          "macs: all multiply-adds of one image relative to the baseline (torch.utils.flop_counter); "
-         f"s_per_image: wall clock, methods interleaved; rel_latency: vs the baseline timed on the same batches; "
+         f"s_per_image: wall clock, methods interleaved; rel_latency: median over the timed batches of the ratio "
+         f"to the baseline timed next to it (min and max beside it); "
          f"peak_mem_mb: {metrics.MEMORY_MEASURES[mem]}"),
         *notes,
         f"written to {out}",

@@ -303,7 +303,6 @@ def save_atomic(path: str | os.PathLike, write) -> Path:
 
 # -- class accuracy -------------------------------------------------------------------------------------------
 
-@torch.inference_mode()
 def class_accuracy(
     images: torch.Tensor | np.ndarray,
     labels: torch.Tensor | np.ndarray,
@@ -312,6 +311,12 @@ def class_accuracy(
 ) -> float:
     """Fraction of images (N, C, H, W) in [0, 1] that `classifier` (input in [-1, 1], e.g.
     difa.zoo.FMNISTClassifier) labels as `labels` (N,)."""
+    return float(class_hits(images, labels, classifier, batch_size).mean())
+
+
+@torch.inference_mode()
+def class_hits(images, labels, classifier: torch.nn.Module, batch_size: int = 256) -> np.ndarray:
+    """(N,) float64: 1 where `classifier` labels image i as labels[i], else 0 (see class_accuracy)."""
     x = unit_images(images)
     y = torch.as_tensor(labels).long().reshape(-1)
     if len(y) != len(x):
@@ -320,13 +325,13 @@ def class_accuracy(
     classifier.eval()
     device = next(classifier.parameters(), torch.empty(0)).device
     try:
-        hits = 0
+        hits = []
         for i in range(0, len(x), batch_size):
             logits = classifier((x[i : i + batch_size] * 2.0 - 1.0).to(device))  # (B, classes)
-            hits += int((logits.argmax(dim=1).cpu() == y[i : i + batch_size]).sum())
+            hits.append(logits.argmax(dim=1).cpu() == y[i : i + batch_size])
     finally:
         classifier.train(was_training)
-    return hits / len(x)
+    return torch.cat(hits).double().numpy()
 
 
 # -- fidelity to a reference set ------------------------------------------------------------------------------
@@ -359,6 +364,72 @@ def ssim(a, b) -> float:
 
     a, b = _pair(a, b)
     return float(structural_similarity_index_measure(a, b, data_range=1.0))
+
+
+# -- per image, and bootstrap intervals ----------------------------------------------------------------------
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_LEVEL = 0.95
+BOOTSTRAP_SEED = 0
+
+
+def per_image_fidelity(a, b) -> dict[str, np.ndarray]:
+    """Per image of a set a against its reference b, each (N,) float64: `l1_num` sum |a - b|, `l1_den` sum |b|,
+    `mse` mean (a - b)^2, `ssim` mean SSIM. The set metrics are statistics of these (FIDELITY_STATS): relative_l1,
+    psnr and ssim give exactly those values on the whole set."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    a, b = _pair(a, b)
+    d = (a - b).flatten(1).double()  # (N, C*H*W)
+    return {"l1_num": d.abs().sum(1).numpy(), "l1_den": b.flatten(1).double().abs().sum(1).numpy(),
+            "mse": (d * d).mean(1).numpy(),
+            "ssim": structural_similarity_index_measure(a, b, data_range=1.0, reduction="none").double().numpy()}
+
+
+def _psnr_of(mse: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(1.0 / mse.mean(-1))  # data range 1; inf for identical sets
+
+
+# metric -> (per-image columns it needs, statistic). A statistic reduces the last axis, so it takes columns (N,)
+# for the point value or (R, N) for R resamples at once.
+FIDELITY_STATS = {
+    "rel_l1": (("l1_num", "l1_den"), lambda c: c["l1_num"].sum(-1) / np.maximum(c["l1_den"].sum(-1), 1e-12)),
+    "psnr_db": (("mse",), lambda c: _psnr_of(c["mse"])),
+    "ssim": (("ssim",), lambda c: c["ssim"].mean(-1)),
+    "class_acc": (("class_hit",), lambda c: c["class_hit"].mean(-1)),
+}
+
+
+def bootstrap_interval(columns: dict[str, np.ndarray], statistic, resamples: int = BOOTSTRAP_RESAMPLES,
+                       level: float = BOOTSTRAP_LEVEL, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval over images (Efron & Tibshirani 1993, ch. 13) of `statistic`: `resamples`
+    draws of N image indices with replacement (rng.integers(0, N, (R, N)), numpy's default_generator(seed): the
+    same draws row by row as R calls of rng.integers(0, N, N)), the statistic of each, and its (1 - level) / 2 and
+    (1 + level) / 2 quantiles. `columns` holds per-image arrays (N,) of equal length."""
+    lengths = {len(np.asarray(v)) for v in columns.values()}
+    if len(lengths) != 1 or 0 in lengths:
+        raise DifaError(f"the bootstrap needs per-image columns of one non-zero length, got lengths {sorted(lengths)}")
+    if not (0 < level < 1 and resamples >= 1):
+        raise DifaError(f"bootstrap needs 0 < level < 1 and resamples >= 1 (got level={level}, resamples={resamples})")
+    (n,) = lengths
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))  # (R, N)
+    stats = np.asarray(statistic({k: np.asarray(v, dtype=np.float64)[idx] for k, v in columns.items()}), dtype=np.float64)
+    # PSNR of identical images is inf, and linear interpolation between infs is NaN: take the nearest order statistic
+    method = "linear" if np.isfinite(stats).all() else "nearest"
+    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2], method=method)
+    return float(lo), float(hi)
+
+
+def metric_intervals(per_image: dict[str, np.ndarray], **kw) -> dict[str, float]:
+    """{metric: value, metric_lo: .., metric_hi: ..} for every FIDELITY_STATS metric whose columns are present."""
+    out = {}
+    for name, (needs, stat) in FIDELITY_STATS.items():
+        if all(k in per_image for k in needs):
+            cols = {k: np.asarray(per_image[k], dtype=np.float64) for k in needs}
+            out[name] = float(stat(cols))
+            out[f"{name}_lo"], out[f"{name}_hi"] = bootstrap_interval(cols, stat, **kw)
+    return out
 
 
 # -- memory ---------------------------------------------------------------------------------------------------

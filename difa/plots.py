@@ -177,11 +177,26 @@ PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p")
 
 
+def _error_bars(part, col: str):
+    """(2, n) distances below and above each point from `col`'s interval columns, or None without them."""
+    import numpy as np
+
+    for lo, hi in (("_lo", "_hi"), ("_min", "_max")):
+        if f"{col}{lo}" in part.columns and f"{col}{hi}" in part.columns and part[f"{col}{lo}"].notna().any():
+            v = part[col].to_numpy(dtype=float)
+            a, b = part[f"{col}{lo}"].to_numpy(dtype=float), part[f"{col}{hi}"].to_numpy(dtype=float)
+            below, above = np.nan_to_num(v - a, nan=0.0, posinf=0.0), np.nan_to_num(b - v, nan=0.0, posinf=0.0)
+            return np.stack([np.clip(below, 0, None), np.clip(above, 0, None)])
+    return None
+
+
 def pareto_plot(df, path: str | os.PathLike, *, x: str = "s_per_image", y: str = "fid", family: str = "family",
                 label: str | None = None, title: str | None = None) -> Path:
     """Quality `y` against cost `x`, one line per value of the `family` column (points joined in order of x), with
     the Pareto front over all points dashed. `label` names a column whose values annotate the points (e.g. the
-    threshold). Rows where x or y is NaN are left out."""
+    threshold). Rows where x or y is NaN are left out. Where the table has interval columns (`<y>_lo`/`<y>_hi`:
+    difa.evaluate's 95% bootstrap interval; `<x>_min`/`<x>_max`: the latency's spread over the timed batches),
+    each point carries them as error bars."""
     from matplotlib.figure import Figure
 
     _format(Path(path))
@@ -206,6 +221,11 @@ def pareto_plot(df, path: str | os.PathLike, *, x: str = "s_per_image", y: str =
             others += 1
             ax.plot(part[x], part[y], marker=MARKERS[others % len(MARKERS)], markersize=4, linewidth=1.1,
                     color=PALETTE[1 + (others - 1) % (len(PALETTE) - 1)], label=name)
+        color = "black" if name == BASELINE else ax.get_lines()[-1].get_color()
+        xerr, yerr = _error_bars(part, x), _error_bars(part, y)
+        if xerr is not None or yerr is not None:
+            ax.errorbar(part[x], part[y], xerr=xerr, yerr=yerr, fmt="none", ecolor=color, elinewidth=0.7,
+                        capsize=1.5, alpha=0.8, zorder=2)
         if label is not None and name != BASELINE:
             for _, row in part[part[label].notna()].iterrows():
                 ax.annotate(str(row[label]), (row[x], row[y]), fontsize=6, xytext=(3, 3), textcoords="offset points")

@@ -34,6 +34,11 @@ BASELINE = "baseline"
 PRESET_PREFIX = "preset_"  # difa.evaluate names a preset's row "preset_<name>"
 METRICS = ["attn_flops", "macs", "rel_latency", "s_per_image", "fid", "inception_score", "class_acc", "rel_l1",
            "psnr_db", "ssim", "gmacs_per_image", "peak_mem_mb"]
+# Interval columns written by difa.evaluate next to a metric: 95% bootstrap bounds (_lo, _hi) and the latency's
+# spread over the timed batches (_min, _max). Metrics, not labels; shown folded into the metric's cell.
+BOUNDS = {"rel_l1": ("_lo", "_hi"), "psnr_db": ("_lo", "_hi"), "ssim": ("_lo", "_hi"), "class_acc": ("_lo", "_hi"),
+          "rel_latency": ("_min", "_max")}
+INTERVALS = [m + b for m, (lo, hi) in BOUNDS.items() for b in (lo, hi)] + ["timed_batches"]
 QUALITY_ORDER = ("rel_l1", "psnr_db", "class_acc", "fid")  # --y auto: the first with values (fidelity first: FID
 # at n = 100 is small-sample bias, see experiments/README.md)
 # Overrides that say where things go or which machine runs them, not what was measured.
@@ -125,10 +130,11 @@ def read_job(job: Path) -> pd.DataFrame | None:
         df = pd.read_csv(csv)
         if "method" not in df.columns or "s_per_image" not in df.columns:
             continue  # not an evaluate table
-        base = df.loc[df.method == BASELINE, "s_per_image"]
-        df["rel_latency"] = df.s_per_image / base.iloc[0] if len(base) else math.nan
+        if "rel_latency" not in df.columns or df.rel_latency.isna().all():  # CSVs of before difa wrote it
+            base = df.loc[df.method == BASELINE, "s_per_image"]
+            df["rel_latency"] = df.s_per_image / base.iloc[0] if len(base) else math.nan
         for k, v in overrides.items():
-            if k not in df.columns and k not in METRICS:  # fid=false is a switch, not a metric
+            if k not in df.columns and k not in METRICS and k not in INTERVALS:  # fid=false is a switch, not a metric
                 df[k] = v
         df["job"] = str(job)
         df["csv"] = csv.name
@@ -166,7 +172,7 @@ def merge_baselines(df: pd.DataFrame) -> pd.DataFrame:
     if base.empty:
         return rest
     keys = [k for k in BASELINE_KEYS if k in df.columns]
-    numeric = [c for c in METRICS if c in base.columns and pd.api.types.is_numeric_dtype(base[c])]
+    numeric = [c for c in METRICS + INTERVALS if c in base.columns and pd.api.types.is_numeric_dtype(base[c])]
     merged = base.groupby(keys, dropna=False)[numeric].mean().reset_index() if keys else base[numeric].mean().to_frame().T
     merged["method"], merged["family"] = BASELINE, BASELINE
     merged["jobs"] = base.groupby(keys, dropna=False).size().values if keys else len(base)
@@ -176,7 +182,7 @@ def merge_baselines(df: pd.DataFrame) -> pd.DataFrame:
 def label_columns(df: pd.DataFrame) -> list[str]:
     """Columns that tell the rows of a sweep apart: overrides (and the threshold) that take more than one value."""
     rows = df[df.method != BASELINE]
-    known = set(METRICS) | {"method", "family", "job", "csv", "jobs", "plan", "model", "mem_measure", "dtype", "device"}
+    known = set(METRICS) | set(INTERVALS) | {"method", "family", "job", "csv", "jobs", "plan", "model", "mem_measure", "dtype", "device"}
     cols = [c for c in df.columns if c not in known and c not in NOT_LABELS]
     return [c for c in cols if rows[c].nunique(dropna=False) > 1 or (c == "threshold" and rows[c].notna().any())]
 
@@ -204,6 +210,26 @@ def markdown_table(df: pd.DataFrame, columns: Sequence[str]) -> str:
     return "\n".join([head, rule, *body])
 
 
+def fold_intervals(df: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """`columns` of df with each metric's interval folded into its cell as text: `v ± h` (h: half the 95% bootstrap
+    interval's width; the interval itself is in results.csv) and, for latency, `v (min–max)`."""
+    out = df[list(columns)].copy()
+    for col in columns:
+        lo, hi = (f"{col}{b}" for b in BOUNDS.get(col, ("", "")))
+        if col not in BOUNDS or lo not in df.columns or hi not in df.columns or df[lo].isna().all():
+            continue
+        cells = []
+        for v, a, b in zip(df[col], df[lo], df[hi]):
+            if not (isinstance(a, float) and math.isfinite(a) and math.isfinite(b)):
+                cells.append(_cell(v))
+            elif col == "rel_latency":
+                cells.append(f"{_cell(v)} ({a:.3g}–{b:.3g})")
+            else:
+                cells.append(f"{_cell(v)} ± {(b - a) / 2:.2g}")
+        out[col] = pd.Series(cells, index=df.index, dtype=object)
+    return out
+
+
 def model_tables(df: pd.DataFrame) -> str:
     parts = []
     for model, part in df.groupby("model", sort=True):
@@ -214,44 +240,87 @@ def model_tables(df: pd.DataFrame) -> str:
         jobs = int(part.loc[part.method == BASELINE, "jobs"].sum()) if "jobs" in part.columns else 0
         note = (f"\n\nbaseline rows: the mean of the baseline runs of the jobs with the same steps, n, seed and "
                 f"guidance scale ({jobs} jobs)" if jobs > 1 else "")
-        parts.append(f"### {model}\n\n" + markdown_table(part, ["family", "method", *labels, *metrics]) + note)
+        if any(f"{c}_lo" in part.columns for c in BOUNDS):
+            note += ("\n\n± : half the width of the 95% bootstrap interval over images (bounds in results.csv); "
+                     "rel_latency: median over the timed batches (min–max)")
+        cols = ["family", "method", *labels, *metrics]
+        parts.append(f"### {model}\n\n" + markdown_table(fold_intervals(part, cols), cols) + note)
     return "\n\n".join(parts) + "\n"
 
 
 MATCHED_AT = (0.4, 0.6, 0.8)
+MIN_FID_N = 2000  # below this, no FID axis (issue 17)
 
 
-def at_latency(x: Sequence[float], y: Sequence[float], at: float) -> float:
+def at_latency(x: Sequence[float], y: Sequence[float], at: float, *bounds: Sequence[float]):
     """y linearly interpolated at x = `at` along one family's curve (points sorted by x; at equal x the lower y,
-    since a Pareto curve keeps the better point); NaN outside the curve's x range (not reached)."""
-    pts: dict[float, float] = {}
-    for a, b in zip(x, y):
-        if math.isfinite(a) and math.isfinite(b):
-            pts[a] = min(b, pts.get(a, math.inf))
+    since a Pareto curve keeps the better point); NaN outside the curve's x range (not reached). With `bounds`
+    (e.g. the interval's lo and hi per point), returns (y, *bounds) interpolated between the same two points."""
+    pts: dict[float, tuple[float, ...]] = {}
+    for a, b, *rest in zip(x, y, *bounds):
+        if math.isfinite(a) and math.isfinite(b) and (a not in pts or b < pts[a][0]):
+            pts[a] = (b, *rest)
     xs = sorted(pts)
+    value = (math.nan,) * (1 + len(bounds))
     for lo, hi in zip(xs, xs[1:]):
         if lo <= at <= hi:
-            return pts[lo] + (pts[hi] - pts[lo]) * (at - lo) / (hi - lo)
-    return pts[xs[0]] if len(xs) == 1 and xs[0] == at else math.nan
+            t = (at - lo) / (hi - lo)
+            value = tuple(p + (q - p) * t for p, q in zip(pts[lo], pts[hi]))
+            break
+    else:
+        if len(xs) == 1 and xs[0] == at:
+            value = pts[at]
+    return value if bounds else value[0]
 
 
 def matched_table(df: pd.DataFrame, y: str = "rel_l1", at: Sequence[float] = MATCHED_AT) -> str:
     """Per model, each family's `y` interpolated at the latencies `at` (fractions of the uncompressed model's):
-    the planner issue's comparison at matched latency. '–': the family's curve does not reach that latency."""
+    the planner issue's comparison at matched latency. '–': the family's curve does not reach that latency. Where
+    the rows carry bootstrap bounds, they are interpolated between the same two points, shown as [lo, hi], and a
+    line per latency says which family is lowest and whose intervals overlap its interval."""
     parts = []
     by = ["model", "steps"] if "steps" in df.columns and df.steps.nunique() > 1 else ["model"]  # never across steps
+    lo_col, hi_col = f"{y}_lo", f"{y}_hi"
     for key, part in df.groupby(by, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         model = " ".join(f"{k}={v}" if k == "steps" else str(v) for k, v in zip(by, key))
         part = part[part.method != BASELINE]
-        rows = []
+        with_bounds = lo_col in part.columns and part[lo_col].notna().any()
+        rows, found = [], {a: {} for a in at}
         for family, fam in part.groupby("family", sort=True):
-            vals = [at_latency(fam.rel_latency.tolist(), fam[y].tolist(), a) for a in at]
-            rows.append({"family": family, "points": len(fam),
-                         **{f"{y} @ {a}": "–" if math.isnan(v) else f"{v:.3f}" for a, v in zip(at, vals)}})
+            bounds = (fam[lo_col].tolist(), fam[hi_col].tolist()) if with_bounds else ()
+            cells = {}
+            for a in at:
+                v, *b = at_latency(fam.rel_latency.tolist(), fam[y].tolist(), a, *bounds) if bounds else \
+                    (at_latency(fam.rel_latency.tolist(), fam[y].tolist(), a),)
+                if math.isnan(v):
+                    cells[f"{y} @ {a}"] = "–"
+                    continue
+                found[a][family] = (v, *b)
+                cells[f"{y} @ {a}"] = f"{v:.3f} [{b[0]:.3f}, {b[1]:.3f}]" if b and math.isfinite(b[0]) else f"{v:.3f}"
+            rows.append({"family": family, "points": len(fam), **cells})
         table = pd.DataFrame(rows)
-        parts.append(f"### {model}\n\n" + markdown_table(table, list(table.columns)))
+        text = f"### {model}\n\n" + markdown_table(table, list(table.columns))
+        if with_bounds:
+            text += "\n\n" + "\n".join(overlap_lines(found, y))
+        parts.append(text)
     return "\n\n".join(parts) + "\n"
+
+
+def overlap_lines(found: dict[float, dict[str, tuple]], y: str) -> list[str]:
+    """Per latency: the family with the lowest `y` and the families whose 95% interval overlaps its interval."""
+    lines = []
+    for a, fams in found.items():
+        fams = {f: v for f, v in fams.items() if len(v) == 3 and math.isfinite(v[1])}
+        if not fams:
+            continue
+        best = min(fams, key=lambda f: fams[f][0])
+        _, lo, hi = fams[best]
+        overlap = [f for f, (_, l2, h2) in fams.items() if f != best and l2 <= hi and lo <= h2]
+        lines.append(f"- at {a}: lowest {y} {best} {fams[best][0]:.3f} [{lo:.3f}, {hi:.3f}]; "
+                     + (f"intervals overlap with {', '.join(sorted(overlap))}" if overlap
+                        else f"no other family's interval overlaps ({len(fams) - 1} others)"))
+    return lines
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -267,8 +336,16 @@ def draw_pareto(df: pd.DataFrame, out: Path, x: str, y: str) -> list[Path]:
         labels = label_columns(part)
         label = "threshold" if "threshold" in labels else (labels[0] if labels else None)
         try:
-            paths.append(pareto_plot(part, out / f"pareto_{model}.png", x=x, y=quality_column(part, y), label=label,
-                                     title=f"{model}: quality vs cost"))
+            ycol = quality_column(part, y)
+            title = f"{model}: quality vs cost"
+            if ycol == "fid":  # at small n FID ranks by its small-sample bias (experiments/README.md)
+                n = int(part["n"].min()) if "n" in part.columns and part["n"].notna().any() else 0
+                if n < MIN_FID_N:
+                    raise DifaError(f"FID on the y axis needs n >= {MIN_FID_N} images per method (these rows have "
+                                    f"n={n}); plot a fidelity column (--y rel_l1) or re-run with n={MIN_FID_N}")
+                refs = part["ref_n"].dropna().unique() if "ref_n" in part.columns else []
+                title += f" (FID: {n} samples against {', '.join(str(int(r)) for r in refs) or '?'} references)"
+            paths.append(pareto_plot(part, out / f"pareto_{model}.png", x=x, y=ycol, label=label, title=title))
         except DifaError as e:
             print(f"collect: no Pareto plot for {model}: {e}", file=sys.stderr)
     return paths

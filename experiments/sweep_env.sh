@@ -8,4 +8,10 @@ N=${N:-100}
 OUT=${OUT:-multirun}
 MODELS=${MODELS:-"fmnist_dit fmnist_pixart"}
 L=hydra/launcher=local
-EV=(n=$N ref_n=2000 batch=25 warmup=false time_batches=1 'out=${hydra:runtime.output_dir}/evaluate.csv')
+# time_batches=3: the baseline is timed next to the method on 3 of the 4 batches (rel_latency: the median of the
+# 3 paired ratios, with their min and max)
+EV=(n=$N ref_n=2000 batch=25 warmup=false time_batches=3 'out=${hydra:runtime.output_dir}/evaluate.csv')
+# CALIBRATE=0 reuses the plan files already under plans/ (e.g. to re-evaluate them with other metrics)
+calibrate() {
+  if [[ ${CALIBRATE:-1} == 1 ]]; then python -m difa.calibrate "$@"; else echo "[sweeps] CALIBRATE=0: plans under plans/ reused"; fi
+}

@@ -3,6 +3,7 @@
 # collection into experiments/results/. Prints the wall time of each part and the total.
 #   bash experiments/sweeps.sh              # N=100 images per method (the README numbers)
 #   N=500 bash experiments/sweeps.sh        # more images, longer
+#   CALIBRATE=0 bash experiments/sweeps.sh  # evaluate the plan files already under plans/, no calibration
 #   PARTS="1 4" bash experiments/sweeps.sh  # only some parts (0 baselines, 1 difa's budgets, 1g the greedy's and
 #                                           # DiTFastAttn's thresholds, 2 ablation, 3 peers, 3c cache-dit, 5 DiTFastAttn's
 #                                           # residual rule, 4 collect)
@@ -26,7 +27,7 @@ if has 1; then
 # 1. difa's default (trajectory search over block cells) in budget mode, its latency model timed at the evaluation
 #    batch (25 images per call).
 for M in $MODELS; do
-  python -m difa.calibrate -m $L +model=$M budget=0.3,0.4,0.5,0.6,0.7,0.8,0.9 latency_batch=25 \
+  calibrate -m $L +model=$M budget=0.3,0.4,0.5,0.6,0.7,0.8,0.9 latency_batch=25 \
     'out=plans/sweeps/${model.name}_difa_b${budget}.json' "hydra.sweep.dir=$OUT/calibrate/budget_$M"
   python -m difa.evaluate -m $L +model=$M "${EV[@]}" +budget=0.3,0.4,0.5,0.6,0.7,0.8,0.9 \
     'plan=plans/sweeps/${model.name}_difa_b${budget}.json' "hydra.sweep.dir=$OUT/evaluate/budget_$M"
@@ -39,9 +40,9 @@ if has 1g; then
 #     (Table 1: D1..D6 = 0.025..0.15); DiTFastAttn's four candidates (ast, wars, asc, wars+asc) and its loss (both
 #     CFG halves, unguided) at D2, D4, D6.
 for M in $MODELS; do
-  python -m difa.calibrate -m $L +model=$M search=greedy threshold=0.025,0.05,0.075,0.1,0.125,0.15 \
+  calibrate -m $L +model=$M search=greedy threshold=0.025,0.05,0.075,0.1,0.125,0.15 \
     'out=plans/sweeps/${model.name}_difa_d${threshold}.json' "hydra.sweep.dir=$OUT/calibrate/threshold_$M"
-  python -m difa.calibrate -m $L +model=$M search=greedy threshold=0.05,0.1,0.15 'candidates=[ast,wars,asc,wars+asc]' loss_on=halves \
+  calibrate -m $L +model=$M search=greedy threshold=0.05,0.1,0.15 'candidates=[ast,wars,asc,wars+asc]' loss_on=halves \
     'out=plans/sweeps/${model.name}_ditfastattn_d${threshold}.json' "hydra.sweep.dir=$OUT/calibrate/ditfastattn_$M"
   python -m difa.evaluate -m $L +model=$M "${EV[@]}" +variant=difa +delta=0.025,0.05,0.075,0.1,0.125,0.15 \
     'plan=plans/sweeps/${model.name}_${variant}_d${delta}.json' "hydra.sweep.dir=$OUT/evaluate/threshold_$M"
@@ -55,13 +56,13 @@ if has 2; then
 # 2. Single-technique ablation (DiTFastAttn Table 2 shape) at D4 = 0.1, calibration restricted to one candidate,
 #    with DiTFastAttn's loss (loss_on=halves) as in the paper: every self-attention technique on the DiT; T-GATE
 #    (cross-attention only) on PixArt.
-python -m difa.calibrate -m $L +model=fmnist_dit search=greedy threshold=0.1 +technique=ast,wars,asc,wars+asc,tome,agent \
+calibrate -m $L +model=fmnist_dit search=greedy threshold=0.1 +technique=ast,wars,asc,wars+asc,tome,agent \
   'candidates=[${technique}]' loss_on=halves 'out=plans/ablation/${model.name}_${technique}_d${threshold}.json' \
   "hydra.sweep.dir=$OUT/calibrate/ablation_fmnist_dit"
 python -m difa.evaluate -m $L +model=fmnist_dit "${EV[@]}" +delta=0.1 +technique=ast,wars,asc,wars+asc,tome,agent \
   'plan=plans/ablation/${model.name}_${technique}_d${delta}.json' "hydra.sweep.dir=$OUT/evaluate/ablation_fmnist_dit"
 if [[ " $MODELS " == *" fmnist_pixart "* ]]; then
-  python -m difa.calibrate +model=fmnist_pixart search=greedy threshold=0.1 'candidates=[tgate]' loss_on=halves \
+  calibrate +model=fmnist_pixart search=greedy threshold=0.1 'candidates=[tgate]' loss_on=halves \
     'out=plans/ablation/${model.name}_tgate_d${threshold}.json' "hydra.run.dir=$OUT/calibrate/ablation_fmnist_pixart"
   python -m difa.evaluate +model=fmnist_pixart "${EV[@]}" +delta=0.1 +technique=tgate \
     'plan=plans/ablation/${model.name}_${technique}_d${delta}.json' "hydra.run.dir=$OUT/evaluate/ablation_fmnist_pixart"
@@ -107,7 +108,7 @@ if has 5; then
 # 5. DiTFastAttn's residual rule (an `asc` step also refreshes the window residual; DESIGN.md §7) against difa's
 #    (only `full` steps do), same candidates, loss and thresholds as the `ditfastattn` variant of part 1.
 for M in $MODELS; do
-  python -m difa.calibrate -m $L +model=$M search=greedy threshold=0.05,0.1,0.15 'candidates=[ast,wars,asc,wars+asc]' \
+  calibrate -m $L +model=$M search=greedy threshold=0.05,0.1,0.15 'candidates=[ast,wars,asc,wars+asc]' \
     loss_on=halves 'techniques={wars: {residual_from: full+asc}}' \
     'out=plans/sweeps/${model.name}_ditfastattn-rule_d${threshold}.json' "hydra.sweep.dir=$OUT/calibrate/dfarule_$M"
   python -m difa.evaluate -m $L +model=$M "${EV[@]}" +variant=ditfastattn-rule +delta=0.05,0.1,0.15 +tag=ditfastattn-rule \

@@ -9,7 +9,7 @@ EV+=(fid=false)
 T0=$(date +%s)
 for M in $MODELS; do
   for S in $STEPS; do
-    python -m difa.calibrate +model=$M budget=0.6 steps=$S latency_batch=25 out=plans/transfer/${M}_b0.6_s$S.json \
+    calibrate +model=$M budget=0.6 steps=$S latency_batch=25 out=plans/transfer/${M}_b0.6_s$S.json \
       "hydra.run.dir=$OUT/calibrate/transfer_${M}_s$S"
   done
   python -m difa.evaluate -m $L +model=$M "${EV[@]}" steps=${STEPS// /,} plan=plans/sweeps/${M}_difa_b0.6.json \

@@ -114,7 +114,7 @@ def test_main_writes_csv_markdown_pareto_and_heatmaps(sweep, tmp_path):
 
     plan = make_plan().save(tmp_path / "real_plan.json")
     out = tmp_path / "results"
-    assert collect.main([str(sweep), "--out", str(out), "--y", "fid", "--plan", str(plan)]) == 0
+    assert collect.main([str(sweep), "--out", str(out), "--y", "rel_l1", "--plan", str(plan)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["heatmaps", "matched.md", "pareto_m.png", "results.csv", "results.md"]
     assert [p.name for p in (out / "heatmaps").iterdir()] == ["real_plan.png"]
     assert len(pd.read_csv(out / "results.csv")) == 8
@@ -181,3 +181,32 @@ def test_matched_latency_interpolation_against_numpy():
                        "rel_latency": [0.3, 0.9, 0.5], "rel_l1": [0.2, 0.02, 0.1]})
     table = collect.matched_table(df, at=(0.6,))
     assert "| fa | 2 | 0.110 |" in table and "| fb | 1 | – |" in table
+
+
+def test_intervals_fold_into_the_tables_and_the_matched_latency_lines():
+    """Bootstrap bounds are interpolated with the values, shown as [lo, hi], and each latency gets a line saying
+    which family is lowest and whose intervals overlap it."""
+    df = pd.DataFrame({"model": "m", "method": ["a1", "a2", "b1", "b2", "c1", "c2"],
+                       "family": ["fa", "fa", "fb", "fb", "fc", "fc"],
+                       "rel_latency": [0.3, 0.9, 0.3, 0.9, 0.3, 0.9], "rel_l1": [0.1, 0.02, 0.3, 0.1, 0.15, 0.05],
+                       "rel_l1_lo": [0.08, 0.01, 0.25, 0.08, 0.1, 0.04], "rel_l1_hi": [0.12, 0.03, 0.35, 0.12, 0.2, 0.06]})
+    table = collect.matched_table(df, at=(0.6,))
+    assert "| fa | 2 | 0.060 [0.045, 0.075] |" in table  # value and both bounds halfway between the two points
+    assert "- at 0.6: lowest rel_l1 fa 0.060 [0.045, 0.075]; intervals overlap with fc" in table  # fc: [0.07, 0.13]
+    df.loc[df.family == "fc", ["rel_l1_lo"]] = [0.12, 0.08]  # fc's interval at 0.6 now starts at 0.1 > 0.075
+    assert "no other family's interval overlaps (2 others)" in collect.matched_table(df, at=(0.6,))
+    folded = collect.fold_intervals(df.assign(rel_latency_min=0.25, rel_latency_max=0.95), ["rel_l1", "rel_latency"])
+    assert folded.rel_l1.iloc[0] == "0.1 ± 0.02" and folded.rel_latency.iloc[0] == "0.3 (0.25–0.95)"
+
+
+def test_csv_latency_is_kept_and_fid_axis_needs_enough_samples(tmp_path, sweep, capsys):
+    d = sweep / "0"
+    df = pd.read_csv(d / "evaluate.csv").assign(rel_latency=[1.0, 0.7])  # the median of paired batch ratios
+    df.to_csv(d / "evaluate.csv", index=False)
+    rows = collect.read_job(d)
+    assert rows.rel_latency.tolist() == [1.0, 0.7]  # not recomputed from s_per_image (0.8)
+    rows = collect.collect([sweep])
+    assert collect.draw_pareto(rows, tmp_path, "rel_latency", "fid") == []  # n = 8 images: FID is bias
+    assert "FID on the y axis needs n >= 2000" in capsys.readouterr().err
+    paths = collect.draw_pareto(rows.assign(n=2000, ref_n=2000), tmp_path, "rel_latency", "fid")
+    assert [p.name for p in paths] == ["pareto_m.png"]

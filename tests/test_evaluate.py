@@ -200,3 +200,26 @@ def test_a_plan_runs_at_another_step_count(ast_plan, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="difa"):
         table, _ = evaluate_cli.run(cfg)
     assert f"calibrated at {STEPS} steps and runs at {STEPS + 2}" in caplog.text and len(table) == 2
+
+
+def test_intervals_and_per_image_rows_in_the_csv(tmp_path, ast_plan):
+    """Every fidelity metric carries its 95% bootstrap interval, latency its spread over the timed batches, and
+    the per-image file holds what they were computed from."""
+    table, out = evaluate_cli.run(config(["+model=tiny_dit", f"plan={ast_plan}", "n=6", "batch=2", "fid=false",
+                                          "warmup=false", "time_batches=3", f"out={tmp_path / 'e.csv'}"]))
+    saved = pd.read_csv(out)
+    row = saved.iloc[1]
+    for k in ("rel_l1", "psnr_db", "ssim"):
+        assert row[f"{k}_lo"] <= row[k] <= row[f"{k}_hi"] and row[f"{k}_lo"] < row[f"{k}_hi"]
+    assert row.rel_latency_min <= row.rel_latency <= row.rel_latency_max and row.timed_batches == 3
+    images = pd.read_csv(tmp_path / "e_images.csv")
+    assert list(images.method) == ["baseline"] * 6 + [row.method] * 6
+    mine = images[images.method == row.method]
+    assert mine.l1_num.sum() / mine.l1_den.sum() == pytest.approx(row.rel_l1, rel=1e-9)
+    assert (images[images.method == "baseline"].l1_num == 0).all()
+
+
+def test_latency_spread_is_the_median_of_paired_batch_ratios():
+    got = evaluation.latency_spread([0.5, 0.9, 0.3], [1.0, 1.0, 0.5])  # ratios 0.5, 0.9, 0.6
+    assert got == {"rel_latency": 0.6, "rel_latency_min": 0.5, "rel_latency_max": 0.9, "timed_batches": 3}
+    assert math.isnan(evaluation.latency_spread([], [])["rel_latency"])

@@ -252,3 +252,59 @@ def test_peak_memory_sees_an_allocation():
         block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
     del block
     assert peak.kind == "rss_peak_sampled" and peak.mb > base.mb + 32
+
+
+def naive_bootstrap(values: dict[str, np.ndarray], stat, resamples: int, level: float, seed: int):
+    """Efron's percentile bootstrap as a loop: draw N indices with replacement, recompute, take the quantiles."""
+    rng = np.random.default_rng(seed)
+    n = len(next(iter(values.values())))
+    draws = []
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        draws.append(stat({k: v[idx] for k, v in values.items()}))
+    return np.percentile(draws, [50 * (1 - level), 50 * (1 + level)])
+
+
+@pytest.mark.parametrize("name", ["rel_l1", "psnr_db", "ssim", "class_acc"])
+def test_bootstrap_interval_equals_a_naive_loop(name):
+    rng = np.random.default_rng(3)
+    cols = {"l1_num": rng.random(11), "l1_den": rng.random(11) + 1, "mse": rng.random(11) * 0.01,
+            "ssim": rng.random(11), "class_hit": (rng.random(11) < 0.7).astype(float)}
+    needs, stat = metrics.FIDELITY_STATS[name]
+    mine = {k: cols[k] for k in needs}
+    got = metrics.bootstrap_interval(mine, stat, resamples=300, level=0.9, seed=5)
+    # the naive loop spells each statistic out on its own
+    naive_stat = {"rel_l1": lambda c: c["l1_num"].sum() / c["l1_den"].sum(),
+                  "psnr_db": lambda c: 10 * np.log10(1 / c["mse"].mean()),
+                  "ssim": lambda c: c["ssim"].mean(), "class_acc": lambda c: c["class_hit"].mean()}[name]
+    want = naive_bootstrap(mine, naive_stat, 300, 0.9, 5)
+    assert got == pytest.approx(tuple(want), rel=1e-12, abs=1e-15)
+    assert got[0] <= naive_stat(mine) <= got[1] and got[0] < got[1]
+
+
+def test_bootstrap_interval_edge_cases():
+    stat = metrics.FIDELITY_STATS["psnr_db"][1]
+    assert metrics.bootstrap_interval({"mse": np.zeros(5)}, stat) == (float("inf"), float("inf"))  # identical sets
+    assert metrics.bootstrap_interval({"x": np.full(4, 2.0)}, lambda c: c["x"].mean(-1)) == (2.0, 2.0)
+    with pytest.raises(DifaError, match="one non-zero length"):
+        metrics.bootstrap_interval({"a": np.ones(3), "b": np.ones(4)}, stat)
+    with pytest.raises(DifaError, match="0 < level < 1"):
+        metrics.bootstrap_interval({"x": np.ones(3)}, lambda c: c["x"].mean(-1), level=1.0)
+
+
+def test_per_image_columns_give_the_set_metrics():
+    """The intervals are computed from per-image columns: their statistics are exactly the set metrics."""
+    g = torch.Generator().manual_seed(1)
+    ref = torch.rand(6, 3, 16, 16, generator=g)
+    out = (ref + 0.05 * torch.randn(6, 3, 16, 16, generator=g)).clamp(0, 1)
+    got = metrics.metric_intervals(metrics.per_image_fidelity(out, ref), resamples=200)
+    assert got["rel_l1"] == pytest.approx(metrics.relative_l1(out, ref), rel=1e-6)
+    assert got["psnr_db"] == pytest.approx(metrics.psnr(out, ref), rel=1e-6)
+    assert got["ssim"] == pytest.approx(metrics.ssim(out, ref), rel=1e-5)
+    for k in ("rel_l1", "psnr_db", "ssim"):
+        assert got[f"{k}_lo"] <= got[k] <= got[f"{k}_hi"]
+    classes = torch.arange(10)
+    images = ((classes + 0.5) / 10).reshape(10, 1, 1, 1).expand(10, 3, 8, 8)
+    labels = torch.where(classes < 4, classes, (classes + 1) % 10)
+    hits = metrics.class_hits(images, labels, BrightnessClassifier(), batch_size=3)
+    assert hits.tolist() == [1.0] * 4 + [0.0] * 6

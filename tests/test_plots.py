@@ -132,3 +132,11 @@ def test_no_pyplot_state_is_touched(tmp_path):
     plots.pareto_plot(results(), tmp_path / "b.png")
     assert plt.get_fignums() == before
     assert np.isfinite(imread(tmp_path / "a.png")).all()
+
+
+def test_error_bars_from_interval_columns():
+    df = pd.DataFrame({"rel_l1": [0.1, 0.2], "rel_l1_lo": [0.08, math.nan], "rel_l1_hi": [0.13, math.nan],
+                       "rel_latency": [0.5, 0.6], "rel_latency_min": [0.45, 0.6], "rel_latency_max": [0.5, 0.7]})
+    assert plots._error_bars(df, "rel_l1") == pytest.approx(np.array([[0.02, 0.0], [0.03, 0.0]]))
+    assert plots._error_bars(df, "rel_latency") == pytest.approx(np.array([[0.05, 0.0], [0.0, 0.1]]))
+    assert plots._error_bars(df, "ssim") is None

@@ -133,7 +133,7 @@ def run(cfg: DictConfig):
         from difa.zoo import FMNISTClassifier
 
         classifier = FMNISTClassifier.from_pretrained(str(clf_dir)).to(cfg.device).eval()
-    rows = evaluation.score(methods, labels, fid_ref=fid_ref, net=net, classifier=classifier, batch=batch,
+    rows, image_rows = evaluation.score(methods, labels, fid_ref=fid_ref, net=net, classifier=classifier, batch=batch,
                  feature_cache=feature_cache)
 
     mem = metrics.PeakMemory(cfg.device).kind
@@ -144,6 +144,10 @@ def run(cfg: DictConfig):
                           threads=torch.get_num_threads())
     name = f"{m.name}_{methods[-1].name if len(methods) > 1 else 'full'}_n{n}_s{steps}_g{guidance}_seed{int(cfg.seed)}"
     out = Path(cfg.out) if cfg.out else Path("outputs") / "evaluate" / f"{name}.csv"
+    images_out = out.with_name(f"{out.stem}_images.csv")  # per image: what the intervals come from
+    per_image = pd.DataFrame(image_rows).reindex(columns=[c for c in evaluation.IMAGE_COLUMNS
+                                                         if any(c in r for r in image_rows)])
+    metrics.save_atomic(images_out, lambda f: f.write(per_image.to_csv(index=False).encode()))
     metrics.save_atomic(out, lambda f: f.write(record.to_csv(index=False).encode()))
     print(report(table, m.name, n, steps, guidance, mem, notes, out))
     return table, out
