@@ -166,7 +166,8 @@ def report_errors(fn: Callable[[], Any]) -> Any:
 PRESET = "preset:"
 PRESET_KEYS = ("ratio", "sx", "sy", "max_downsample", "use_rand", "agent_ratio", "switch", "gate_step", "sp_interval",
                "fi_interval", "warm_up", "threshold", "cache_interval", "cache_branch_id")
-HOOK_KEYS = ("skip", "cross_skip", "timestep_range", "threshold",  # plan=diffusers:pab|fbc (difa.peers)
+HOOK_KEYS = ("skip", "cross_skip", "timestep_range", "threshold",  # plan=diffusers:<name> (difa.peers.PARAMS)
+             "cache_interval", "order", "targets", "max_skip_steps", "retention_ratio", "uncond_skip",
              "fn_blocks", "bn_blocks", "warmup_steps", "taylorseer")  # plan=cachedit:dbcache
 
 
@@ -184,9 +185,9 @@ def check_no_preset_keys(cfg: DictConfig) -> None:
     stray = [k for k in dict.fromkeys(PRESET_KEYS + HOOK_KEYS) if cfg.get(k) is not None and k not in allowed]
     if stray:
         where = f"{cfg.plan}" if is_preset(cfg.plan) or is_hook(cfg.plan) else "a plan file or none"
-        raise DifaError(f"{', '.join(stray)} do not apply to {where}; drop them (preset keys need plan=preset:<name>, "
-                        f"skip/cross_skip/timestep_range need plan=diffusers:pab, threshold also diffusers:fbc and "
-                        f"cachedit:dbcache, fn_blocks/bn_blocks/warmup_steps/taylorseer cachedit:dbcache)")
+        hint = (f"{cfg.plan} takes {', '.join(sorted(allowed))}" if is_hook(cfg.plan) else
+                "preset keys need plan=preset:<name>, peer keys plan=diffusers:<name> or cachedit:dbcache")
+        raise DifaError(f"{', '.join(stray)} do not apply to {where}; drop them ({hint})")
 
 
 def hook_from_cfg(cfg: DictConfig):
@@ -197,6 +198,22 @@ def hook_from_cfg(cfg: DictConfig):
     if "timestep_range" in params:
         params["timestep_range"] = tuple(params["timestep_range"])
     return hook_from_spec(str(cfg.plan), params)
+
+
+def prepare_hook(hook: Any, pipe: Any, adapter: Any, m: DictConfig, inputs: list, *, steps: int, guidance: float,
+                 seed: int) -> str | None:
+    """A peer that calibrates (diffusers:magcache) does it here, on one generation of the first input at the run's
+    settings; returns a note of what that cost (None: nothing to do)."""
+    if not getattr(hook, "needs_calibration", False):
+        return None
+    import torch
+
+    hook.prepare(pipe, steps, lambda: adapter.call_pipeline(
+        pipe, inputs[:1], steps=steps, guidance_scale=guidance, output_type="pt",
+        generator=torch.Generator(device="cpu").manual_seed(seed), extra=call_kwargs(m)))
+    c = hook.calibration
+    return (f"{hook.label} calibrated its magnitude ratios on {c['images']} image: {c['forwards']} denoiser forwards, "
+            f"{c['seconds']:.2f} s (not in the latency)")
 
 
 def transfer(plan: Any, pipe: Any, steps: int) -> Any:

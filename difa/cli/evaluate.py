@@ -15,7 +15,7 @@ from difa import evaluation, metrics
 from difa.adapters import get_adapter
 from difa.cli.common import (CONF_DIR, call_kwargs, check_known_keys, check_no_preset_keys, check_settings,
                              hook_from_cfg, is_preset, load_model, model_config, preset_from_cfg,
-                             reject_unplussed_model, report_errors, transfer)
+                             prepare_hook, reject_unplussed_model, report_errors, transfer)
 from difa.engine import apply_plan, remove_plan
 from difa.errors import DifaError
 from difa.evaluation import (BASELINE, COLUMNS, FMNIST, MAX_REFERENCE, NO_PLAN, Method, baseline_key, class_inputs,
@@ -102,6 +102,9 @@ def run(cfg: DictConfig):
         apply_plan(pipe, plan)
         remove_plan(pipe)
     if hook is not None:
+        note = prepare_hook(hook, pipe, adapter, m, inputs, steps=steps, guidance=guidance, seed=int(cfg.seed))
+        if note:
+            notes.append(note)
         hook.apply(pipe)
         hook.remove(pipe)
     label = (str(cfg.plan).replace(":", "_") if is_preset(cfg.plan) or is_hook(cfg.plan)
@@ -142,6 +145,9 @@ def run(cfg: DictConfig):
                           steps=steps, guidance_scale=guidance, seed=int(cfg.seed), batch=batch, device=cfg.device,
                           dtype=cfg.dtype, mem_measure=mem, timed_images=[x.timed for x in methods],
                           threads=torch.get_num_threads())
+    if hook is not None and getattr(hook, "calibration", None):  # a peer's own calibration (MagCache)
+        record = record.assign(calib_forwards=[0, hook.calibration["forwards"]],
+                               calib_s=[0.0, hook.calibration["seconds"]])
     name = f"{m.name}_{methods[-1].name if len(methods) > 1 else 'full'}_n{n}_s{steps}_g{guidance}_seed{int(cfg.seed)}"
     out = Path(cfg.out) if cfg.out else Path("outputs") / "evaluate" / f"{name}.csv"
     images_out = out.with_name(f"{out.stem}_images.csv")  # per image: what the intervals come from

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from difa.adapters import get_adapter
 from difa.cli.common import (CONF_DIR, call_kwargs, check_class_inputs, check_known_keys, check_no_preset_keys,
                              check_settings, hook_from_cfg, is_preset, load_model, model_config, preset_from_cfg,
+                             prepare_hook,
                              report_errors, take_inputs, transfer)
 from difa.engine import apply_plan, remove_plan
 from difa.errors import DifaError
@@ -57,6 +58,9 @@ def run(cfg: DictConfig) -> tuple[list, Path]:
     if plan is not None:
         apply_plan(pipe, plan)
     if hook is not None:
+        note = prepare_hook(hook, pipe, adapter, m, inputs, steps=steps, guidance=guidance, seed=int(cfg.seed))
+        if note:
+            print(note)
         hook.apply(pipe)
     generator = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
     t0 = time.perf_counter()
