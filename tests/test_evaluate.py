@@ -223,3 +223,17 @@ def test_latency_spread_is_the_median_of_paired_batch_ratios():
     got = evaluation.latency_spread([0.5, 0.9, 0.3], [1.0, 1.0, 0.5])  # ratios 0.5, 0.9, 0.6
     assert got == {"rel_latency": 0.6, "rel_latency_min": 0.5, "rel_latency_max": 0.9, "timed_batches": 3}
     assert math.isnan(evaluation.latency_spread([], [])["rel_latency"])
+
+
+@pytest.mark.parametrize("spec, extra", [("diffusers:magcache", ["threshold=0.5"]),
+                                         ("smoothcache:calibrate", ["threshold=0.5", "lookahead=2"])])
+def test_peers_that_calibrate_report_what_it_cost(tmp_path, spec, extra, capsys):
+    pytest.importorskip("SmoothCache") if spec.startswith("smoothcache") else None
+    table, out = evaluate_cli.run(config(["+model=tiny_dit", f"plan={spec}", *extra, f"steps={STEPS}", "n=2",
+                                          "batch=2", "fid=false", "warmup=false", f"out={tmp_path / 'e.csv'}"]))
+    saved = pd.read_csv(out)
+    assert list(saved.calib_forwards) == [0, STEPS] and saved.calib_s.iloc[1] > 0
+    images = 1 if spec == "diffusers:magcache" else 2  # MagCache calibrates on one input, SmoothCache on up to 10
+    assert f"{spec} calibrated on {images} image(s) in one batch: {STEPS} denoiser forwards" in capsys.readouterr().out
+    assert table.rel_l1.iloc[1] > 0
+    assert (tmp_path / "e_smoothcache.json").is_file() == spec.startswith("smoothcache")

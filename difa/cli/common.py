@@ -168,7 +168,8 @@ PRESET_KEYS = ("ratio", "sx", "sy", "max_downsample", "use_rand", "agent_ratio",
                "fi_interval", "warm_up", "threshold", "cache_interval", "cache_branch_id")
 HOOK_KEYS = ("skip", "cross_skip", "timestep_range", "threshold",  # plan=diffusers:<name> (difa.peers.PARAMS)
              "cache_interval", "order", "targets", "max_skip_steps", "retention_ratio", "uncond_skip",
-             "fn_blocks", "bn_blocks", "warmup_steps", "taylorseer")  # plan=cachedit:dbcache
+             "fn_blocks", "bn_blocks", "warmup_steps", "taylorseer",  # plan=cachedit:dbcache
+             "lookahead")  # plan=smoothcache:calibrate
 
 
 def is_preset(plan_arg: Any) -> bool:
@@ -177,11 +178,11 @@ def is_preset(plan_arg: Any) -> bool:
 
 def check_no_preset_keys(cfg: DictConfig) -> None:
     """Preset keys only with plan=preset:<name>; diffusers hook keys only with plan=diffusers:<hook>."""
-    from difa.peers import PARAMS, is_hook
+    from difa.peers import is_hook, peer_keys
 
     allowed = set(PRESET_KEYS) if is_preset(cfg.plan) else set()
     if is_hook(cfg.plan):
-        allowed = set(PARAMS.get(str(cfg.plan).split(":", 1)[1], {}))
+        allowed = set(peer_keys(cfg.plan))
     stray = [k for k in dict.fromkeys(PRESET_KEYS + HOOK_KEYS) if cfg.get(k) is not None and k not in allowed]
     if stray:
         where = f"{cfg.plan}" if is_preset(cfg.plan) or is_hook(cfg.plan) else "a plan file or none"
@@ -202,17 +203,20 @@ def hook_from_cfg(cfg: DictConfig):
 
 def prepare_hook(hook: Any, pipe: Any, adapter: Any, m: DictConfig, inputs: list, *, steps: int, guidance: float,
                  seed: int) -> str | None:
-    """A peer that calibrates (diffusers:magcache) does it here, on one generation of the first input at the run's
-    settings; returns a note of what that cost (None: nothing to do)."""
+    """A peer that calibrates (diffusers:magcache, smoothcache:calibrate) does it here, on one generation of its
+    calibration inputs (the first distinct inputs) at the run's settings; returns a note of what that cost (None:
+    nothing to do)."""
     if not getattr(hook, "needs_calibration", False):
         return None
     import torch
 
+    take = list(dict.fromkeys(inputs))[:getattr(hook, "calibration_inputs", 1)]  # MagCache: 1; SmoothCache: 10
     hook.prepare(pipe, steps, lambda: adapter.call_pipeline(
-        pipe, inputs[:1], steps=steps, guidance_scale=guidance, output_type="pt",
+        pipe, take, steps=steps, guidance_scale=guidance, output_type="pt",
         generator=torch.Generator(device="cpu").manual_seed(seed), extra=call_kwargs(m)))
     c = hook.calibration
-    return (f"{hook.label} calibrated its magnitude ratios on {c['images']} image: {c['forwards']} denoiser forwards, "
+    c["images"] = len(take)
+    return (f"{hook.label} calibrated on {c['images']} image(s) in one batch: {c['forwards']} denoiser forwards, "
             f"{c['seconds']:.2f} s (not in the latency)")
 
 

@@ -145,11 +145,17 @@ def run(cfg: DictConfig):
                           steps=steps, guidance_scale=guidance, seed=int(cfg.seed), batch=batch, device=cfg.device,
                           dtype=cfg.dtype, mem_measure=mem, timed_images=[x.timed for x in methods],
                           threads=torch.get_num_threads())
-    if hook is not None and getattr(hook, "calibration", None):  # a peer's own calibration (MagCache)
+    if hook is not None and getattr(hook, "calibration", None):  # a peer's own calibration (MagCache, SmoothCache)
         record = record.assign(calib_forwards=[0, hook.calibration["forwards"]],
                                calib_s=[0.0, hook.calibration["seconds"]])
     name = f"{m.name}_{methods[-1].name if len(methods) > 1 else 'full'}_n{n}_s{steps}_g{guidance}_seed{int(cfg.seed)}"
     out = Path(cfg.out) if cfg.out else Path("outputs") / "evaluate" / f"{name}.csv"
+    if hook is not None and getattr(hook, "calibration", None) and getattr(hook, "schedule", None):
+        import json  # SmoothCache's calibrated schedule, in its own JSON format
+
+        target = out.with_name(f"{out.stem}_smoothcache.json")
+        metrics.save_atomic(target, lambda f: f.write(json.dumps(hook.schedule).encode()))
+        notes.append(f"SmoothCache schedule written to {target} (reuse it with plan=smoothcache:{target})")
     images_out = out.with_name(f"{out.stem}_images.csv")  # per image: what the intervals come from
     per_image = pd.DataFrame(image_rows).reindex(columns=[c for c in evaluation.IMAGE_COLUMNS
                                                          if any(c in r for r in image_rows)])
