@@ -95,6 +95,7 @@ class Engine:
                                                   self.steps)
         self.inference_steps = inference_steps or self.steps  # num_inference_steps, for messages
         self.scheduler, self.calibrating, self.on_step = scheduler, calibrating, on_step
+        self.owner: Any = None  # the pipeline whose `scheduler` is wrapped (apply_plan sets it)
         self.states = [LayerState() for _ in self.layers]
         self.shapes: dict[int, LayerShape] = {}
         self.producers = producers = residual_producers(params)
@@ -213,6 +214,10 @@ class Engine:
     def _pre_forward(self, module, args, kwargs):
         if self._inside:
             return None
+        if self.owner is not None and getattr(self.owner, "scheduler", None) is not self.scheduler:
+            # the step-count check and the per-generation reset live on the scheduler the plan was applied with
+            raise DifaError("pipe.scheduler was replaced after apply_plan, so the plan can no longer check the step "
+                            "count or reset its caches; call apply_plan(pipe, plan) again after changing the scheduler")
         if self._next >= self.steps:
             self.reset()
         self.step, self._next = self._next, self._next + 1
@@ -454,6 +459,7 @@ def apply_plan(obj: Any, plan: Plan, *, collapse_cfg: bool = True) -> Engine:
     exactly. `collapse_cfg=False` keeps whole CFG batches at steps where every cross-attention is gated
     (same result, for checking the collapse).
     """
+    plan = as_plan(plan)
     adapter, model, layers = plan_layers(obj)
     blocks = adapter.block_layers(model) if plan.blocks else []
     if plan.blocks and len(plan.model.blocks) > len(blocks):  # a plan with DeepCache units
@@ -462,9 +468,27 @@ def apply_plan(obj: Any, plan: Plan, *, collapse_cfg: bool = True) -> Engine:
     if plan.cfg_layout != adapter.cfg_layout:
         raise DifaError(f"the plan assumes CFG layout {plan.cfg_layout} but {adapter.family} uses {adapter.cfg_layout}; recalibrate")
     scheduler = getattr(obj, "scheduler", None) if obj is not model else None
-    return Engine(model, adapter, layers, plan.methods, plan.techniques, scheduler=scheduler,
-                  inference_steps=plan.inference_steps, collapse_cfg=collapse_cfg, blocks=blocks,
-                  block_methods=plan.blocks).install()
+    engine = Engine(model, adapter, layers, plan.methods, plan.techniques, scheduler=scheduler,
+                    inference_steps=plan.inference_steps, collapse_cfg=collapse_cfg, blocks=blocks,
+                    block_methods=plan.blocks)
+    engine.owner = obj if scheduler is not None else None  # its scheduler must stay the one wrapped
+    return engine.install()
+
+
+def as_plan(plan: Any) -> Plan:
+    """A Plan, a path to a plan file, or a plan dict (as `Plan.to_dict` writes it) -> a Plan; else a one-line error."""
+    import os
+    from collections.abc import Mapping as AnyMapping
+
+    from difa.plan import load_plan
+
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        return load_plan(plan)
+    if isinstance(plan, AnyMapping):
+        return Plan.from_dict(plan, source="plan dict")  # validated on construction
+    raise DifaError(f"apply_plan takes a Plan, a path to a plan file or a plan dict, not {type(plan).__name__}")
 
 
 def remove_plan(obj: Any) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -172,30 +173,40 @@ class Plan:
         if d.get("version") not in READABLE_VERSIONS:
             raise DifaError(f"{source} has plan schema version {d.get('version')!r}, this difa reads version {VERSION}; recalibrate or upgrade difa")
         try:
-            m, s, c = d["model"], d["scheduler"], d["cfg"]
-            layers = tuple(m["layers"])
+            m, s, c = (_field(d, k, Mapping) for k in ("model", "scheduler", "cfg"))
+            layers = _names(m, "layers", f"{source} model.layers")
             rows = d["methods"]
             if not isinstance(rows, Mapping) or set(rows) != set(layers):
                 raise DifaError(f"{source}: \"methods\" must have one row per layer in model.layers; recalibrate to get a consistent plan")
-            blocks = tuple(m.get("blocks", ()))  # versions 1 and 2: no block cells
+            blocks = _names(m, "blocks", f"{source} model.blocks") if "blocks" in m else ()  # versions 1, 2: none
             block_rows = d.get("block_methods", {})
             if not isinstance(block_rows, Mapping) or set(block_rows) != set(blocks):
                 raise DifaError(f"{source}: \"block_methods\" must have one row per block in model.blocks; recalibrate to get a consistent plan")
+            techniques = _field(d, "techniques", Mapping, {})
+            if not all(isinstance(v, Mapping) for v in techniques.values()):
+                raise DifaError(f"{source}: \"techniques\" must map technique names to parameter tables")
+            from difa.techniques import check_params
+
+            check_params(techniques)  # unknown techniques or parameters, bad values (a window of 0)
+            guidance = c.get("guidance_scale")
+            if guidance is not None and not _is_number(guidance):
+                raise DifaError(f"{source}: cfg.guidance_scale must be a finite number or null (got {guidance!r})")
+            n_inf = s.get("num_inference_steps")
             return cls(
-                model=ModelIdentity(m["class"], m["config_hash"], layers, m.get("name", ""), m.get("family", ""),
-                                    blocks),
-                scheduler=s["class"],
-                steps=int(s["steps"]),
-                num_inference_steps=s.get("num_inference_steps"),
-                methods=tuple(tuple(rows[name]) for name in layers),
-                cfg_enabled=bool(c["enabled"]),
-                cfg_layout=c["layout"],
-                guidance_scale=c.get("guidance_scale"),
-                techniques=d.get("techniques", {}),
-                calibration=d.get("calibration", {}),
-                flops=d.get("flops", {}),
-                blocks=tuple(tuple(block_rows[name]) for name in blocks),
-                latency=d.get("latency", {}),
+                model=ModelIdentity(_field(m, "class", str), _field(m, "config_hash", str), layers,
+                                    _field(m, "name", str, ""), _field(m, "family", str, ""), blocks),
+                scheduler=_field(s, "class", str),
+                steps=_positive_int(s.get("steps"), f"{source} scheduler.steps"),
+                num_inference_steps=None if n_inf is None else _positive_int(n_inf, f"{source} scheduler.num_inference_steps"),
+                methods=tuple(_row(rows[name], f"{source} methods[{name!r}]") for name in layers),
+                cfg_enabled=_field(c, "enabled", bool),
+                cfg_layout=_field(c, "layout", str),
+                guidance_scale=guidance,
+                techniques=techniques,
+                calibration=_field(d, "calibration", Mapping, {}),
+                flops=_field(d, "flops", Mapping, {}),
+                blocks=tuple(_row(block_rows[name], f"{source} block_methods[{name!r}]") for name in blocks),
+                latency=_field(d, "latency", Mapping, {}),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise DifaError(f"{source} is missing or has a malformed field ({type(e).__name__}: {e}); recalibrate to rewrite it") from None
@@ -206,6 +217,8 @@ class Plan:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise DifaError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}); recalibrate or restore the file") from None
+        except RecursionError:
+            raise DifaError(f"{source} is nested too deeply to be a difa plan; pass a .json written by difa.calibrate") from None
         return cls.from_dict(d, source)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -215,11 +228,52 @@ class Plan:
         return write_atomic(path, lambda f: f.write(self.to_json()), binary=False)
 
 
+MAX_PLAN_BYTES = 16 * 2**20  # a 50-step plan of a 28-block model is ~100 KB; refuse anything this big unread
+
+
+def _field(d: Mapping, key: str, kind: type, default: Any = ...) -> Any:
+    """d[key] of type `kind` (bool strictly: "false" is not a bool); `default` when absent, if given."""
+    if key not in d and default is not ...:
+        return default
+    v = d[key]
+    if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
+        raise TypeError(f"{key!r} must be {kind.__name__}, got {type(v).__name__} {v!r:.40}")
+    return v
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive_int(v: Any, what: str) -> int:
+    """A positive integer as JSON writes one (4, not 4.0, "4", true or 1e400)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise DifaError(f"{what} must be a positive integer (got {v!r:.40}); recalibrate to rewrite the plan")
+    return v
+
+
+def _names(m: Mapping, key: str, what: str) -> tuple[str, ...]:
+    v = m[key]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise DifaError(f"{what} must be a list of module names")
+    return tuple(v)
+
+
+def _row(v: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise DifaError(f"{what} must be a list of method names, one per step")
+    return tuple(v)
+
+
 def load_plan(path: str | os.PathLike) -> Plan:
     path = Path(path)
     if not path.is_file():
         raise DifaError(f"plan file {str(path)!r} does not exist; pass plan=<path to a .json written by difa.calibrate>")
     source = f"plan {str(path)!r}"
+    size = path.stat().st_size
+    if size > MAX_PLAN_BYTES:
+        raise DifaError(f"{source} is {size / 2**20:.0f} MB, over the {MAX_PLAN_BYTES // 2**20} MB a plan can be; "
+                        "pass a .json written by difa.calibrate")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:

@@ -33,7 +33,7 @@ DEFAULT_ROOT = "multirun/evaluate"
 BASELINE = "baseline"
 PRESET_PREFIX = "preset_"  # difa.evaluate names a preset's row "preset_<name>"
 METRICS = ["attn_flops", "macs", "rel_latency", "s_per_image", "fid", "inception_score", "class_acc", "rel_l1",
-           "psnr_db", "ssim", "gmacs_per_image", "peak_mem_mb"]
+           "psnr_db", "ssim", "gmacs_per_image", "peak_mem_mb", "calib_s"]  # calib_s: a peer's own calibration run
 # Interval columns written by difa.evaluate next to a metric: 95% bootstrap bounds (_lo, _hi) and the latency's
 # spread over the timed batches (_min, _max). Metrics, not labels; shown folded into the metric's cell.
 BOUNDS = {"rel_l1": ("_lo", "_hi"), "psnr_db": ("_lo", "_hi"), "ssim": ("_lo", "_hi"), "class_acc": ("_lo", "_hi"),
@@ -43,7 +43,8 @@ QUALITY_ORDER = ("rel_l1", "psnr_db", "class_acc", "fid")  # --y auto: the first
 # at n = 100 is small-sample bias, see experiments/README.md)
 # Overrides that say where things go or which machine runs them, not what was measured.
 NOT_LABELS = {"model", "plan", "out", "save_plan", "cache_dir", "classifier", "device", "n", "batch", "fid", "warmup",
-              "ref_n", "fid_source", "tag", "baseline_cache", "time_batches", "timed_images", "threads"}
+              "ref_n", "fid_source", "tag", "baseline_cache", "time_batches", "timed_images", "threads",
+              "calib_forwards"}
 # Baseline rows agree on these when they come from the same generation settings.
 BASELINE_KEYS = ["model", "steps", "n", "seed", "guidance_scale"]
 

@@ -5,11 +5,11 @@
 #   N=500 bash experiments/sweeps.sh        # more images, longer
 #   CALIBRATE=0 bash experiments/sweeps.sh  # evaluate the plan files already under plans/, no calibration
 #   PARTS="1 4" bash experiments/sweeps.sh  # only some parts (0 baselines, 1 difa's budgets, 1g the greedy's and
-#                                           # DiTFastAttn's thresholds, 2 ablation, 3 peers, 3c cache-dit, 5 DiTFastAttn's
+#                                           # DiTFastAttn's thresholds, 2 ablation, 3 peers, 3c cache-dit, 3d diffusers hooks and SmoothCache, 5 DiTFastAttn's
 #                                           # residual rule, 4 collect)
 # Jobs run two at a time (hydra/launcher=local, joblib) with one thread each: 2 CPU cores.
 . "$(dirname "$0")/sweep_env.sh"  # set -euo pipefail, cd to the root, N, OUT, MODELS, L, EV
-PARTS=${PARTS:-"0 1 1g 2 3 3c 5 4"}
+PARTS=${PARTS:-"0 1 1g 2 3 3c 3d 5 4"}
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 T0=$(date +%s)
 part() { echo "[sweeps] $1: $(( $(date +%s) - T0 )) s so far"; }
@@ -102,6 +102,28 @@ for M in $MODELS; do
     +tag=cachedit-F1-taylorseer threshold=0.02,0.05,0.1,0.2 "hydra.sweep.dir=$OUT/evaluate/peers_cachedit_ts_$M"
 done
 part "cache-dit"
+fi
+
+if has 3d; then
+# 3d. The one-line caching peers of diffusers 0.42.1 (issue 19), the real hooks, over the ranges their docs recommend:
+#     TaylorSeer (forecasts every block's output; cache_interval 2-6 around its default 5, order 1 and 2, its 3
+#     warm-up steps), MagCache (threshold 0.01-0.24 around its default 0.06; its one-image calibration run is
+#     counted in calib_s), FasterCache (attention reuse every 2-4 steps, the unconditional batch every 2 or 5);
+#     and SmoothCache (dit-smoothcache, schedules calibrated on 10 inputs at its published alphas 0.08, 0.18, 0.35
+#     and a looser 0.6; N = 3). SeaCache does not apply to these models (one-line refusal, tests/test_peers_diffusers.py).
+for M in $MODELS; do
+  python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=diffusers:taylorseer order=1 cache_interval=2,3,4,5,6 \
+    +tag=taylorseer "hydra.sweep.dir=$OUT/evaluate/peers_taylorseer_$M"
+  python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=diffusers:taylorseer order=2 cache_interval=3,5 \
+    +tag=taylorseer-o2 "hydra.sweep.dir=$OUT/evaluate/peers_taylorseer2_$M"
+  python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=diffusers:magcache threshold=0.01,0.03,0.06,0.12,0.24 \
+    "hydra.sweep.dir=$OUT/evaluate/peers_magcache_$M"
+  python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=diffusers:fastercache skip=2,3,4 uncond_skip=2,5 \
+    "hydra.sweep.dir=$OUT/evaluate/peers_fastercache_$M"
+  python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=smoothcache:calibrate threshold=0.08,0.18,0.35,0.6 \
+    +tag=smoothcache "hydra.sweep.dir=$OUT/evaluate/peers_smoothcache_$M"
+done
+part "diffusers hooks and SmoothCache"
 fi
 
 if has 5; then

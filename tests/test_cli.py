@@ -345,3 +345,23 @@ def test_class_ids_out_of_range_are_one_line(tmp_path, inputs):
         generate_cli.run(config("generate", ["+model=tiny_dit", "plan=none", f"inputs={inputs}", "n=1",
                                              f"out={tmp_path / 'img'}"]))
     assert not (tmp_path / "img").exists()
+
+
+def test_a_plan_does_not_choose_what_gets_loaded(tmp_path, caplog):
+    """Without +model, generate loads the known config of the model the plan names, never a folder or size the
+    plan records (a resolution of 65536 once tried to allocate gigabytes)."""
+    import json
+
+    plan_path = tmp_path / "plan.json"
+    calibrate_cli.run(config("calibrate", ["+model=tiny_dit", "threshold=0.05", "steps=4", f"out={plan_path}"]))
+    d = json.loads(plan_path.read_text())
+    d["calibration"]["model_config"].update(path=str(tmp_path / "someone-elses-weights"), resolution=65536)
+    plan_path.write_text(json.dumps(d))
+    with caplog.at_level("WARNING", logger="difa"):
+        images, _ = generate_cli.run(config("generate", [f"plan={plan_path}", "n=1", f"out={tmp_path / 'img'}"]))
+    assert images[0].size == (128, 128)  # tiny_dit's own resolution
+    assert "loading the known config tiny_dit instead" in caplog.text and "model.resolution=65536" in caplog.text
+    d["model"]["name"] = "mystery"
+    plan_path.write_text(json.dumps(d))
+    with pytest.raises(DifaError, match="names model 'mystery', which has no model config here; .*\\+model=<name>"):
+        generate_cli.run(config("generate", [f"plan={plan_path}", "n=1", f"out={tmp_path / 'img'}"]))

@@ -43,11 +43,75 @@ def test_remove_restores_exactly_and_apply_twice_is_safe(family):
 
 
 def test_caches_reset_between_generations(family):
+    """Every cache is empty when a generation starts (a valid plan writes before it reads, so equal outputs alone
+    would not show a missing reset: the caches are inspected at the first denoiser call of the next generation)."""
     pipe = tiny(family)
-    difa.apply_plan(pipe, plan_of(pipe, family, lambda i, t: "ast" if t % 2 else "wars"))
+    plan = plan_of(pipe, family, lambda i, t: "ast" if t % 2 else "wars",
+                   block=lambda j, t: "forecast" if t >= 3 and j == 0 else "full")
+    engine = difa.apply_plan(pipe, plan)
     a = generate(pipe, family)
-    b = generate(pipe, family)
+    seen = []
+
+    def inspect(module, args, kwargs):  # runs after the engine's own pre-hook
+        if not seen:
+            seen.append([(s.out, s.residual, s.gated) for s in engine.states] +
+                        [(b.residuals or None, b.ff, b.output) for b in engine.block_states])
+
+    model = pipe.unet if family == "sd" else pipe.transformer
+    handle = model.register_forward_pre_hook(inspect, with_kwargs=True)
+    try:
+        b = generate(pipe, family)
+    finally:
+        handle.remove()
     assert torch.equal(a, b)
+    assert seen and all(x is None for cells in seen[0] for x in cells)
+
+
+def test_an_interrupted_generation_does_not_shift_the_next_one():
+    """A generation that dies at step 2 leaves the step counter there; the next one must still start at step 0."""
+    pipe = tiny("dit")
+    plan = plan_of(pipe, "dit", lambda i, t: ("full", "ast", "wars", "ast")[t % 4])
+    difa.apply_plan(pipe, plan)
+    clean = generate(pipe, "dit")
+    calls = []
+
+    def die(module, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    handle = pipe.transformer.register_forward_pre_hook(die)
+    with pytest.raises(KeyboardInterrupt):
+        generate(pipe, "dit")
+    handle.remove()
+    assert torch.equal(generate(pipe, "dit"), clean)
+
+
+def test_engine_misuse_is_a_clear_error(tmp_path):
+    """A path or dict is accepted by apply_plan; a swapped scheduler and calibrating a planned pipeline refuse."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from difa.calibration import calibrate_pipeline
+
+    pipe = tiny("dit")
+    plan = plan_of(pipe, "dit", lambda i, t: "ast" if t else "full")
+    difa.apply_plan(pipe, plan)
+    want = generate(pipe, "dit")
+    path = plan.save(tmp_path / "p.json")
+    for given in (str(path), path, plan.to_dict()):
+        difa.apply_plan(pipe, given)
+        assert torch.equal(generate(pipe, "dit"), want)
+    with pytest.raises(DifaError, match="takes a Plan, a path to a plan file or a plan dict, not int"):
+        difa.apply_plan(pipe, 3)
+    with pytest.raises(DifaError, match="has a plan applied; .*remove_plan"):
+        calibrate_pipeline(pipe, [1], threshold=0.05, steps=STEPS, guidance_scale=4.0, latency_cache=None)
+    assert torch.equal(generate(pipe, "dit"), want)  # still applied, unchanged
+    original = pipe.scheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(original.config)
+    with pytest.raises(DifaError, match="pipe.scheduler was replaced after apply_plan"):
+        generate(pipe, "dit", steps=STEPS + 2)  # used to run, silently wrong
+    difa.apply_plan(pipe, plan)  # re-applied on the new scheduler
+    assert torch.equal(generate(pipe, "dit"), want)
 
 
 def test_bare_model_counter_wraps_each_generation():

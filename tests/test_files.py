@@ -13,7 +13,6 @@ import pytest
 
 from difa.errors import DifaError
 from difa.files import check_target, target_lock, write_atomic
-from difa.plan import Plan
 
 
 def write(path, text="new"):

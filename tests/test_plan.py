@@ -93,3 +93,53 @@ def test_cache_needs_are_derived_from_the_plan():
     assert residual_steps(rows) == [[True, False, False, False, False, True, False]]
     assert output_steps(rows) == [[False, True, False, False, False, False, False]]
     assert residual_steps([["full", "ast", "ast"]]) == [[False, False, False]]
+
+
+def _edit(d: dict, path: str, value):
+    *head, last = path.split(".")
+    for k in head:
+        d = d[k]
+    d[last] = value
+
+
+@pytest.mark.parametrize("path, value, match", [
+    ("scheduler.steps", "3", r"scheduler.steps must be a positive integer \(got '3'\)"),
+    ("scheduler.steps", 3.0, r"scheduler.steps must be a positive integer \(got 3.0\)"),
+    ("scheduler.steps", True, "scheduler.steps must be a positive integer"),
+    ("scheduler.num_inference_steps", -2, "num_inference_steps must be a positive integer"),
+    ("cfg.enabled", "false", "'enabled' must be bool, got str"),  # bool("false") was True
+    ("cfg.guidance_scale", "4", "guidance_scale must be a finite number"),
+    ("techniques", [1], "'techniques' must be Mapping, got list"),
+    ("techniques", {"wars": [1]}, "must map technique names to parameter tables"),
+    ("techniques", {"wars": {"window": 0}}, r"techniques.wars.window=0 is invalid"),  # was found mid-generation
+    ("techniques", {"wars": {"window": "abc"}}, r"techniques.wars.window='abc' is invalid"),
+    ("techniques", {"wars": {"widow": 4}}, r"unknown parameter\(s\) \['widow'\]"),
+    ("methods.b.0.attn1", [1, 2, 3], "must be a list of method names"),
+    ("model.layers", "b.0.attn1", "model.layers must be a list of module names"),
+    ("calibration", [], "'calibration' must be Mapping"),
+])
+def test_every_plan_field_is_type_checked(tmp_path, path, value, match):
+    d = make().to_dict()
+    if path.startswith("methods."):
+        d["methods"][path[len("methods."):]] = value
+    else:
+        _edit(d, path, value)
+    file = tmp_path / "p.json"
+    file.write_text(json.dumps(d))
+    one_line_error(lambda: load_plan(file), match)
+
+
+def test_huge_numbers_deep_nesting_and_big_files_are_refused_unparsed(tmp_path, monkeypatch):
+    import difa.plan as plan_mod
+
+    file = tmp_path / "p.json"
+    file.write_text(make().to_json().replace('"steps": 3', '"steps": 1e400'))
+    one_line_error(lambda: load_plan(file), r"scheduler.steps must be a positive integer \(got inf\)")
+    file.write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+    one_line_error(lambda: load_plan(file), "nested too deeply")
+    file.write_text(make().to_json())
+    monkeypatch.setattr(plan_mod, "MAX_PLAN_BYTES", 100)  # a real plan of 3 steps is over 100 bytes
+    read = []
+    monkeypatch.setattr(plan_mod.Path, "read_bytes", lambda self: read.append(self))
+    one_line_error(lambda: load_plan(file), "over the 0 MB a plan can be")
+    assert read == []  # refused before reading

@@ -226,6 +226,12 @@ def calibrate_pipeline(
     """
     if loss_on not in LOSS_ON:
         raise DifaError(f"unknown loss_on {loss_on!r}; use one of {', '.join(LOSS_ON)}")
+    from difa.adapters import adapter_for
+    from difa.engine import ENGINE_ATTR
+
+    if getattr(adapter_for(pipe).denoiser(pipe), ENGINE_ATTR, None) is not None:  # calibrating would remove it
+        raise DifaError("the pipeline has a plan applied; calibrate the uncompressed model: remove_plan(pipe) first "
+                        "(and apply_plan again afterwards)")
     if search not in SEARCHES:
         raise DifaError(f"unknown search {search!r}; use one of {', '.join(SEARCHES)}")
     budget = check_budget(budget)

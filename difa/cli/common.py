@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -43,6 +43,29 @@ def model_config(name: str) -> DictConfig:
     if not path.is_file():
         raise DifaError(f"no model config {name!r}; choose one of: {', '.join(model_names())}")
     return OmegaConf.load(path)
+
+
+def plan_model_config(plan: Any) -> DictConfig:
+    """The model config of the model a plan names, from the known configs only: a plan never decides which weights
+    get loaded or how big a model is built (its recorded config may name a folder or a resolution). Where the
+    recorded config differs, a warning says how to load that one on purpose (+model=<name> model.path=...)."""
+    import logging
+
+    name = plan.model.name
+    if not name or not (MODEL_DIR / f"{name}.yaml").is_file():
+        raise DifaError(f"the plan names model {name!r}, which has no model config here; choose the model to load "
+                        f"with +model=<name> (one of: {', '.join(model_names())}) and model.path=<folder> if needed")
+    known = model_config(name)
+    recorded = plan.calibration.get("model_config")
+    if isinstance(recorded, Mapping):
+        differ = sorted(k for k in set(recorded) | set(known)
+                        if k in ("path", "tiny", "resolution", "pipeline", "family", "scheduler") and str(recorded.get(k)) != str(known.get(k)))
+        if differ:
+            logging.getLogger("difa").warning(
+                "the plan was calibrated with %s; loading the known config %s instead (pass +model=%s %s to load "
+                "what the plan names)", ", ".join(f"model.{k}={recorded.get(k)!r}" for k in differ), name, name,
+                " ".join(f"model.{k}={recorded.get(k)}" for k in differ))
+    return known
 
 
 # Settings every CLI shares: key -> (kind, lowest value); checked before any model loads (check_settings).

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from difa import evaluation, metrics
 from difa.adapters import get_adapter
 from difa.cli.common import (CONF_DIR, call_kwargs, check_known_keys, check_no_preset_keys, check_settings,
                              hook_from_cfg, is_preset, load_model, model_config, preset_from_cfg,
-                             prepare_hook, reject_unplussed_model, report_errors, transfer)
+                             plan_model_config, prepare_hook, reject_unplussed_model, report_errors, transfer)
 from difa.engine import apply_plan, remove_plan
 from difa.errors import DifaError
 from difa.evaluation import (BASELINE, COLUMNS, FMNIST, MAX_REFERENCE, NO_PLAN, Method, baseline_key, class_inputs,
@@ -30,8 +30,7 @@ def resolve(cfg: DictConfig) -> tuple[DictConfig, Plan | None]:
     if "model" in cfg and cfg.model is not None:
         return cfg.model, plan
     if plan is not None:
-        recorded = plan.calibration.get("model_config")
-        return (OmegaConf.create(recorded) if recorded else model_config(plan.model.name)), plan
+        return plan_model_config(plan), plan
     return model_config(cfg.default_model), plan
 
 

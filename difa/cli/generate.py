@@ -10,12 +10,12 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from difa.adapters import get_adapter
 from difa.cli.common import (CONF_DIR, call_kwargs, check_class_inputs, check_known_keys, check_no_preset_keys,
                              check_settings, hook_from_cfg, is_preset, load_model, model_config, preset_from_cfg,
-                             prepare_hook,
+                             plan_model_config, prepare_hook,
                              report_errors, take_inputs, transfer)
 from difa.engine import apply_plan, remove_plan
 from difa.errors import DifaError
@@ -30,8 +30,7 @@ def resolve(cfg: DictConfig) -> tuple[Plan | None, DictConfig]:
     plan = load_plan(cfg.plan)
     if given is not None:
         return plan, given
-    recorded = plan.calibration.get("model_config")
-    return plan, OmegaConf.create(recorded) if recorded else model_config(plan.model.name)
+    return plan, plan_model_config(plan)
 
 
 def run(cfg: DictConfig) -> tuple[list, Path]:
