@@ -4,12 +4,12 @@
 #   bash experiments/sweeps.sh              # N=100 images per method (the README numbers)
 #   N=500 bash experiments/sweeps.sh        # more images, longer
 #   CALIBRATE=0 bash experiments/sweeps.sh  # evaluate the plan files already under plans/, no calibration
-#   PARTS="1 4" bash experiments/sweeps.sh  # only some parts (0 baselines, 1 difa's budgets, 1g the greedy's and
+#   PARTS="1 4" bash experiments/sweeps.sh  # only some parts (0 baselines, 1 difa's budgets, 1f reuse only, 1g the greedy's and
 #                                           # DiTFastAttn's thresholds, 2 ablation, 3 peers, 3c cache-dit, 3d diffusers hooks and SmoothCache, 5 DiTFastAttn's
 #                                           # residual rule, 4 collect)
 # Jobs run two at a time (hydra/launcher=local, joblib) with one thread each: 2 CPU cores.
 . "$(dirname "$0")/sweep_env.sh"  # set -euo pipefail, cd to the root, N, OUT, MODELS, L, EV
-PARTS=${PARTS:-"0 1 1g 2 3 3c 3d 5 4"}
+PARTS=${PARTS:-"0 1 1f 1g 2 3 3c 3d 5 4"}
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 T0=$(date +%s)
 part() { echo "[sweeps] $1: $(( $(date +%s) - T0 )) s so far"; }
@@ -33,6 +33,18 @@ for M in $MODELS; do
     'plan=plans/sweeps/${model.name}_difa_b${budget}.json' "hydra.sweep.dir=$OUT/evaluate/budget_$M"
 done
 part "difa budgets"
+fi
+
+if has 1f; then
+# 1f. What forecast cells add over reuse alone (issue 19's ablation): the same budgets with candidates=[reuse], so
+#     every skipped block reuses its last residual instead of extrapolating it; same latency model and search.
+for M in $MODELS; do
+  calibrate -m $L +model=$M budget=0.4,0.6,0.8 latency_batch=25 'candidates=[reuse]' \
+    'out=plans/sweeps/${model.name}_reuse_b${budget}.json' "hydra.sweep.dir=$OUT/calibrate/reuse_$M"
+  python -m difa.evaluate -m $L +model=$M "${EV[@]}" +budget=0.4,0.6,0.8 +tag=difa-reuse-only \
+    'plan=plans/sweeps/${model.name}_reuse_b${budget}.json' "hydra.sweep.dir=$OUT/evaluate/reuse_$M"
+done
+part "reuse-only ablation"
 fi
 
 if has 1g; then

@@ -9,6 +9,7 @@ import torch
 
 import difa
 from difa.calibration import fixed_plan, retime_plan
+from difa.errors import DifaError
 from tests.conftest import GUIDANCE, generate, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,3 +52,17 @@ def test_a_mapped_cell_with_nothing_cached_stays_full():
     assert all(set(r) == {"full"} for r in moved.blocks)
     up = retime_plan(plan, pipe, 11)  # old step 1 is new steps 1 and 2 (0.5*... nearest): reuse stays where valid
     assert all(r[0] == "full" for r in up.blocks) and any("reuse" in r for r in up.blocks)
+
+
+def test_a_schedule_that_cannot_be_mapped_is_refused():
+    from diffusers import DDIMScheduler
+
+    pipe = tiny("dit")
+    plan = fixed_plan(pipe, lambda i, t: "ast" if t else "full", steps=6, guidance_scale=GUIDANCE["dit"])
+    for bad in (0, 2.5, True):
+        with pytest.raises(DifaError, match="steps must be an integer >= 1"):
+            retime_plan(plan, pipe, bad)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(DifaError, match="calibrated with DPMSolverMultistepScheduler and the pipeline uses "
+                                        "DDIMScheduler, so its steps cannot be mapped"):
+        retime_plan(plan, pipe, 10)

@@ -71,9 +71,12 @@ def retime_plan(plan: Plan, pipe: Any, steps: int) -> Plan:
     (the same fraction of the denoising trajectory), then cells that cannot run as mapped (a cache read before
     anything was computed, a moot cell) are left `full`. Latency and FLOPs records are dropped (they were for S).
     The plan is not recalibrated: measure its error (experiments/README.md, step transfer) before relying on it."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise DifaError(f"steps must be an integer >= 1 (got {steps!r})")
+    if type(pipe.scheduler).__name__ != plan.scheduler:  # positions along another sampler's trajectory mean nothing
+        raise DifaError(f"the plan was calibrated with {plan.scheduler} and the pipeline uses "
+                        f"{type(pipe.scheduler).__name__}, so its steps cannot be mapped; recalibrate with this scheduler")
     calls = denoiser_calls(pipe.scheduler, int(steps))
-    if int(steps) < 1:
-        raise DifaError(f"steps must be >= 1 (got {steps})")
     if calls == plan.steps:
         return plan
 
