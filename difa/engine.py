@@ -86,7 +86,8 @@ class Engine:
                        if set(row) != {FULL} or on_block is not None]
         self.block_methods = block_methods
         self.block_names = [n for n, _ in blocks]
-        self.block_states = [BlockState() for _ in blocks]
+        self.block_states = [BlockState(points=residual_points(row)) for row in
+                             (block_methods if len(block_methods) == len(blocks) else [()] * len(blocks))]
         block_ran = block_executed([n for n, _ in blocks], block_methods, self.steps)
         self.keep_block_residual = [block_keeps(row, "residual", r) for row, r in zip(block_methods, block_ran)]
         self.keep_ff = [block_keeps(row, "ff", r) for row, r in zip(block_methods, block_ran)]
@@ -97,6 +98,7 @@ class Engine:
         self.scheduler, self.calibrating, self.on_step = scheduler, calibrating, on_step
         self.owner: Any = None  # the pipeline whose `scheduler` is wrapped (apply_plan sets it)
         self.states = [LayerState() for _ in self.layers]
+        self.peak_cache_bytes = 0  # most bytes held across steps so far (cache_bytes), over all generations
         self.shapes: dict[int, LayerShape] = {}
         self.producers = producers = residual_producers(params)
         if calibrating:  # future decisions are unknown: keep every cache that a later cell could read
@@ -174,8 +176,27 @@ class Engine:
         self._installed = False
         self.reset()
 
+    def cache_bytes(self) -> int:
+        """Bytes of the tensors the engine holds across steps now (each storage counted once): attention outputs,
+        window residuals, gated outputs, ToMe metrics, block residuals, feed-forward and block outputs."""
+        seen: dict[int, int] = {}
+
+        def add(x: Any) -> None:
+            if torch.is_tensor(x):
+                seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            elif isinstance(x, (tuple, list)):
+                for y in x:
+                    add(y)
+
+        for s in self.states:
+            add((s.out, s.residual, s.gated, s.metric))
+        for b in self.block_states:
+            add(([r for _, r in b.residuals], b.ff, b.output))
+        return sum(seen.values())
+
     def reset(self) -> None:
         """Start a new generation: step counter to 0, every cache emptied."""
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
         self._next = 0
         self.step = None
         self.collapsed = False
@@ -214,6 +235,7 @@ class Engine:
     def _pre_forward(self, module, args, kwargs):
         if self._inside:
             return None
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())  # what the last step left held
         if self.owner is not None and getattr(self.owner, "scheduler", None) is not self.scheduler:
             # the step-count check and the per-generation reset live on the scheduler the plan was applied with
             raise DifaError("pipe.scheduler was replaced after apply_plan, so the plan can no longer check the step "
@@ -473,6 +495,12 @@ def apply_plan(obj: Any, plan: Plan, *, collapse_cfg: bool = True) -> Engine:
                     block_methods=plan.blocks)
     engine.owner = obj if scheduler is not None else None  # its scheduler must stay the one wrapped
     return engine.install()
+
+
+def residual_points(row: Sequence[str]) -> int:
+    """How many past residuals a block row's readers need at most (2 when unknown, e.g. while calibrating)."""
+    readers = [getattr(REGISTRY[m], "NEEDS_POINTS", 1) for m in row if getattr(REGISTRY[m], "NEEDS", None) == "residual"]
+    return max(readers) if readers else 2
 
 
 def as_plan(plan: Any) -> Plan:

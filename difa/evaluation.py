@@ -30,7 +30,7 @@ MAX_REFERENCE = 10_000  # images in the committed Fashion-MNIST test split
 COLUMNS = ["method", "fid", "inception_score", "class_acc", "class_acc_lo", "class_acc_hi", "rel_l1", "rel_l1_lo",
            "rel_l1_hi", "psnr_db", "psnr_db_lo", "psnr_db_hi", "ssim", "ssim_lo", "ssim_hi", "attn_flops", "macs",
            "gmacs_per_image", "s_per_image", "rel_latency", "rel_latency_min", "rel_latency_max", "timed_batches",
-           "pred_latency", "peak_mem_mb"]
+           "pred_latency", "peak_mem_mb", "cache_mb"]
 # per image of every method, next to the table (<out>_images.csv): what the intervals are computed from
 IMAGE_COLUMNS = ["method", "image", "label", "l1_num", "l1_den", "mse", "ssim", "class_hit"]
 
@@ -48,6 +48,7 @@ class Method:
     flops: float = math.nan  # attention FLOPs relative to full attention
     counted: tuple[float, float] = (math.nan, math.nan)  # FlopCounterMode FLOPs of one image: (total, attention)
     cached: bool = False  # images (and features) came from the baseline cache
+    cache_mb: float = 0.0  # most MB the plan's engine held across steps (Engine.peak_cache_bytes); NaN for hooks
 
     @property
     def compressed(self) -> bool:
@@ -81,6 +82,8 @@ def applied(pipe, method: Method):
         yield
     finally:
         if engine is not None:
+            held = max(engine.peak_cache_bytes, engine.cache_bytes()) / 2**20
+            method.cache_mb = max(method.cache_mb, held)
             if math.isnan(method.flops):
                 method.flops = flops_fraction(method.plan, engine)
             remove_plan(pipe)
@@ -220,7 +223,7 @@ def score(methods: list[Method], labels: torch.Tensor, *, fid_ref: np.ndarray | 
                **latency_spread(m.batch_seconds, methods[0].batch_seconds),
                # the plan's measured cost model (calibration), next to the measured rel_latency
                "pred_latency": 1.0 if not m.compressed else predicted_latency(m.plan),
-               "peak_mem_mb": m.peak_mb}
+               "peak_mem_mb": m.peak_mb, "cache_mb": math.nan if m.hook is not None else m.cache_mb}
         if fid_ref is not None:
             cached = feature_cache if m is methods[0] and feature_cache is not None else None
             if cached is not None and cached.is_file():
@@ -277,7 +280,8 @@ def report(table, model: str, n: int, steps: int, guidance: float, mem: str, not
          "*_lo / *_hi: 95% bootstrap interval over images; "
          "macs: all multiply-adds of one image relative to the baseline (torch.utils.flop_counter); "
          f"s_per_image: wall clock, methods interleaved; rel_latency: median over the timed batches of the ratio "
-         f"to the baseline timed next to it (min and max beside it); "
+         f"to the baseline timed next to it (min and max beside it); cache_mb: the most the plan's caches held "
+         f"across steps, at the evaluation batch; "
          f"peak_mem_mb: {metrics.MEMORY_MEASURES[mem]}"),
         *notes,
         f"written to {out}",

@@ -402,8 +402,10 @@ def _calibrate_trajectory(pipe: Any, inputs: Sequence, *, threshold: float, budg
     wall = time.perf_counter() - t0
     rows = tuple(tuple(r) for r in chosen.rows)
     executed = executed_cells([n for n, _ in layers], [n for n, _ in blocks], rows, calls)
-    flops = plan_flops(attention, [_shape_of(capture, i, layers) for i in range(len(layers))], params,
-                       [n for n, _ in layers], guidance_scale > 1, executed) if capture.attn_in else {}
+    shapes = [_shape_of(capture, i, layers) for i in range(len(layers))] if capture.attn_in else []
+    flops = plan_flops(attention, shapes, params, [n for n, _ in layers], guidance_scale > 1, executed) if shapes else {}
+    if shapes:
+        flops["shapes"] = [s.to_dict() for s in shapes]  # also what the cache accounting reads
     return Plan(
         model=model_identity(model, layers, name, adapter.family, blocks),
         scheduler=type(pipe.scheduler).__name__,

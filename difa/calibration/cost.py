@@ -60,3 +60,46 @@ def plan_flops(methods: Sequence[Sequence[str]], shapes: Sequence[LayerShape], p
         "plan_gflops": plan_total / 1e9,
         "fraction": plan_total / full_total if full_total else 1.0,
     }
+
+
+def cache_elements(plan, shapes: Sequence[LayerShape]) -> int | None:
+    """Elements the engine holds across steps for `plan` at the batch of `shapes` (one LayerShape per attention
+    layer, as the engine records them): the slots its cells write and a later cell reads, each the size it has at a
+    full-batch step. Attention layer (B, N, C), inner = heads x head_dim: the last output (B, N, C) where `ast` /
+    `tgate` follow; the window residual (B, H, N, D) where `wars` follows; T-GATE's gated mean (B/2, N, C with CFG);
+    ToMe's block-input metric (B, N, C). Block (its attn1's B, N, C): the last one or two residuals a `reuse` /
+    `forecast` reads, the feed-forward output `mlp_reuse` reads. None for plans with DeepCache units (their outputs'
+    shapes are not recorded). CFG-collapsed steps write half-batch tensors, so this is an upper bound there."""
+    from difa.plan import (block_executed, block_keeps, executed_cells, output_steps)
+
+    if len(shapes) != len(plan.model.layers) or any(s is None for s in shapes):
+        return None
+    names, blocks = plan.model.layers, plan.model.blocks
+    executed = executed_cells(names, blocks, plan.blocks, plan.steps)
+    keep_out = output_steps(plan.methods, executed)
+    keep_res = residual_steps(plan.methods, executed, residual_producers(plan.techniques))
+    total = 0
+    for i, (row, s) in enumerate(zip(plan.methods, shapes)):
+        ran = [m for m, r in zip(row, executed[i]) if r]
+        if any(keep_out[i]):
+            total += s.batch * s.n_q * s.dim
+        if any(keep_res[i]):
+            total += s.batch * s.n_q * s.inner
+        if TGATE in ran:
+            total += (s.batch // 2 if plan.cfg_enabled else s.batch) * s.n_q * s.dim
+        if any(getattr(REGISTRY[m], "NEEDS_METRIC", False) for m in ran):
+            total += s.batch * s.n_q * s.dim
+    by_name = dict(zip(names, shapes))
+    ran_blocks = block_executed(blocks, plan.blocks, plan.steps) if plan.blocks else []
+    for j, row in enumerate(plan.blocks):
+        if any(getattr(REGISTRY[m], "NEEDS", None) == "output" for m in row):
+            return None
+        s = by_name.get(f"{blocks[j]}.attn1")
+        if s is None:
+            return None
+        points = max([getattr(REGISTRY[m], "NEEDS_POINTS", 1) for m in row
+                      if getattr(REGISTRY[m], "NEEDS", None) == "residual"] or [0])  # as Engine's residual_points
+        slots = min(points, sum(block_keeps(row, "residual", ran_blocks[j])))
+        slots += any(block_keeps(row, "ff", ran_blocks[j]))
+        total += slots * s.batch * s.n_q * s.dim
+    return total

@@ -63,6 +63,21 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
     return plan, out
 
 
+def cache_mb(plan: Plan) -> tuple[float, int] | None:
+    """(MB the plan's caches hold across steps, batch rows) at the calibration's shapes and dtype, or None."""
+    import torch
+
+    from difa.calibration.cost import cache_elements
+    from difa.techniques.base import LayerShape
+
+    shapes = [LayerShape(**d) for d in plan.flops.get("shapes", [])]
+    n = cache_elements(plan, shapes) if shapes else None
+    if n is None:
+        return None
+    size = torch.empty(0, dtype=getattr(torch, str(plan.calibration.get("dtype", "float32")))).element_size()
+    return n * size / 2**20, shapes[0].batch
+
+
 def summary(plan: Plan, path: Path) -> str:
     c = plan.calibration
     counts = " | ".join(f"{k} {v}" for k, v in plan.counts().items())
@@ -84,6 +99,10 @@ def summary(plan: Plan, path: Path) -> str:
     if plan.flops:
         lines.append(f"FLOPs      {100 * plan.flops['fraction']:.1f}% of full attention FLOPs "
                      f"({plan.flops['plan_gflops']:.3g} of {plan.flops['full_gflops']:.3g} GFLOPs per generation)")
+    cache = cache_mb(plan)
+    if cache is not None:
+        lines.append(f"cache      {cache[0]:.3g} MB held across steps at the calibration batch of {cache[1]} rows (CFG "
+                     f"halves included; it grows with batch and tokens: python -m difa.evaluate reports it per run)")
     lines.append(f"calibrated in {c['wall_time_s']:.1f} s wall, {c['forwards']} model forwards ({c.get('search', 'greedy')} "
                  f"search); {goal}, {len(c['inputs'])} inputs, seed {c['seed']}")
     if c.get("resumed_steps"):

@@ -18,9 +18,10 @@ import torch
 class BlockState:
     """Per-block caches for one generation; the engine calls reset() when a generation starts."""
 
-    residuals: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # last two (step, out - in), (B, N, C)
+    residuals: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # last `points` (step, out - in), (B, N, C)
     ff: torch.Tensor | None = None  # (B, N, C) the feed-forward module's output at its last computed step
     output: Any = None  # the block's whole output at its last computed step, as returned (a tensor or a tuple)
+    points: int = 2  # residuals its readers need at most (`reuse` 1, a first-order `forecast` 2)
 
     def reset(self) -> None:
         self.residuals = []
@@ -28,7 +29,7 @@ class BlockState:
         self.output = None
 
     def push(self, step: int, residual: torch.Tensor) -> None:
-        self.residuals = [*self.residuals[-1:], (step, residual)]  # a first-order forecast needs two points
+        self.residuals = [*self.residuals, (step, residual)][-self.points:]  # older ones are never read
 
 
 @dataclass
