@@ -16,24 +16,13 @@ import numpy as np
 from difa.errors import DifaError
 from difa.metrics import save_atomic
 from difa.plan import Plan, load_plan
+from difa.techniques import TECHNIQUES
 
-# One fixed colour per method, so that heatmaps of different plans read alike.
-METHOD_COLORS = {
-    "full": "#d9d9d9",
-    "wars": "#1f77b4",
-    "ast": "#2ca02c",
-    "asc": "#ff7f0e",
-    "wars+asc": "#9467bd",
-    "tome": "#d62728",
-    "agent": "#8c564b",
-    "tgate": "#e377c2",
-    "reuse": "#17becf",
-    "forecast": "#bcbd22",
-    "mlp_reuse": "#637939",
-}
+# One fixed colour per method (each technique file's COLOR), so that heatmaps of different plans read alike.
+METHOD_COLORS = {t.NAME: t.COLOR for t in TECHNIQUES if getattr(t, "COLOR", None)}
 MOOT = "skipped (block)"  # attention cells of a block skipped at that step: they do not run
 MOOT_COLOR = "#ffffff"  # white: nothing runs there
-EXTRA_COLORS = ("#7f7f7f", "#393b79", "#843c39", "#7b4173", "#3182bd")  # methods added later
+EXTRA_COLORS = ("#7f7f7f", "#843c39", "#7b4173", "#3182bd")  # a method without a COLOR (none today)
 # Metrics where larger is better; every other column (FID, rel_l1, latency, FLOPs) is lower-is-better.
 HIGHER_IS_BETTER = frozenset({"inception_score", "class_acc", "psnr_db", "ssim", "clip_score"})
 AXIS_LABELS = {
@@ -52,9 +41,13 @@ IMAGE_FORMATS = ("png", "pdf", "svg")
 
 
 def method_colors(methods: Sequence[str]) -> dict[str, str]:
-    """Colour of each method: the fixed one where known, else the next spare colour."""
+    """Colour of each method: its technique file's COLOR (registered now, so a technique added at run time too),
+    else the next spare colour."""
+    from difa.techniques import REGISTRY
+
     extra = iter(EXTRA_COLORS * (1 + len(methods) // len(EXTRA_COLORS)))
-    return {m: MOOT_COLOR if m == MOOT else METHOD_COLORS[m] if m in METHOD_COLORS else next(extra) for m in methods}
+    fixed = {**METHOD_COLORS, **{n: t.COLOR for n, t in REGISTRY.items() if getattr(t, "COLOR", None)}}
+    return {m: MOOT_COLOR if m == MOOT else fixed[m] if m in fixed else next(extra) for m in methods}
 
 
 def plan_rows(plan: Plan) -> tuple[list[str], list[list[str]]]:

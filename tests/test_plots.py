@@ -36,7 +36,7 @@ def rgb255(colour: str) -> tuple[int, int, int]:
 
 def test_plan_grid_codes_follow_the_fixed_method_order():
     grid, methods = plots.plan_grid(make_plan())
-    assert methods == ["full", "wars", "ast", "asc", "tgate"]  # METHOD_COLORS order, only the used ones
+    assert methods == ["full", "tgate", "ast", "wars", "asc"]  # METHOD_COLORS (registry) order, only the used ones
     assert grid.shape == (3, 4)
     assert [methods[c] for c in grid[0]] == list(METHODS[0])
     assert [methods[c] for c in grid[2]] == list(METHODS[2])

@@ -1,6 +1,6 @@
 """Technique registry: method name (as written in plans) -> technique module.
 
-Adding a technique is one file with the common skeleton (NAME, LETTER, KINDS, READS_CACHE, NEEDS_METRIC,
+Adding a technique is one file with the common skeleton (NAME, LETTER, COLOR, KINDS, READS_CACHE, NEEDS_METRIC,
 DEFAULT_CANDIDATE, Config, flops, execute or run) plus one entry in TECHNIQUES below.
 """
 

@@ -20,6 +20,7 @@ from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, proj
 
 NAME = "agent"
 LETTER = "G"  # one character per cell in the calibration summary
+COLOR = "#8c564b"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("attn1",)
 READS_CACHE = False
 NEEDS_METRIC = True

@@ -14,6 +14,7 @@ from difa.techniques.base import Cell, LayerShape, check_plain, project_out, pro
 
 NAME = "asc"
 LETTER = "C"  # one character per cell in the calibration summary
+COLOR = "#ff7f0e"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("attn1",)
 READS_CACHE = False
 NEEDS_METRIC = False

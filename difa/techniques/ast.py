@@ -11,6 +11,7 @@ from difa.techniques.base import Cell, LayerShape
 
 NAME = "ast"
 LETTER = "A"  # one character per cell in the calibration summary
+COLOR = "#2ca02c"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("attn1", "attn2")
 READS_CACHE = True
 NEEDS_METRIC = False

@@ -25,6 +25,7 @@ from difa.techniques.blocks import BlockCell, first_tensor
 
 NAME = "deepcache"
 LETTER = "D"
+COLOR = "#393b79"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("block",)
 READS_CACHE = True
 NEEDS_METRIC = False

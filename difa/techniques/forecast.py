@@ -17,6 +17,7 @@ from difa.techniques.blocks import BlockCell
 
 NAME = "forecast"
 LETTER = "P"  # predict
+COLOR = "#bcbd22"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("block",)
 READS_CACHE = True
 NEEDS_METRIC = False

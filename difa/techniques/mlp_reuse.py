@@ -14,6 +14,7 @@ from difa.techniques.blocks import BlockCell, computed
 
 NAME = "mlp_reuse"
 LETTER = "L"
+COLOR = "#637939"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("block",)
 READS_CACHE = True
 NEEDS_METRIC = False

@@ -14,6 +14,7 @@ from difa.techniques.blocks import BlockCell
 
 NAME = "reuse"
 LETTER = "R"
+COLOR = "#17becf"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("block",)
 READS_CACHE = True
 NEEDS_METRIC = False

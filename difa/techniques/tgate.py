@@ -23,6 +23,7 @@ from difa.techniques.base import Cell, LayerShape
 
 NAME = "tgate"
 LETTER = "T"  # one character per cell in the calibration summary
+COLOR = "#e377c2"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("attn1", "attn2")
 CANDIDATE_KINDS = ("attn2",)  # where calibration proposes it
 READS_CACHE = True

@@ -25,6 +25,7 @@ from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, proj
 
 NAME = "tome"
 LETTER = "M"  # one character per cell in the calibration summary
+COLOR = "#d62728"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("attn1",)
 READS_CACHE = False
 NEEDS_METRIC = True

@@ -18,6 +18,7 @@ from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, proj
 
 NAME = "wars"
 LETTER = "W"  # one character per cell in the calibration summary
+COLOR = "#1f77b4"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("attn1",)
 READS_CACHE = True
 NEEDS_METRIC = False

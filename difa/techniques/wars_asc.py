@@ -14,6 +14,7 @@ from difa.techniques.base import Cell, LayerShape, check_plain
 
 NAME = "wars+asc"
 LETTER = "X"  # one character per cell in the calibration summary
+COLOR = "#9467bd"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("attn1",)
 READS_CACHE = True
 NEEDS_METRIC = False
