@@ -318,9 +318,11 @@ def overlap_lines(found: dict[float, dict[str, tuple]], y: str) -> list[str]:
         best = min(fams, key=lambda f: fams[f][0])
         _, lo, hi = fams[best]
         overlap = [f for f, (_, l2, h2) in fams.items() if f != best and l2 <= hi and lo <= h2]
+        others = len(fams) - 1
         lines.append(f"- at {a}: lowest {y} {best} {fams[best][0]:.3f} [{lo:.3f}, {hi:.3f}]; "
                      + (f"intervals overlap with {', '.join(sorted(overlap))}" if overlap
-                        else f"no other family's interval overlaps ({len(fams) - 1} others)"))
+                        else "no other family reaches this latency" if not others
+                        else f"no other family's interval overlaps ({others} other{'s' * (others > 1)})"))
     return lines
 
 

@@ -102,37 +102,35 @@ fi
 
 if has 3c; then
 # 3c. cache-dit's DBCache (the real package, `pip install 'difa[peers]'`) over its documented knobs: Fn_compute_blocks
-#     1 and 2 (its default 8 caches nothing on these 8-block models), residual_diff_threshold 0.02 to 0.2 (its
+#     1 and 2 (its default 8 caches nothing on these 8-block models), residual_diff_threshold 0.05 to 0.2 (its
 #     default 0.08 inside), 2 warm-up steps (its default 8 would fix 40% of 20 steps); then F1 with its TaylorSeer
 #     calibrator (order 1).
 for M in $MODELS; do
   for F in 1 2; do
     python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=cachedit:dbcache fn_blocks=$F warmup_steps=2 \
-      +tag=cachedit-F$F threshold=0.02,0.05,0.1,0.2 "hydra.sweep.dir=$OUT/evaluate/peers_cachedit_F${F}_$M"
+      +tag=cachedit-F$F threshold=0.05,0.1,0.2 "hydra.sweep.dir=$OUT/evaluate/peers_cachedit_F${F}_$M"
   done
   python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=cachedit:dbcache fn_blocks=1 warmup_steps=2 taylorseer=1 \
-    +tag=cachedit-F1-taylorseer threshold=0.02,0.05,0.1,0.2 "hydra.sweep.dir=$OUT/evaluate/peers_cachedit_ts_$M"
+    +tag=cachedit-F1-taylorseer threshold=0.05,0.1,0.2 "hydra.sweep.dir=$OUT/evaluate/peers_cachedit_ts_$M"
 done
 part "cache-dit"
 fi
 
 if has 3d; then
 # 3d. The one-line caching peers of diffusers 0.42.1 (issue 19), the real hooks, over the ranges their docs recommend:
-#     TaylorSeer (forecasts every block's output; cache_interval 2-6 around its default 5, order 1 and 2, its 3
-#     warm-up steps), MagCache (threshold 0.01-0.24 around its default 0.06; its one-image calibration run is
-#     counted in calib_s), FasterCache (attention reuse every 2-4 steps, the unconditional batch every 2 or 5);
-#     and SmoothCache (dit-smoothcache, schedules calibrated on 10 inputs at its published alphas 0.08, 0.18, 0.35
-#     and a looser 0.6; N = 3). SeaCache does not apply to these models (one-line refusal, tests/test_peers_diffusers.py).
+#     TaylorSeer (forecasts every block's output; cache_interval 2, 3 and its default 5, order 1, its 3 warm-up
+#     steps), MagCache (its default threshold 0.06 and looser 0.12, 0.24; its one-image calibration run is counted
+#     in calib_s), FasterCache (attention reuse every 2 or 3 steps, the unconditional batch every 5, its defaults);
+#     and SmoothCache (dit-smoothcache, schedules calibrated on 10 inputs at its published alphas 0.18 and 0.35;
+#     N = 3). Ten points per model, so that the part fits a session (about 20 min). SeaCache does not apply to these models (one-line refusal, tests/test_peers_diffusers.py).
 for M in $MODELS; do
-  python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=diffusers:taylorseer order=1 cache_interval=2,3,4,5,6 \
+  python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=diffusers:taylorseer order=1 cache_interval=2,3,5 \
     +tag=taylorseer "hydra.sweep.dir=$OUT/evaluate/peers_taylorseer_$M"
-  python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=diffusers:taylorseer order=2 cache_interval=3,5 \
-    +tag=taylorseer-o2 "hydra.sweep.dir=$OUT/evaluate/peers_taylorseer2_$M"
-  python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=diffusers:magcache threshold=0.01,0.03,0.06,0.12,0.24 \
+  python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=diffusers:magcache threshold=0.06,0.12,0.24 \
     "hydra.sweep.dir=$OUT/evaluate/peers_magcache_$M"
-  python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=diffusers:fastercache skip=2,3,4 uncond_skip=2,5 \
+  python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=diffusers:fastercache skip=2,3 \
     "hydra.sweep.dir=$OUT/evaluate/peers_fastercache_$M"
-  python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=smoothcache:calibrate threshold=0.08,0.18,0.35,0.6 \
+  python -m difa.evaluate -m $L +model=$M "${EV[@]}" plan=smoothcache:calibrate threshold=0.18,0.35 \
     +tag=smoothcache "hydra.sweep.dir=$OUT/evaluate/peers_smoothcache_$M"
 done
 part "diffusers hooks and SmoothCache"

@@ -73,10 +73,10 @@ def test_threshold_mode_keeps_the_checked_error_under_threshold(tmp_path):
 def test_forwards_are_a_few_generations_not_steps_x_layers_x_candidates(tmp_path):
     pipe = tiny("dit")
     calls = denoiser_calls(pipe.scheduler, STEPS)
-    fresh = calibrate(pipe, "dit", tmp_path, budget=0.7)
+    fresh = calibrate(pipe, "dit", tmp_path, budget=0.95)  # reachable even when a loaded machine inflates fixed costs
     # one recorded generation, at most two checks, and the denoiser microbenchmark (warm-up + REPS)
     assert fresh.calibration["forwards"] <= 3 * calls + REPS + 1
-    cached = calibrate(pipe, "dit", tmp_path, budget=0.7)  # the latency model now comes from runs/cache
+    cached = calibrate(pipe, "dit", tmp_path, budget=0.95)  # the latency model now comes from runs/cache
     assert cached.calibration["forwards"] == fresh.calibration["forwards"] - (REPS + 1)
     assert list((tmp_path / "lat").glob("*.json"))
     greedy = calibrate(pipe, "dit", tmp_path, search="greedy", threshold=0.05)
