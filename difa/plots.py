@@ -200,7 +200,7 @@ def pareto_plot(df, path: str | os.PathLike, *, x: str = "s_per_image", y: str =
     if label is not None and label not in df.columns:
         raise DifaError(f"no column {label!r} to label the points with")
     data = df[df[x].notna() & df[y].notna()]
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(9, 4.8), layout="constrained")
     ax = fig.subplots()
     names = sorted(data[family].astype(str).unique(), key=lambda f: (f != BASELINE, f != MAIN_FAMILY, f))
     others = 0
@@ -228,7 +228,7 @@ def pareto_plot(df, path: str | os.PathLike, *, x: str = "s_per_image", y: str =
     ax.set_xlabel(AXIS_LABELS.get(x, x))
     ax.set_ylabel(AXIS_LABELS.get(y, y))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over points
     if title:
         ax.set_title(title, fontsize=9)
     return _save(fig, path)
