@@ -108,6 +108,19 @@ class _Probe:
         self.t = t
 
 
+def _attach_probe(model: torch.nn.Module, probe: _Probe) -> None:
+    """Run `probe` before every denoiser call (first of the pre-hooks); _detach_probe undoes it."""
+    probe.handle = model.register_forward_pre_hook(probe, with_kwargs=True, prepend=True)
+    setattr(model, _PROBE_ATTR, probe)
+
+
+def _detach_probe(model: torch.nn.Module) -> None:
+    probe = getattr(model, _PROBE_ATTR, None)
+    if probe is not None:
+        probe.handle.remove()
+        delattr(model, _PROBE_ATTR)
+
+
 @dataclass
 class DiffusersHook:
     """One diffusers hook with its parameters, applied to a pipeline's denoiser; `apply` twice is safe, `remove`
@@ -186,8 +199,7 @@ class DiffusersHook:
         try:
             probe = _Probe()
             apply_mag_cache(model, MagCacheConfig(calibrate=True, num_inference_steps=steps))
-            probe.handle = model.register_forward_pre_hook(probe, with_kwargs=True, prepend=True)
-            setattr(model, _PROBE_ATTR, probe)
+            _attach_probe(model, probe)
             with contextlib.redirect_stdout(io.StringIO()):  # it also prints the ratios for copying
                 generate_one()
         finally:
@@ -263,8 +275,7 @@ class DiffusersHook:
             HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
             probe.context = CacheContext("difa")
             _set_cache_context(model, probe.context)
-        probe.handle = model.register_forward_pre_hook(probe, with_kwargs=True, prepend=True)
-        setattr(model, _PROBE_ATTR, probe)
+        _attach_probe(model, probe)
 
     def _refuse_seacache(self, pipe: Any, model: torch.nn.Module) -> None:
         """SeaCache's indicator filters the visual latents with the flow-matching noise level sigma in [0, 1] and needs
@@ -283,10 +294,7 @@ class DiffusersHook:
         from diffusers.hooks import HookRegistry
 
         model = adapter_for(pipe).denoiser(pipe)
-        probe = getattr(model, _PROBE_ATTR, None)
-        if probe is not None:
-            probe.handle.remove()
-            delattr(model, _PROBE_ATTR)
+        _detach_probe(model)
         registry = HookRegistry.check_if_exists_or_initialize(model)
         for name in (_PAB_HOOK, *_FBC_HOOKS, *_OTHER_HOOKS):
             registry.remove_hook(name, recurse=True)
@@ -561,16 +569,12 @@ class SmoothCache:
         helper_mod.print = lambda *a, **k: None  # scoped: removed again in remove()
         helper.enable()
         probe = _Probe(on_new_generation=helper.reset_state)
-        probe.handle = model.register_forward_pre_hook(probe, with_kwargs=True, prepend=True)
-        setattr(model, _PROBE_ATTR, probe)
+        _attach_probe(model, probe)
         self._helper = helper
 
     def remove(self, pipe: Any) -> None:
         model = adapter_for(pipe).denoiser(pipe)
-        probe = getattr(model, _PROBE_ATTR, None)
-        if probe is not None:
-            probe.handle.remove()
-            delattr(model, _PROBE_ATTR)
+        _detach_probe(model)
         if self._helper is not None:
             self._helper.disable()
             self._helper = None
