@@ -12,6 +12,10 @@ from difa.errors import DifaError
 
 SELF_ATTN = "attn1"
 CROSS_ATTN = "attn2"
+SET = "<set>"  # in Adapter.config_match: the config key has any value but None
+NO_CFG = "none"  # cfg_layout of guidance-distilled families: the pipeline never builds a CFG batch
+SPATIAL, TEMPORAL = "spatial", "temporal"  # token axes of an attention layer (Adapter.axis)
+INPUT_KEYS = {"classes": "class_labels", "prompts": "prompt", "images": "image"}  # inputs_kind -> pipeline argument
 
 
 @dataclass(frozen=True)
@@ -25,22 +29,47 @@ class Adapter:
     calib_output_type: str = "latent"  # cheapest output_type the pipeline accepts (DiTPipeline always decodes)
     null_class: int | None = None  # class id the pipeline uses for the unconditional half
     patched: bool = True  # tokens are the latent's patch grid at every block (transformers); False: UNet levels
+    # How the row is told apart from another row with the same denoiser class (the first matching row wins):
+    pipeline_classes: tuple[str, ...] = ()  # the pipeline must be one of these (empty: any, or a bare model)
+    scheduler_classes: tuple[str, ...] = ()  # the pipeline's scheduler must be one of these (a bare model never matches)
+    config_match: tuple[tuple[str, Any], ...] = ()  # denoiser config values; SET: any value but None
+    temporal: str | None = None  # module-name part of the temporal blocks (video): their tokens are frames
+    cfg_channels: tuple[int, int] | None = None  # (dim, n): compare only the first n channels along dim for CFG halves
+    output_attr: str = "images"  # the pipeline output's field ("frames" for video pipelines)
+    guidance_arg: str = "guidance_scale"  # the pipeline's CFG scale argument (SVD: max_guidance_scale)
+    # The CFG half the engine keeps when every cross-attention is gated (T-GATE's "CFG dropped"): the one T-GATE's
+    # own pipeline runs. SD-XL runs the unconditional half (its pooled text embedding, in temb, differs between halves)
+    collapse_to: str = "cond"
 
     def denoiser(self, obj: Any) -> torch.nn.Module:
         return getattr(obj, self.denoiser_attr) if hasattr(obj, self.denoiser_attr) else obj
 
     def attention_layers(self, model: torch.nn.Module, kind: str = SELF_ATTN) -> list[tuple[str, torch.nn.Module]]:
-        """`Attention` modules named `*.<kind>`, in module-registration order (= block execution order)."""
-        from diffusers.models.attention_processor import Attention
-
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and n.rsplit(".", 1)[-1] == kind]
+        """`Attention` modules named `*.<kind>`, in execution order."""
+        return [(n, m) for n, m in self.planned_layers(model) if n.rsplit(".", 1)[-1] == kind]
 
     def planned_layers(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-        """Self- and cross-attention modules in execution order (registration order: attn1 before attn2 per block)."""
+        """Self- and cross-attention modules in execution order (attn1 before attn2 within a block)."""
         from diffusers.models.attention_processor import Attention
 
         kinds = (SELF_ATTN, CROSS_ATTN)
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and n.rsplit(".", 1)[-1] in kinds]
+        return self.execution_order(
+            [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and n.rsplit(".", 1)[-1] in kinds])
+
+    def execution_order(self, named: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """Named modules, from registration order into the order a forward runs them. Two traps: UNets register
+        down_blocks, up_blocks, then mid_block, but run the mid block between them; Latte registers every spatial
+        block, then every temporal one, but runs them interleaved (spatial i, temporal i, spatial i + 1, ...)."""
+        parts = ("down_blocks", "mid_block", "up_blocks")
+
+        def key(item: tuple[int, tuple[str, Any]]) -> tuple[int, int, int]:
+            i, (name, _) = item
+            p = name.split(".")
+            rank = parts.index(p[0]) if p[0] in parts else 0
+            top = self.temporal is not None and p[0] in ("transformer_blocks", self.temporal) and len(p) > 1
+            return rank, int(p[1]) if top and p[1].isdigit() else -1, i
+
+        return [item for _, item in sorted(enumerate(named), key=key)]
 
     def block_layers(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         """Transformer blocks (the parents of self-attention layers: DiT / PixArt `transformer_blocks.N`, the
@@ -83,9 +112,39 @@ class Adapter:
         """Side of a token in latent pixels for transformers; None for the UNet (tokens depend on the level)."""
         return int(model.config.patch_size) if self.patched else None
 
+    def axis(self, layer_name: str) -> str:
+        """TEMPORAL for attention inside a temporal block (tokens = frames, batch = B x positions), else SPATIAL."""
+        return TEMPORAL if self.temporal is not None and self.temporal in layer_name.split(".") else SPATIAL
+
+    def matches(self, obj: Any) -> bool:
+        """Is `obj` (a pipeline or a bare denoiser) one this row handles?"""
+        model = self.denoiser(obj)
+        if type(model).__name__ not in self.model_classes:
+            return False
+        config = getattr(model, "config", {})
+        for key, want in self.config_match:
+            have = config.get(key) if hasattr(config, "get") else getattr(config, key, None)
+            if (have is None) if want == SET else have != want:
+                return False
+        bare = obj is model
+        if self.pipeline_classes and not bare and type(obj).__name__ not in self.pipeline_classes:
+            return False
+        return not self.scheduler_classes or (not bare and type(getattr(obj, "scheduler", None)).__name__
+                                              in self.scheduler_classes)
+
     def cond_slice(self, batch: int) -> slice:
         half = batch // 2
         return slice(0, half) if self.cfg_layout == "cond_first" else slice(half, batch)
+
+    def runs_cfg(self, guidance_scale: float) -> bool:
+        """Does the pipeline build a CFG batch at this guidance scale? (never for guidance-distilled families)"""
+        return guidance_scale > 1 and self.cfg_layout != NO_CFG
+
+    def kept_half(self, batch: int) -> slice:
+        """The half of a CFG batch the engine runs when it collapses the batch (collapse_to)."""
+        half = batch // 2
+        first = (self.collapse_to == "cond") == (self.cfg_layout == "cond_first")
+        return slice(0, half) if first else slice(half, batch)
 
     def latent_input(self, args: Sequence, kwargs: Mapping) -> torch.Tensor:
         x = args[0] if args else kwargs.get(self.latent_arg)
@@ -96,8 +155,13 @@ class Adapter:
     def is_cfg_batch(self, args: Sequence, kwargs: Mapping) -> bool:
         """A CFG batch is the same latents twice (every stock pipeline does torch.cat([latents] * 2));
         for class-conditional models the second half must also carry the null class."""
+        if self.cfg_layout == NO_CFG:
+            return False
         x = self.latent_input(args, kwargs)
         b = x.shape[0]
+        if self.cfg_channels is not None:  # e.g. SVD: noise (4 channels) + image latents, zero in the uncond half
+            dim, n = self.cfg_channels
+            x = x.narrow(dim, 0, n)
         if b % 2 or not torch.equal(x[: b // 2], x[b // 2 :]):
             return False
         labels = kwargs.get("class_labels")
@@ -109,28 +173,61 @@ class Adapter:
     def call_pipeline(self, pipe: Any, inputs: Sequence, *, steps: int, guidance_scale: float,
                       generator: torch.Generator | None, output_type: str = "pil", extra: Mapping | None = None):
         kw = dict(extra or {})
-        key = "class_labels" if self.inputs_kind == "classes" else "prompt"
-        return pipe(**{key: list(inputs)}, num_inference_steps=steps, guidance_scale=guidance_scale,
-                    generator=generator, output_type=output_type, **kw)
+        if self.inputs_kind == "images":
+            from difa.data import load_images
+
+            inputs = load_images(inputs)  # paths, or synthetic:<seed> test images
+        return pipe(**{INPUT_KEYS[self.inputs_kind]: list(inputs)}, num_inference_steps=steps,
+                    **{self.guidance_arg: guidance_scale}, generator=generator, output_type=output_type, **kw)
+
+    def outputs(self, result: Any) -> Any:
+        """The generated images (or videos) of a pipeline call's result."""
+        return getattr(result, self.output_attr)
 
 
-ADAPTERS: dict[str, Adapter] = {
+_SDXL = dict(model_classes=("UNet2DConditionModel",), denoiser_attr="unet", latent_arg="sample",
+             cfg_layout="uncond_first", inputs_kind="prompts", patched=False, collapse_to="uncond")
+# Rows sharing a denoiser class: the more specific first (adapter_for takes the first row that matches).
+ADAPTERS: dict[str, Adapter] = {a.family: a for a in (
     # diffusers DiTPipeline: class_labels_input = cat([labels, null=1000]) -> conditional half first
-    "dit": Adapter("dit", ("DiTTransformer2DModel",), "transformer", "hidden_states", "cond_first", "classes", "pt", 1000),
+    Adapter("dit", ("DiTTransformer2DModel",), "transformer", "hidden_states", "cond_first", "classes", "pt", 1000),
+    # PixArt-LCM (PixArtAlphaPipeline + LCMScheduler, guidance_scale=0): consistency-distilled, no CFG batch
+    Adapter("lcm_pixart", ("PixArtTransformer2DModel",), "transformer", "hidden_states", NO_CFG, "prompts",
+            scheduler_classes=("LCMScheduler",)),
     # PixArt*Pipeline: prompt_embeds = cat([negative, positive]) -> unconditional half first
-    "pixart": Adapter("pixart", ("PixArtTransformer2DModel",), "transformer", "hidden_states", "uncond_first", "prompts"),
+    Adapter("pixart", ("PixArtTransformer2DModel",), "transformer", "hidden_states", "uncond_first", "prompts"),
+    # LCM-SDXL: the SD-XL UNet with a guidance embedding (time_cond_proj_dim): StableDiffusionXLPipeline never
+    # builds a CFG batch for it, whatever guidance_scale says
+    Adapter("lcm_sdxl", **{**_SDXL, "cfg_layout": NO_CFG},
+            config_match=(("addition_embed_type", "text_time"), ("time_cond_proj_dim", SET))),
+    # Playground v2.5: the SD-XL architecture with an EDM scheduler (told apart by it; the facts are SD-XL's)
+    Adapter("playground_v25", **_SDXL, config_match=(("addition_embed_type", "text_time"),),
+            scheduler_classes=("EDMDPMSolverMultistepScheduler", "EDMEulerScheduler")),
+    # StableDiffusionXLPipeline: cat([negative_prompt_embeds, prompt_embeds]), plus added_cond_kwargs likewise
+    Adapter("sdxl", **_SDXL, config_match=(("addition_embed_type", "text_time"),)),
     # StableDiffusionPipeline: cat([negative_prompt_embeds, prompt_embeds])
-    "sd": Adapter("sd", ("UNet2DConditionModel",), "unet", "sample", "uncond_first", "prompts", patched=False),
-}
+    Adapter("sd", ("UNet2DConditionModel",), "unet", "sample", "uncond_first", "prompts", patched=False),
+    # StableVideoDiffusionPipeline: latents (B, F, 8, h, w) = 4 noise channels + the image's latents, which (like the
+    # image embedding) are zero in the unconditional half: [uncond, cond]. Spatial layers: batch B*F, tokens h*w;
+    # temporal layers: batch B*h*w, tokens F. Guidance ramps from min_guidance_scale to max_guidance_scale per frame.
+    Adapter("svd", ("UNetSpatioTemporalConditionModel",), "unet", "sample", "uncond_first", "images", patched=False,
+            temporal="temporal_transformer_blocks", cfg_channels=(2, 4), output_attr="frames",
+            guidance_arg="max_guidance_scale"),
+    # LattePipeline: latents (B, C, F, h, w), cat([negative, positive]) prompt embeddings. Spatial blocks: batch B*F,
+    # tokens (h/2)*(w/2); temporal blocks (self-attention only): batch B*(h/2)*(w/2), tokens F
+    Adapter("latte", ("LatteTransformer3DModel",), "transformer", "hidden_states", "uncond_first", "prompts",
+            temporal="temporal_transformer_blocks", output_attr="frames"),
+)}
 
 
-def adapter_for(obj: Any) -> Adapter:
-    """The adapter of a pipeline or a bare denoiser model."""
+def adapter_for(obj: Any, family: str | None = None) -> Adapter:
+    """The adapter of a pipeline or a bare denoiser model; `family` (e.g. a plan's) is preferred if it matches."""
+    if family in ADAPTERS and ADAPTERS[family].matches(obj):
+        return ADAPTERS[family]
     for a in ADAPTERS.values():
-        model = getattr(obj, a.denoiser_attr, obj)
-        if type(model).__name__ in a.model_classes:
+        if a.matches(obj):
             return a
-    supported = ", ".join(c for a in ADAPTERS.values() for c in a.model_classes)
+    supported = ", ".join(dict.fromkeys(c for a in ADAPTERS.values() for c in a.model_classes))
     raise DifaError(f"difa has no adapter for {type(obj).__name__}; supported denoisers: {supported}")
 
 

@@ -99,3 +99,40 @@ def captions(
         raise DifaError(f"captions: labels must be in 0..{len(FMNIST_CLASSES) - 1}, got {sorted(set(labels))}")
     picks = np.random.default_rng(seed).integers(len(templates), size=len(labels))  # (N,)
     return [templates[t].format(FMNIST_CLASSES[y]) for t, y in zip(picks, labels)]
+
+
+SYNTHETIC = "synthetic:"  # an image input `synthetic:<seed>`: a deterministic test image (tiny image-to-video runs)
+SYNTHETIC_SIZE = 64
+
+
+def load_images(items: Sequence) -> list:
+    """Image inputs (image-to-video models) as RGB PIL images: PIL images as they are, `synthetic:<seed>` as a smooth
+    random colour field (64 px, the same for the same seed), anything else as an image file path (a `data/...` path
+    names a bundled file, as model paths do)."""
+    from PIL import Image
+
+    from difa.models import resolve_path
+
+    out = []
+    for x in items:
+        if isinstance(x, Image.Image):
+            out.append(x.convert("RGB"))
+        elif isinstance(x, str) and x.startswith(SYNTHETIC):
+            seed = x[len(SYNTHETIC):]
+            if not seed.isdigit():
+                raise DifaError(f"image input {x!r}: write synthetic:<integer seed>, e.g. synthetic:0")
+            coarse = np.random.RandomState(int(seed)).rand(4, 4, 3).astype(np.float32)  # (4, 4, 3) in [0, 1)
+            field = F.interpolate(torch.from_numpy(coarse).permute(2, 0, 1)[None], size=SYNTHETIC_SIZE,
+                                  mode="bilinear", align_corners=False)[0]  # (3, 64, 64)
+            out.append(Image.fromarray((field.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)))
+        elif isinstance(x, (str, Path)):
+            path = Path(resolve_path(x))
+            if not path.is_file():
+                raise DifaError(f"image input {str(x)!r} is not a file; give image paths or synthetic:<seed>")
+            try:
+                out.append(Image.open(path).convert("RGB"))
+            except OSError as e:
+                raise DifaError(f"image input {str(x)!r} is not a readable image ({e})") from None
+        else:
+            raise DifaError(f"image inputs are file paths or synthetic:<seed>, not {type(x).__name__} {x!r}")
+    return out

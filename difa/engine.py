@@ -16,7 +16,9 @@ the cells that do run (`plan.executed_cells`).
 CFG collapse: when every cross-attention layer of a CFG step is `tgate`, the two halves of the batch
 see identical inputs everywhere, so the engine runs the denoiser on one half and duplicates its output.
 It does so only when that is exact: a self-attention cell that reuses a cache (`ast`, `wars`) must find
-the cache's two halves equal; otherwise the step runs on the whole batch.
+the cache's two halves equal; otherwise the step runs on the whole batch. Trap: on SD-XL the halves also differ in
+the pooled text embedding (added_cond_kwargs, into every resnet's temb), so there the collapse is T-GATE's own
+choice of half (Adapter.collapse_to: the unconditional one), not a lossless rewrite of the whole-batch step.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from difa.adapters import CROSS_ATTN, Adapter, adapter_for
+from difa.adapters import CROSS_ATTN, TEMPORAL, Adapter, adapter_for
 from difa.attention.merge import token_grid
 from difa.errors import DifaError
 from difa.plan import (AST, CFG_METHODS, FULL, OUTPUT_READERS, TGATE, WARS, Plan, block_executed, block_keeps,
@@ -111,6 +113,7 @@ class Engine:
         self.cfg_steps = [any(row[t] in CFG_METHODS for row in methods) for t in range(self.steps)]
         self.tgate_steps = [any(row[t] == TGATE for row in methods) for t in range(self.steps)]
         self.cross = [i for i, (n, _) in enumerate(self.layers) if kind_of(n) == CROSS_ATTN]
+        self.temporal = {i for i, (n, _) in enumerate(self.layers) if adapter.axis(n) == TEMPORAL}  # tokens = frames
         self.collapse_cfg = collapse_cfg and bool(self.cross)
         if metric_layers is None:  # layers whose plan uses a method that reads the block input
             metric_layers = [i for i, row in enumerate(methods) if any(REGISTRY[m].NEEDS_METRIC for m in row)]
@@ -285,7 +288,7 @@ class Engine:
         self.forwards += 1
         if self._can_collapse(self.step, b):
             self.collapsed = True
-            keep = self.cond
+            keep = self.adapter.kept_half(b)  # the half T-GATE's own pipeline runs after the gate
             self.cond = None
             return _take_half(args, b, keep), _take_half(kwargs, b, keep)
         return None
@@ -331,7 +334,7 @@ class Engine:
             if c is None or c.shape[0] == b:
                 continue
             if c.shape[0] == 2 * b and self.collapsed:
-                sl = self.adapter.cond_slice(2 * b)  # halves checked equal (or only the cond half is read)
+                sl = self.adapter.kept_half(2 * b)  # halves checked equal (or only the kept half is read)
                 setattr(state, field, c[sl])
             elif 2 * c.shape[0] == b:
                 setattr(state, field, torch.cat([c, c]))
@@ -340,7 +343,7 @@ class Engine:
         if c is None or c.shape[0] == b:
             return c
         if c.shape[0] == 2 * b and self.collapsed:
-            return c[self.adapter.cond_slice(2 * b)]
+            return c[self.adapter.kept_half(2 * b)]
         if 2 * c.shape[0] == b:
             return torch.cat([c, c])
         return c
@@ -375,9 +378,15 @@ class Engine:
             cell.state.ff = out
         return out
 
-    def _grid(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[int, int, int] | None:
-        """(h, w, downsample) of a self-attention call's tokens; None for cross-attention or outside a forward."""
-        if self.latent_hw is None or context is not None:
+    def _cond_rows(self, rows: int) -> slice | None:
+        """The conditional half of an attention call's batch. Video layers fold frames or positions into the batch
+        (B*F, B*h*w rows), each CFG half's rows contiguous, so the half is taken of the rows, not of the latent batch."""
+        return None if self.cond is None else self.adapter.cond_slice(rows)
+
+    def _grid(self, layer: int, x: torch.Tensor, context: torch.Tensor | None) -> tuple[int, int, int] | None:
+        """(h, w, downsample) of a self-attention call's tokens; None for cross-attention, temporal layers (their
+        tokens are frames) or outside a forward."""
+        if self.latent_hw is None or context is not None or layer in self.temporal:
             return None
         return token_grid(self.latent_hw, x.shape[-2], self.patch)
 
@@ -387,7 +396,7 @@ class Engine:
             return original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         if layer not in self.shapes:
             self.shapes[layer] = _shape(attn, hidden_states, encoder_hidden_states,
-                                        self._grid(hidden_states, encoder_hidden_states))
+                                        self._grid(layer, hidden_states, encoder_hidden_states))
         method = self.methods[layer][step]
         if self.collapsed and REGISTRY[method].ON_ONE_HALF:  # one half only: sharing across halves is plain attention
             method = REGISTRY[method].ON_ONE_HALF
@@ -398,9 +407,9 @@ class Engine:
         state = self.states[layer]
         if REGISTRY[method].READS_CACHE and method != TGATE:  # tgate averages the halves itself
             self._fit_caches(state, hidden_states.shape[0])
-        grid = self._grid(hidden_states, encoder_hidden_states) if REGISTRY[method].NEEDS_METRIC else None
+        grid = self._grid(layer, hidden_states, encoder_hidden_states) if REGISTRY[method].NEEDS_METRIC else None
         cell = Cell(attn, self.layers[layer][0], layer, step, state, self.params, original,
-                    self.cond, keep_residual, grid, self.collapsed)
+                    self._cond_rows(hidden_states.shape[0]), keep_residual, grid, self.collapsed)
         out = REGISTRY[method].execute(cell, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         if method not in OUTPUT_READERS and self.keep_output[layer][step]:
             state.out = out
@@ -430,8 +439,8 @@ def _take_half(obj: Any, b: int, half: slice) -> Any:
     return obj
 
 
-def plan_layers(obj: Any) -> tuple[Adapter, torch.nn.Module, list[tuple[str, torch.nn.Module]]]:
-    adapter = adapter_for(obj)
+def plan_layers(obj: Any, family: str | None = None) -> tuple[Adapter, torch.nn.Module, list[tuple[str, torch.nn.Module]]]:
+    adapter = adapter_for(obj, family)
     model = adapter.denoiser(obj)
     return adapter, model, adapter.planned_layers(model)
 
@@ -482,7 +491,7 @@ def apply_plan(obj: Any, plan: Plan, *, collapse_cfg: bool = True) -> Engine:
     (same result, for checking the collapse).
     """
     plan = as_plan(plan)
-    adapter, model, layers = plan_layers(obj)
+    adapter, model, layers = plan_layers(obj, plan.model.family)
     blocks = adapter.block_layers(model) if plan.blocks else []
     if plan.blocks and len(plan.model.blocks) > len(blocks):  # a plan with DeepCache units
         blocks = blocks + [(n, m) for n, m, _ in adapter.cache_units(model)]

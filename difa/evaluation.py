@@ -97,7 +97,8 @@ def generate_batch(pipe, adapter: Adapter, method: Method, inputs: list, seed: i
             t0 = time.perf_counter()
             out = adapter.call_pipeline(pipe, inputs, steps=steps, guidance_scale=guidance, output_type="pt",
                                         generator=torch.Generator(device="cpu").manual_seed(seed), extra=extra)
-            images = torch.as_tensor(out.images).float().cpu()  # .cpu() waits for queued CUDA kernels
+            images = torch.as_tensor(adapter.outputs(out)).float().cpu()  # .cpu() waits for queued CUDA kernels
+            images = images.flatten(0, images.ndim - 4)  # videos (B, F, 3, H, W): every frame an image
             seconds = time.perf_counter() - t0
     return images, seconds, mem.mb
 

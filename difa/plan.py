@@ -61,7 +61,7 @@ def residual_producers(techniques: Mapping[str, Mapping[str, Any]]) -> frozenset
     return RESIDUAL_RULES[rule]
 
 
-CFG_LAYOUTS = ("cond_first", "uncond_first")
+CFG_LAYOUTS = ("cond_first", "uncond_first", "none")  # none: guidance-distilled, no CFG batch
 BLOCK = "block"  # the kind of a block cell (a whole transformer block)
 
 
@@ -283,7 +283,10 @@ def load_plan(path: str | os.PathLike) -> Plan:
 
 def validate(plan: Plan) -> None:
     """Raise DifaError (one line) if the plan is not executable as written."""
-    from difa.techniques import REGISTRY, kind_of
+    from difa.adapters import ADAPTERS
+    from difa.techniques import REGISTRY, unfit
+
+    adapter = ADAPTERS.get(plan.model.family)  # its family's facts (token axes, CFG); None: a family difa lacks
 
     known = known_methods()
     n = len(plan.model.layers)
@@ -329,9 +332,9 @@ def validate(plan: Plan) -> None:
                 continue
             if step == 0 and REGISTRY[m].READS_CACHE:
                 raise DifaError(f"plan cell ({name}, step 0) is {m!r}, which reuses an earlier step; nothing is cached at step 0")
-            if kind_of(name) not in REGISTRY[m].KINDS:
-                raise DifaError(f"plan cell ({name}, step {step}) is {m!r}, which applies to {'/'.join(REGISTRY[m].KINDS)} "
-                                f"layers only, not {kind_of(name)}; use 'full' there")
+            why = unfit(m, name, adapter)
+            if why is not None:
+                raise DifaError(f"plan cell ({name}, step {step}): {why}; use 'full' there")
             done = [x for x, r in zip(row[:step], ran[:step]) if r]
             if m in RESIDUAL_METHODS and not producers & set(done):
                 raise DifaError(f"plan cell ({name}, step {step}) is {m!r}, which needs a computed "

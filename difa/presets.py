@@ -27,8 +27,23 @@ from difa.plan import AGENT, AST, FULL, TGATE, TOME, Plan
 from difa.techniques import agent, deepcache, kind_of, tome
 
 
+# T-GATE's published settings per family (its README and main.py): gate_step, sp_interval, fi_interval, warm_up.
+# SD / SD-XL / Playground / SVD at 25 steps: gate 10; PixArt-alpha/Sigma at 25 steps: gate 15; the LCMs at 4 steps:
+# gate 1 (or 2), nothing cached before it. A family not listed takes SD's.
+TGATE_SETTINGS = {"sd": (10, 5, 1, 2), "sdxl": (10, 5, 1, 2), "playground_v25": (10, 5, 1, 2), "svd": (10, 5, 1, 2),
+                  "pixart": (15, 3, 1, 2), "lcm_sdxl": (1, 1, 1, 0), "lcm_pixart": (1, 1, 1, 0)}
+# Token merging's max_downsample per family: the finest level that has attention. SD-XL has none at full latent
+# resolution, so ToMe's default of 1 would merge nothing there (tomesd's own default is then a silent no-op).
+MERGE_DOWNSAMPLE = {"sdxl": 2, "playground_v25": 2, "lcm_sdxl": 2}
+
+
+def _merge_downsample(pipe: Any, given: int | None) -> int:
+    return int(given) if given is not None else MERGE_DOWNSAMPLE.get(adapter_for(pipe).family, 1)
+
+
 def tomesd(pipe: Any, *, steps: int, guidance_scale: float, ratio: float = 0.5, sx: int = 2, sy: int = 2,
-           max_downsample: int = 1, use_rand: bool = True, seed: int = 0, name: str = "") -> Plan:
+           max_downsample: int | None = None, use_rand: bool = True, seed: int = 0, name: str = "") -> Plan:
+    max_downsample = _merge_downsample(pipe, max_downsample)
     params = dict(ratio=ratio, sx=sx, sy=sy, max_downsample=max_downsample, use_rand=use_rand, seed=seed)
     tome.config({TOME: params})  # one-line errors and the ratio-cap warning before anything runs
     return _tag(fixed_plan(pipe, lambda i, t: TOME, steps=steps, guidance_scale=guidance_scale, name=name,
@@ -37,8 +52,9 @@ def tomesd(pipe: Any, *, steps: int, guidance_scale: float, ratio: float = 0.5, 
 
 def agentsd(pipe: Any, *, steps: int, guidance_scale: float, ratio: float = 0.4, agent_ratio: float = 0.95,
             sx: int = 4, sy: int = 4, late_sx: int = 2, late_sy: int = 2, switch: float = 0.4,
-            k_scale2: float = 0.3, k_shortcut: float = 0.075, fp32: bool = False, max_downsample: int = 1,
+            k_scale2: float = 0.3, k_shortcut: float = 0.075, fp32: bool = False, max_downsample: int | None = None,
             use_rand: bool = True, seed: int = 0, name: str = "") -> Plan:
+    max_downsample = _merge_downsample(pipe, max_downsample)
     if not 0 <= switch <= 1:
         raise DifaError(f"agentsd switch must be a fraction of the steps in [0, 1], got {switch}")
     early = dict(ratio=ratio, agent_ratio=agent_ratio, sx=sx, sy=sy, k_scale2=k_scale2, k_shortcut=k_shortcut,
@@ -52,9 +68,15 @@ def agentsd(pipe: Any, *, steps: int, guidance_scale: float, ratio: float = 0.4,
                 "agentsd", {**early, "late_sx": late_sx, "late_sy": late_sy, "switch": switch})
 
 
-def tgate(pipe: Any, *, steps: int, guidance_scale: float, gate_step: int = 10, sp_interval: int = 5,
-          fi_interval: int = 1, warm_up: int = 2, name: str = "") -> Plan:
-    """T-GATE's defaults for SD (gate_step 10, sp_interval 5, fi_interval 1, warm_up 2)."""
+def tgate(pipe: Any, *, steps: int, guidance_scale: float, gate_step: int | None = None,
+          sp_interval: int | None = None, fi_interval: int | None = None, warm_up: int | None = None,
+          name: str = "") -> Plan:
+    """T-GATE; a setting not given is the family's published one (TGATE_SETTINGS; SD's: gate_step 10, sp_interval 5,
+    fi_interval 1, warm_up 2). Without a CFG batch (the LCMs) the gated output is reused as it is, which is what
+    T-GATE's lcm=True does."""
+    published = TGATE_SETTINGS.get(adapter_for(pipe).family, TGATE_SETTINGS["sd"])
+    gate_step, sp_interval, fi_interval, warm_up = (p if g is None else g for g, p in
+                                                    zip((gate_step, sp_interval, fi_interval, warm_up), published))
     for key, v in dict(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval).items():
         if int(v) != v or v < 1:
             raise DifaError(f"tgate {key} must be an integer >= 1, got {v}")

@@ -105,6 +105,6 @@ def pipeline_generate(pipe: Any, *, steps: int, guidance_scale: float, extra: Ma
         generators = [torch.Generator(device="cpu").manual_seed(j.seed) for j in chunk]  # one per image
         out = adapter.call_pipeline(pipe, [j.input for j in chunk], steps=steps, guidance_scale=guidance_scale,
                                     generator=generators, output_type=output_type, extra=extra)
-        return torch.as_tensor(out.images).float()
+        return torch.as_tensor(adapter.outputs(out)).float()
 
     return generate

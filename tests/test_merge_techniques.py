@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import difa
 from difa import presets
+from difa.adapters import adapter_for
 from difa.attention.merge import merge, partition, token_grid, unmerge, bipartite_match
 from difa.calibration import fixed_plan
 from difa.calibration.cost import method_flops
@@ -88,9 +89,10 @@ def naive_tome(attn, x, metric, h, w, sx, sy, ratio, agent_ratio=None, k_scale2=
     return out.float()
 
 
-def run_capturing(pipe, family, plan, layer_name):
-    """Generate with `plan`; record (attn input, attn output, block input) of one layer at every step."""
-    model = pipe.unet if family == "sd" else pipe.transformer
+def run_capturing(pipe, family, plan, layer_name, run=generate):
+    """Generate with `plan` (`run(pipe, family)`); record (attn input, attn output, block input) of one layer at
+    every step."""
+    model = adapter_for(pipe).denoiser(pipe)
     attn = model.get_submodule(layer_name)
     block = model.get_submodule(layer_name.rsplit(".", 1)[0])
     calls, blocks = [], []
@@ -100,7 +102,7 @@ def run_capturing(pipe, family, plan, layer_name):
                                          with_kwargs=True)
     difa.apply_plan(pipe, plan)
     try:
-        generate(pipe, family)
+        run(pipe, family)
     finally:
         h1.remove()
         h2.remove()

@@ -246,6 +246,9 @@ def test_reference_features_are_cached_by_n_and_source(tmp_path):
 
 
 def test_peak_memory_sees_an_allocation():
+    import gc
+
+    gc.collect()  # RSS is process-wide: garbage of earlier tests freed during the block would hide the allocation
     with metrics.PeakMemory("cpu") as base:
         pass
     with metrics.PeakMemory("cpu") as peak:

@@ -8,8 +8,10 @@ import pytest
 import torch
 from diffusers import DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusionPipeline
 
+from difa.adapters import adapter_for
 from difa.errors import DifaError
 from difa.models import FAMILIES, build_tiny_pipeline, bundled_dir, load_pipeline, pipeline_call_kwargs, resolve_path
+from difa.tiny import tiny_call_kwargs
 
 PIPELINES = {"dit": DiTPipeline, "pixart": PixArtAlphaPipeline, "sd": StableDiffusionPipeline}
 CONDITIONS = {"dit": {"class_labels": [0, 7]}, "pixart": {"prompt": ["a red bird", "A blue car, at night!"]}}
@@ -17,8 +19,9 @@ CONDITIONS["sd"] = CONDITIONS["pixart"]
 STEPS = 3
 
 
-def path_cfg(family: str, path: str) -> dict:
-    return {"name": family, "family": family, "pipeline": PIPELINES[family].__name__, "path": path, "tiny": None}
+def path_cfg(family: str, path: str, pipeline: str | None = None) -> dict:
+    return {"name": family, "family": family, "pipeline": pipeline or PIPELINES[family].__name__, "path": path,
+            "tiny": None}
 
 
 def generate(pipe, family: str) -> np.ndarray:
@@ -33,18 +36,53 @@ def generate(pipe, family: str) -> np.ndarray:
     return out.images  # (B, H, W, 3)
 
 
+def generate_any(pipe, family: str) -> torch.Tensor:
+    """Two images (videos: (2, F, 3, H, W)) of any tiny family, through its adapter (cogvideox / sd3 / flux, which
+    difa has no adapter row for yet, are called directly)."""
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="pt",
+              **tiny_call_kwargs(family))
+    try:
+        adapter = adapter_for(pipe)
+    except DifaError:
+        return torch.as_tensor(getattr(pipe(prompt=["a red bird", "a cat"], **kw), "frames" if family == "cogvideox"
+                                       else "images"))
+    inputs = {"classes": [0, 7], "images": ["synthetic:0", "synthetic:1"]}.get(adapter.inputs_kind,
+                                                                                 ["a red bird", "A blue car!"])
+    kw.pop("num_inference_steps"), kw.pop("generator"), kw.pop("output_type")
+    return torch.as_tensor(adapter.outputs(adapter.call_pipeline(
+        pipe, inputs, steps=STEPS, guidance_scale=4.0, generator=torch.Generator().manual_seed(0), output_type="pt",
+        extra=kw)))
+
+
+def realigned(pipe):
+    """Every parameter and buffer copied into fresh memory. Loaded safetensors are memory-mapped at offsets that
+    are only 8-byte aligned, and CPU matmuls round by an ulp differently on such operands (seen on the SD-XL, SD3 and
+    FLUX tiny models), so outputs are compared after this; the weights themselves are compared as loaded."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for t in [*component.parameters(), *component.buffers()]:
+                t.data = t.data.clone()
+    return pipe
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_pipeline_round_trips_through_save_pretrained(family, tmp_path):
     pipe = build_tiny_pipeline(family, seed=0)
-    assert type(pipe) is PIPELINES[family]
-    images = generate(pipe, family)
-    assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
+    if family in PIPELINES:
+        assert type(pipe) is PIPELINES[family]
+    images = generate_any(pipe, family)
+    assert images.shape[0] == 2 and torch.isfinite(images).all()
 
     pipe.save_pretrained(tmp_path, safe_serialization=True)
-    loaded = load_pipeline(path_cfg(family, str(tmp_path)))
+    loaded = load_pipeline(path_cfg(family, str(tmp_path), type(pipe).__name__))
 
-    assert type(loaded) is PIPELINES[family]
-    np.testing.assert_array_equal(generate(loaded, family), images)
+    assert type(loaded) is type(pipe)
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            saved, back = component.state_dict(), getattr(loaded, name).state_dict()
+            assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved), name
+    assert torch.equal(generate_any(realigned(loaded), family), images)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -53,7 +91,7 @@ def test_tiny_pipeline_is_deterministic_in_seed_and_leaves_global_rng_alone(fami
     first, again, other = (build_tiny_pipeline(family, seed=s) for s in (0, 0, 1))
     assert torch.equal(torch.get_rng_state(), rng_state)
 
-    denoiser = "unet" if family == "sd" else "transformer"
+    denoiser = "unet" if hasattr(first, "unet") else "transformer"
     weights = [getattr(p, denoiser).state_dict() for p in (first, again, other)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])

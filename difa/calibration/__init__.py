@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from difa.adapters import adapter_for
 from difa.attention import window_tokens
 from difa.calibration import search as trajectory
 from difa.calibration.cost import plan_flops
@@ -22,7 +23,7 @@ from difa.engine import Engine, plan_blocks, plan_layers
 from difa.errors import DifaError
 from difa.plan import (AGENT, BLOCK, CFG_METHODS, FULL, RESIDUAL_METHODS, TOME, ModelIdentity, Plan, config_hash,
                        executed_cells, residual_producers)
-from difa.techniques import REGISTRY, TECHNIQUES, agent, candidate_kinds, kind_of, tome, wars
+from difa.techniques import REGISTRY, TECHNIQUES, agent, candidate_kinds, kind_of, tome, unfit, wars
 
 DITFASTATTN_CANDIDATES = ("ast", "wars", "asc", "wars+asc")
 # Every technique whose file says DEFAULT_CANDIDATE, in registry order. Ties in the greedy's cost model keep this
@@ -51,18 +52,29 @@ def model_identity(model: Any, layers: Sequence[tuple[str, Any]], name: str, fam
                          tuple(n for n, _ in blocks))
 
 
-def attention_row(name: str, proposed: Sequence[str], ran: Sequence[bool], producers: frozenset[str]) -> tuple[str, ...]:
+def attention_row(name: str, proposed: Sequence[str], ran: Sequence[bool], producers: frozenset[str],
+                  adapter: Any = None) -> tuple[str, ...]:
     """Layer `name`'s cells as proposed, each left `full` where it cannot run as written: a method that does not apply
-    to the layer's kind, a moot cell (its block skipped), a cache read with nothing computed before it."""
-    kind, out = kind_of(name), []
+    to the layer (techniques.unfit: its kind, token axis, the family's CFG), a moot cell (its block skipped), a cache
+    read with nothing computed before it."""
+    out: list[str] = []
     for t, m in enumerate(proposed):
         if m not in REGISTRY:
             raise DifaError(f"unknown method {m!r}; choose from {', '.join(sorted(REGISTRY))}")
         done = [x for x, r in zip(out, ran) if r]
         no_residual = m in RESIDUAL_METHODS and not producers & set(done)
         no_cache = REGISTRY[m].READS_CACHE and not done
-        out.append(FULL if not ran[t] or kind not in REGISTRY[m].KINDS or m == BLOCK or no_cache or no_residual else m)
+        out.append(FULL if not ran[t] or m == BLOCK or unfit(m, name, adapter) or no_cache or no_residual else m)
     return tuple(out)
+
+
+def _why_skipped(method: str, layers, adapter, model) -> str:
+    """Why calibration proposes `method` nowhere on this model (the reason recorded in the plan)."""
+    kinds = candidate_kinds(method)
+    fitting = [n for n, _ in layers if kind_of(n) in kinds]
+    if not fitting:
+        return f"no {'/'.join(kinds)} layers in {type(model).__name__}"  # e.g. T-GATE on class-conditional DiT
+    return unfit(method, fitting[0], adapter) or f"applies to no layer of {type(model).__name__}"
 
 
 def retime_plan(plan: Plan, pipe: Any, steps: int) -> Plan:
@@ -87,7 +99,8 @@ def retime_plan(plan: Plan, pipe: Any, steps: int) -> Plan:
     brows = block_rows(names, lambda j, t: plan.blocks[j][src(t)], calls) if plan.blocks else ()
     ran = executed_cells(plan.model.layers, plan.model.blocks, brows, calls)
     producers = residual_producers(plan.techniques)
-    methods = tuple(attention_row(name, [row[src(t)] for t in range(calls)], ran[i], producers)
+    adapter = adapter_for(pipe, plan.model.family)
+    methods = tuple(attention_row(name, [row[src(t)] for t in range(calls)], ran[i], producers, adapter)
                     for i, (name, row) in enumerate(zip(plan.model.layers, plan.methods)))
     calibration = {**plan.calibration, "retimed_from": {"steps": plan.inference_steps, "calls": plan.steps}}
     return plan.with_(steps=calls, num_inference_steps=int(steps), methods=methods, blocks=brows,
@@ -152,10 +165,17 @@ def fixed_plan(
         kind = kind_of(layers[i][0])
         return [method(i, t) if kind in kinds and ran[i][t] else FULL for t in range(calls)]
 
-    methods = tuple(attention_row(layers[i][0], proposed(i), ran[i], producers) for i in range(len(layers)))
+    methods = tuple(attention_row(layers[i][0], proposed(i), ran[i], producers, adapter) for i in range(len(layers)))
+    wanted = {method(i, t) for i in range(len(layers)) for t in range(calls) if kind_of(layers[i][0]) in kinds} - {FULL}
+    for m in sorted(wanted - {x for row in methods for x in row}):  # proposed, but it runs nowhere: say why
+        reasons = [unfit(m, n, adapter) for n, _ in layers if kind_of(n) in kinds]
+        reason = next((r for r in reasons if r), None)
+        if reason is not None and all(reasons):
+            raise DifaError(f"{reason}, on every layer of {type(model).__name__}; this schedule does not apply to "
+                            f"the {adapter.family} family")
     params = technique_params(window, techniques)
     return Plan(model=model_identity(model, layers, name, adapter.family, blocks), scheduler=type(pipe.scheduler).__name__,
-                steps=calls, num_inference_steps=steps, methods=methods, cfg_enabled=guidance_scale > 1,
+                steps=calls, num_inference_steps=steps, methods=methods, cfg_enabled=adapter.runs_cfg(guidance_scale),
                 cfg_layout=adapter.cfg_layout, guidance_scale=float(guidance_scale), techniques=params, blocks=brows)
 
 
@@ -229,7 +249,6 @@ def calibrate_pipeline(
     """
     if loss_on not in LOSS_ON:
         raise DifaError(f"unknown loss_on {loss_on!r}; use one of {', '.join(LOSS_ON)}")
-    from difa.adapters import adapter_for
     from difa.engine import ENGINE_ATTR
 
     if getattr(adapter_for(pipe).denoiser(pipe), ENGINE_ATTR, None) is not None:  # calibrating would remove it
@@ -259,17 +278,16 @@ def calibrate_pipeline(
                                      call_kwargs=call_kwargs, name=name, techniques=techniques, dtype=dtype,
                                      latency_cache=latency_cache, latency_batch=latency_batch)
     cands = [c for c in cands if BLOCK not in REGISTRY[c].KINDS]  # the greedy plans attention cells only
-    cfg_on = guidance_scale > 1
-    if not cfg_on:
+    adapter, model, layers = plan_layers(pipe)
+    cfg_on = adapter.runs_cfg(guidance_scale)
+    if guidance_scale <= 1:
         cands = [c for c in cands if c not in CFG_METHODS]
 
-    adapter, model, layers = plan_layers(pipe)
     if not layers:
         raise DifaError(f"found no attention layers in {type(model).__name__}")
-    kinds = {kind_of(n) for n, _ in layers}
-    skipped = {c: f"no {'/'.join(candidate_kinds(c))} layers in {type(model).__name__}"
-               for c in cands if not kinds & set(candidate_kinds(c))}  # e.g. T-GATE on class-conditional DiT
-    if not cfg_on:
+    allowed = [[c for c in cands if kind_of(n) in candidate_kinds(c) and not unfit(c, n, adapter)] for n, _ in layers]
+    skipped = {c: _why_skipped(c, layers, adapter, model) for c in cands if not any(c in a for a in allowed)}
+    if guidance_scale <= 1:
         skipped.update({c: "CFG is off" for c in check_candidates(candidates) if c in CFG_METHODS})
     cands = [c for c in cands if c not in skipped]
     params = technique_params(window, techniques)
@@ -286,11 +304,10 @@ def calibrate_pipeline(
                                    "threshold": threshold, "candidates": cands, "params": params,
                                    "loss_on": loss_on, "dtype": dtype, "torch": torch.__version__})
         on_decided = checkpoint.save
-    search = GreedySearch(methods, cands, float(threshold), params, kinds=[kind_of(n) for n, _ in layers],
+    search = GreedySearch(methods, cands, float(threshold), params, allowed=allowed,
                           progress=progress, guidance_scale=float(guidance_scale) if guided else None,
                           channels=sampled_channels(model), resume=resume, on_decided=on_decided)
-    metric = [i for i, (n, _) in enumerate(layers) if any(REGISTRY[c].NEEDS_METRIC and kind_of(n) in candidate_kinds(c)
-                                                          for c in cands)]
+    metric = [i for i, a in enumerate(allowed) if any(REGISTRY[c].NEEDS_METRIC and c in cands for c in a)]
     engine = Engine(model, adapter, layers, [list(r) for r in methods], params, scheduler=pipe.scheduler,
                     calibrating=True, on_step=search.on_step, inference_steps=steps, metric_layers=metric)
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -384,7 +401,7 @@ def _calibrate_trajectory(pipe: Any, inputs: Sequence, *, threshold: float, budg
             out = adapter.call_pipeline(pipe, inputs, steps=steps, guidance_scale=guidance_scale, generator=generator,
                                         output_type=adapter.calib_output_type, extra=call_kwargs)
         forwards[0] += engine.forwards
-        return out.images
+        return adapter.outputs(out)
 
     t0 = time.perf_counter()
     full_rows = [[FULL] * calls for _ in blocks]
@@ -403,7 +420,7 @@ def _calibrate_trajectory(pipe: Any, inputs: Sequence, *, threshold: float, budg
     rows = tuple(tuple(r) for r in chosen.rows)
     executed = executed_cells([n for n, _ in layers], [n for n, _ in blocks], rows, calls)
     shapes = [_shape_of(capture, i, layers) for i in range(len(layers))] if capture.attn_in else []
-    flops = plan_flops(attention, shapes, params, [n for n, _ in layers], guidance_scale > 1, executed) if shapes else {}
+    flops = plan_flops(attention, shapes, params, [n for n, _ in layers], adapter.runs_cfg(guidance_scale), executed) if shapes else {}
     if shapes:
         flops["shapes"] = [s.to_dict() for s in shapes]  # also what the cache accounting reads
     return Plan(
@@ -412,7 +429,7 @@ def _calibrate_trajectory(pipe: Any, inputs: Sequence, *, threshold: float, budg
         steps=calls,
         num_inference_steps=steps,
         methods=tuple(tuple(r) for r in attention),
-        cfg_enabled=guidance_scale > 1,
+        cfg_enabled=adapter.runs_cfg(guidance_scale),
         cfg_layout=adapter.cfg_layout,
         guidance_scale=float(guidance_scale),
         techniques=params,
@@ -443,4 +460,4 @@ def _shape_of(capture: Capture, i: int, layers) -> Any:
     args, kwargs = capture.attn_in[i]
     x = args[0] if args else kwargs["hidden_states"]
     context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-    return _shape(layers[i][1], x, context, capture.grid(x, context))
+    return _shape(layers[i][1], x, context, capture.grid(x, context, layers[i][0]))

@@ -16,7 +16,6 @@ import torch
 from difa.calibration.cost import order_candidates
 from difa.calibration.loss import relative_l1
 from difa.plan import CFG_METHODS, FULL
-from difa.techniques import candidate_kinds
 
 
 @dataclass
@@ -25,7 +24,8 @@ class GreedySearch:
     candidates: Sequence[str]  # non-full methods allowed
     threshold: float  # δ
     params: Mapping[str, Mapping]
-    kinds: Sequence[str] = ()  # per layer: "attn1" | "attn2"; a candidate is tried only on the kinds it applies to
+    # per layer: the candidates that apply to it (techniques.unfit: kind, token axis, CFG); () = all, everywhere
+    allowed: Sequence[Sequence[str]] = ()
     loss: Callable[[torch.Tensor, torch.Tensor], float] = relative_l1
     progress: Callable[[int], None] | None = None  # called with the step index after each decided step
     # CFG batches: the loss compares what the sampler consumes, uncond + g * (cond - uncond), not the two halves.
@@ -77,7 +77,7 @@ class GreedySearch:
         reference = self.guided(engine, trial(column))
         for i in range(len(self.methods)):
             thr = self.layer_threshold(i)
-            allowed = [c for c in self.candidates if not self.kinds or self.kinds[i] in candidate_kinds(c)]
+            allowed = [c for c in self.candidates if not self.allowed or c in self.allowed[i]]
             order = order_candidates(allowed, engine.shapes[i], self.params)
             tried: dict[str, float] = {}
             for m in order:

@@ -28,8 +28,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from difa.adapters import NO_CFG, TEMPORAL
 from difa.plan import FULL, block_keeps, config_hash, executed_cells
-from difa.techniques import REGISTRY, kind_of
+from difa.techniques import REGISTRY, kind_of, unfit
 from difa.techniques.base import Cell, LayerState
 
 CACHE_DIR = Path("runs/cache/latency")
@@ -143,11 +144,11 @@ class Capture:
                 into[key] = _clone((args, kwargs))
         return hook
 
-    def grid(self, x: torch.Tensor, context: torch.Tensor | None):
-        """(h, w, downsample) of a self-attention input's tokens, as the engine computes it."""
+    def grid(self, x: torch.Tensor, context: torch.Tensor | None, layer: str = ""):
+        """(h, w, downsample) of a self-attention input's tokens, as the engine computes it (None: temporal layer)."""
         from difa.attention.merge import token_grid
 
-        if context is not None or self.model_in is None:
+        if context is not None or self.model_in is None or self.adapter.axis(layer) == TEMPORAL:
             return None
         latents = self.adapter.latent_input(*self.model_in)  # (B, C, H, W)
         return token_grid((int(latents.shape[-2]), int(latents.shape[-1])), x.shape[-2], self.patch)
@@ -213,6 +214,8 @@ def decode_seconds(pipe: Any, capture: Capture, images: int) -> float:
     if vae is None or capture.model_in is None:
         return 0.0
     latents = capture.adapter.latent_input(*capture.model_in)[:1].detach()  # (1, C, H, W)
+    if latents.ndim != 4:  # video: each pipeline decodes frames its own way (not timed: budgets leave it out)
+        return 0.0
     latents = latents[:, : getattr(vae.config, "latent_channels", latents.shape[1])].repeat(images, 1, 1, 1)
     return _median_time(lambda: vae.decode(latents / vae.config.scaling_factor), reps=3)
 
@@ -270,7 +273,7 @@ def time_attention(attn, name: str, i: int, inputs: tuple, methods: Sequence[str
     mask = kwargs.get("attention_mask")
     original = attn.processor
     b = x.shape[0]
-    cond = adapter.cond_slice(b) if b % 2 == 0 else None
+    cond = adapter.cond_slice(b) if b % 2 == 0 and adapter.cfg_layout != NO_CFG else None
     state = LayerState()
     block_in = capture.block_in.get(capture.block_of.get(name.rsplit(".", 1)[0], -1))
     if block_in is not None:
@@ -283,9 +286,9 @@ def time_attention(attn, name: str, i: int, inputs: tuple, methods: Sequence[str
         except Exception:
             state.out = REGISTRY[FULL].execute(Cell(attn, name, i, 1, state, params, original, cond, False), x, context, mask)
     for m in [FULL, *methods]:
-        if kind_of(name) not in REGISTRY[m].KINDS:
+        if unfit(m, name, adapter):
             continue
-        cell = Cell(attn, name, i, 1, state, params, original, cond, False, capture.grid(x, context), False)
+        cell = Cell(attn, name, i, 1, state, params, original, cond, False, capture.grid(x, context, name), False)
         try:
             out[m] = _median_time(lambda: REGISTRY[m].execute(cell, x, context, mask))
         except Exception:  # a method that cannot run on this layer (masked attention, no grid): never chosen

@@ -41,7 +41,7 @@ def run(cfg: DictConfig) -> tuple[list, Path]:
     steps = int(cfg.steps if cfg.steps is not None else plan.inference_steps if plan else m.steps)
     default_scale = plan.guidance_scale if plan and plan.guidance_scale is not None else m.guidance_scale
     guidance = float(cfg.guidance_scale if cfg.guidance_scale is not None else default_scale)
-    if plan is not None and plan.cfg_enabled != (guidance > 1):
+    if plan is not None and plan.cfg_enabled != adapter.runs_cfg(guidance):
         uses = [m_ for m_ in plan.counts() if m_ in CFG_METHODS]
         if uses:
             raise DifaError(f"the plan uses {', '.join(uses)} (CFG sharing) but guidance_scale={guidance} turns CFG off; use guidance_scale > 1")
@@ -64,8 +64,8 @@ def run(cfg: DictConfig) -> tuple[list, Path]:
     generator = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
     t0 = time.perf_counter()
     try:
-        images = adapter.call_pipeline(pipe, inputs, steps=steps, guidance_scale=guidance, generator=generator,
-                                       output_type="pil", extra=call_kwargs(m)).images
+        images = adapter.outputs(adapter.call_pipeline(pipe, inputs, steps=steps, guidance_scale=guidance,
+                                                       generator=generator, output_type="pil", extra=call_kwargs(m)))
     finally:
         remove_plan(pipe)
         if hook is not None:
@@ -75,12 +75,27 @@ def run(cfg: DictConfig) -> tuple[list, Path]:
             else Path(str(cfg.plan)).stem if plan is not None else f"{m.name}_full")
     out = Path(cfg.out) if cfg.out else Path("outputs") / "generate" / name
     out.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images):
-        img.save(out / f"{i:03d}.png")
-    grid(images).save(out / "grid.png")
-    print(f"{len(images)} images ({m.name}, {steps} steps, guidance {guidance}, plan {cfg.plan}) in {wall:.2f} s "
-          f"({wall / len(images):.3f} s/image) -> {out}/")
+    images = save_outputs(images, out)
+    print(f"{len(images)} {'videos' if adapter.output_attr == 'frames' else 'images'} ({m.name}, {steps} steps, guidance {guidance}, plan {cfg.plan}) in {wall:.2f} s "
+          f"({wall / len(images):.3f} s/{'video' if adapter.output_attr == 'frames' else 'image'}) -> {out}/")
     return images, out
+
+
+def save_outputs(images: list, out: Path) -> list:
+    """Images as 000.png ... and grid.png; videos (lists of frames) as 000.gif plus 000_f00.png ... per frame, and
+    grid.png of their first frames. Returns the images, or the first frame of each video."""
+    firsts = []
+    for i, item in enumerate(images):
+        if isinstance(item, (list, tuple)):  # a video: its frames
+            for f, frame in enumerate(item):
+                frame.save(out / f"{i:03d}_f{f:02d}.png")
+            item[0].save(out / f"{i:03d}.gif", save_all=True, append_images=list(item[1:]), duration=125, loop=0)
+            firsts.append(item[0])
+        else:
+            item.save(out / f"{i:03d}.png")
+            firsts.append(item)
+    grid(firsts).save(out / "grid.png")
+    return images
 
 
 def grid(images: list):

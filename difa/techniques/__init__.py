@@ -1,12 +1,13 @@
 """Technique registry: method name (as written in plans) -> technique module.
 
-Adding a technique is one file with the common skeleton (NAME, LETTER, COLOR, KINDS, READS_CACHE, NEEDS_METRIC,
+Adding a technique is one file with the common skeleton (NAME, LETTER, COLOR, KINDS, AXES, READS_CACHE, NEEDS_METRIC,
 DEFAULT_CANDIDATE, Config, flops, execute or run) plus one entry in TECHNIQUES below.
 """
 
 import dataclasses
 from typing import Any, Mapping
 
+from difa.adapters import NO_CFG
 from difa.errors import DifaError
 from difa.techniques import (agent, asc, ast, deepcache, forecast, full, mlp_reuse, reuse, tgate, tome, wars,
                              wars_asc)
@@ -20,6 +21,26 @@ BLOCK = "block"
 def kind_of(layer_name: str) -> str:
     """"attn1" (self-attention) or "attn2" (cross-attention), from the module name's last part."""
     return layer_name.rsplit(".", 1)[-1]
+
+
+def unfit(method: str, layer: str, adapter: Any = None) -> str | None:
+    """Why `method` cannot run on attention layer `layer` of a model with `adapter` (difa.adapters.Adapter), as one
+    phrase; None when it can. The layer's kind (attn1 / attn2, from its name), its token axis (a video model's
+    temporal layers attend across frames: no 2-D grid to merge on) and the family's CFG (a guidance-distilled model
+    has no CFG batch to share attention across)."""
+    t = REGISTRY[method]
+    kind = kind_of(layer)
+    if kind not in t.KINDS:
+        return f"{method!r} applies to {'/'.join(t.KINDS)} layers only, not {kind}"
+    if adapter is None:
+        return None
+    axis = adapter.axis(layer)
+    if axis not in t.AXES:
+        return f"{method!r} needs a 2-D token grid; {layer} is a temporal layer (its tokens are frames)"
+    if t.SHARES_CFG and adapter.cfg_layout == NO_CFG:
+        return (f"{method!r} shares attention across the CFG halves, but {adapter.family} is guidance-distilled "
+                "(its pipeline never runs a CFG batch)")
+    return None
 
 
 def letters() -> dict[str, str]:

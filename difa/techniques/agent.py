@@ -22,6 +22,7 @@ NAME = "agent"
 LETTER = "G"  # one character per cell in the calibration summary
 COLOR = "#8c564b"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("attn1",)
+AXES = ("spatial",)  # merges tokens on the 2-D grid: not across frames
 READS_CACHE = False
 NEEDS_METRIC = True
 SHARES_CFG = False  # needs the two CFG halves in one batch

@@ -16,6 +16,7 @@ NAME = "asc"
 LETTER = "C"  # one character per cell in the calibration summary
 COLOR = "#ff7f0e"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("attn1",)
+AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
 READS_CACHE = False
 NEEDS_METRIC = False
 SHARES_CFG = True  # needs the two CFG halves in one batch

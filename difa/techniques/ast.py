@@ -13,6 +13,7 @@ NAME = "ast"
 LETTER = "A"  # one character per cell in the calibration summary
 COLOR = "#2ca02c"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("attn1", "attn2")
+AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
 READS_CACHE = True
 NEEDS_METRIC = False
 SHARES_CFG = False  # needs the two CFG halves in one batch

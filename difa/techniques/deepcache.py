@@ -27,6 +27,7 @@ NAME = "deepcache"
 LETTER = "D"
 COLOR = "#393b79"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("block",)
+AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
 READS_CACHE = True
 NEEDS_METRIC = False
 SKIPS_ATTENTION = True  # the unit does not run: everything inside it is moot

@@ -19,6 +19,7 @@ NAME = "forecast"
 LETTER = "P"  # predict
 COLOR = "#bcbd22"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("block",)
+AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
 READS_CACHE = True
 NEEDS_METRIC = False
 SKIPS_ATTENTION = True

@@ -16,6 +16,7 @@ NAME = "mlp_reuse"
 LETTER = "L"
 COLOR = "#637939"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("block",)
+AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
 READS_CACHE = True
 NEEDS_METRIC = False
 SKIPS_ATTENTION = False

@@ -16,6 +16,7 @@ NAME = "reuse"
 LETTER = "R"
 COLOR = "#17becf"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("block",)
+AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
 READS_CACHE = True
 NEEDS_METRIC = False
 SKIPS_ATTENTION = True

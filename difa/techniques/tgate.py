@@ -25,6 +25,7 @@ NAME = "tgate"
 LETTER = "T"  # one character per cell in the calibration summary
 COLOR = "#e377c2"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("attn1", "attn2")
+AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
 CANDIDATE_KINDS = ("attn2",)  # where calibration proposes it
 READS_CACHE = True
 NEEDS_METRIC = False

@@ -27,6 +27,7 @@ NAME = "tome"
 LETTER = "M"  # one character per cell in the calibration summary
 COLOR = "#d62728"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("attn1",)
+AXES = ("spatial",)  # merges tokens on the 2-D grid: not across frames
 READS_CACHE = False
 NEEDS_METRIC = True
 SHARES_CFG = False  # needs the two CFG halves in one batch

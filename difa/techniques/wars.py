@@ -20,6 +20,7 @@ NAME = "wars"
 LETTER = "W"  # one character per cell in the calibration summary
 COLOR = "#1f77b4"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("attn1",)
+AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
 READS_CACHE = True
 NEEDS_METRIC = False
 SHARES_CFG = False  # needs the two CFG halves in one batch

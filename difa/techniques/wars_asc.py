@@ -16,6 +16,7 @@ NAME = "wars+asc"
 LETTER = "X"  # one character per cell in the calibration summary
 COLOR = "#9467bd"  # its colour in plan heatmaps (difa.plots), the same in every plot
 KINDS = ("attn1",)
+AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
 READS_CACHE = True
 NEEDS_METRIC = False
 SHARES_CFG = True  # needs the two CFG halves in one batch

@@ -1,0 +1,209 @@
+"""The model families beyond DiT / PixArt / SD 1.5 (issue 14): SD-XL, Playground v2.5, LCM-SDXL, PixArt-LCM,
+Stable Video Diffusion and Latte, on tiny random-weight pipelines with the real architectures.
+
+For each: the adapter row is found, an all-full plan is bit-exact with the unpatched pipeline and undo is exact,
+each technique that applies matches a naive reference written here on that architecture's attention layers while
+the engine runs a plan (video: spatial and temporal layers both), and a method that does not apply is refused with
+a one-line reason (in a hand-written plan) or skipped with a recorded reason (in calibration)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import difa
+from difa.adapters import adapter_for
+from difa.calibration import calibrate_pipeline, fixed_plan
+from difa.engine import plan_layers
+from difa.errors import DifaError
+from difa.plan import Plan
+from difa.tiny import build_tiny_pipeline, tiny_call_kwargs
+from tests.test_merge_techniques import naive_self_attention, naive_tome, run_capturing
+from tests.test_techniques import naive_attention, naive_out
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NEW = ("sdxl", "playground_v25", "lcm_sdxl", "lcm_pixart", "svd", "latte")
+VIDEO = ("svd", "latte")
+NO_CFG = ("lcm_sdxl", "lcm_pixart")
+STEPS = 6
+INPUTS = {"svd": ["synthetic:0", "synthetic:1"]}
+GUIDANCE = {"sdxl": 5.0, "playground_v25": 3.0, "lcm_sdxl": 8.0, "lcm_pixart": 0.0, "svd": 3.0, "latte": 7.5}
+BARE = {"lcm_pixart": "pixart", "playground_v25": "sdxl"}  # a bare denoiser has no scheduler to tell them apart
+ATOL = 2e-5
+
+
+@pytest.fixture(params=NEW)
+def fam(request) -> str:
+    return request.param
+
+
+def tiny(family: str):
+    pipe = build_tiny_pipeline(family, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, family: str, steps: int = STEPS) -> torch.Tensor:
+    """Final latents of one seeded generation (two inputs)."""
+    adapter = adapter_for(pipe)
+    out = adapter.call_pipeline(pipe, INPUTS.get(family, ["a red bird", "a blue car"]), steps=steps,
+                                guidance_scale=GUIDANCE[family], generator=torch.Generator().manual_seed(3),
+                                output_type="latent", extra=tiny_call_kwargs(family))
+    return adapter.outputs(out)
+
+
+def test_adapter_rows_are_found(fam):
+    pipe = tiny(fam)
+    adapter = adapter_for(pipe)
+    assert adapter.family == fam
+    assert adapter_for(adapter.denoiser(pipe)).family == BARE.get(fam, fam)
+    assert (adapter.cfg_layout == "none") == (fam in NO_CFG)
+    axes = {adapter.axis(n) for n, _ in adapter.planned_layers(adapter.denoiser(pipe))}
+    assert axes == ({"spatial", "temporal"} if fam in VIDEO else {"spatial"})
+
+
+def test_all_full_plan_is_bit_exact_and_undo_is_exact(fam):
+    pipe = tiny(fam)
+    ref = generate(pipe, fam)
+    difa.apply_plan(pipe, fixed_plan(pipe, lambda i, t: "full", steps=STEPS, guidance_scale=GUIDANCE[fam]))
+    assert torch.equal(generate(pipe, fam), ref)
+    difa.apply_plan(pipe, fixed_plan(pipe, lambda i, t: "ast", steps=STEPS, guidance_scale=GUIDANCE[fam]))
+    changed = generate(pipe, fam)
+    assert not torch.equal(changed, ref)  # the plan ran
+    assert difa.remove_plan(pipe)
+    assert torch.equal(generate(pipe, fam), ref)
+
+
+def layer_named(pipe, part: str) -> tuple[int, str]:
+    """Row and name of the first self-attention layer whose name contains `part` (spatial / temporal)."""
+    names = [n for n, _ in plan_layers(pipe)[2]]
+    adapter = adapter_for(pipe)
+    i = next(i for i, n in enumerate(names) if n.endswith("attn1") and adapter.axis(n) == part)
+    return i, names[i]
+
+
+def run_row(pipe, family, row: int, name: str, pattern: list[str], **kw):
+    """Generate with `pattern` on plan row `row`; record (input, output, block input) of the layer at every step."""
+    plan = fixed_plan(pipe, lambda i, t: pattern[t] if i == row else "full", steps=STEPS,
+                      guidance_scale=GUIDANCE[family], **kw)
+    assert plan.methods[row] == tuple(pattern)
+    attn, calls, blocks = run_capturing(pipe, family, plan, name, run=generate)
+    assert len(calls) == STEPS
+    return attn, calls, blocks
+
+
+@pytest.mark.parametrize("axis", ["spatial", "temporal"])
+def test_window_reuse_and_cfg_sharing_match_naive_reference(fam, axis):
+    """wars (band |i - j| <= 1 plus the residual of step 0), ast (the last output as is) and, with a CFG batch, asc
+    (the conditional rows' attention for both halves) on a spatial and (video) a temporal self-attention layer."""
+    if axis == "temporal" and fam not in VIDEO:
+        pytest.skip("image model: no temporal layers")
+    pipe = tiny(fam)
+    row, name = layer_named(pipe, axis)
+    share = "full" if fam in NO_CFG else "asc"
+    pattern = ["full", "wars", "ast", share, "wars", "full"]
+    attn, calls, _ = run_row(pipe, fam, row, name, pattern, window=1)
+    x0 = calls[0][0]  # spatial: (B*F, h*w, C); temporal: (B*h*w, F, C)
+    residual = naive_attention(attn, x0) - naive_attention(attn, x0, 1)
+    rows = x0.shape[0]
+    cond = slice(0, rows // 2) if fam == "dit" else slice(rows // 2, rows)  # [uncond, cond] rows in these families
+    expected = {0: naive_out(attn, naive_attention(attn, x0)),
+                1: naive_out(attn, naive_attention(attn, calls[1][0], 1) + residual),
+                2: calls[1][1],
+                4: naive_out(attn, naive_attention(attn, calls[4][0], 1) + residual),  # asc does not compute R
+                5: naive_out(attn, naive_attention(attn, calls[5][0]))}
+    if share == "asc":
+        o3 = naive_out(attn, naive_attention(attn, calls[3][0][cond]))
+        expected[3] = torch.cat([o3, o3])
+    else:  # a full step 3 computes the residual step 4 adds
+        x3 = calls[3][0]
+        expected[3] = naive_out(attn, naive_attention(attn, x3))
+        r3 = naive_attention(attn, x3) - naive_attention(attn, x3, 1)
+        expected[4] = naive_out(attn, naive_attention(attn, calls[4][0], 1) + r3)
+    for t, e in expected.items():
+        torch.testing.assert_close(calls[t][1], e, atol=ATOL, rtol=1e-4, msg=f"{fam} {axis} step {t} ({pattern[t]})")
+    assert (calls[1][1] - naive_out(attn, naive_attention(attn, calls[1][0]))).abs().max() > 1e-4  # not just full
+
+
+def test_token_merging_matches_naive_reference_on_spatial_layers(fam):
+    """tome on the first spatial self-attention layer (its frames' grids for video), top-left destinations."""
+    pipe = tiny(fam)
+    row, name = layer_named(pipe, "spatial")
+    params = dict(ratio=0.5, sx=2, sy=2, use_rand=False, max_downsample=8)  # SD-XL's attention starts at 2x
+    attn, calls, blocks = run_row(pipe, fam, row, name, ["tome"] * STEPS, techniques={"tome": params})
+    for t in (0, 3):
+        x, out = calls[t]
+        side = math.isqrt(x.shape[1])
+        ref = naive_tome(attn, x, blocks[t], side, side, 2, 2, 0.5)
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-4, msg=f"{fam} tome step {t}")
+        assert (out - naive_self_attention(attn, x).float()).abs().max() > 1e-3
+
+
+def test_tgate_matches_naive_reference(fam):
+    """tgate on a cross-attention layer: from the gate on, the output of the last computed step, averaged over the
+    CFG halves when there is a CFG batch (LCM: as it is)."""
+    if fam == "latte":
+        name = "transformer_blocks.0.attn2"
+    else:
+        name = next(n for n, _ in plan_layers(tiny(fam))[2] if n.endswith("attn2"))
+    pipe = tiny(fam)
+    row = [n for n, _ in plan_layers(pipe)[2]].index(name)
+    _, calls, _ = run_row(pipe, fam, row, name, ["full", "full", "tgate", "tgate", "tgate", "tgate"])
+    last = calls[1][1]
+    h = last.shape[0] // 2
+    mean = last if fam in NO_CFG else torch.cat([(last[:h] + last[h:]) / 2] * 2)
+    for t in range(2, STEPS):
+        torch.testing.assert_close(calls[t][1], mean, atol=0, rtol=0)
+
+
+def test_methods_that_do_not_apply_are_refused_and_skipped():
+    # token merging across frames: refused in a hand-written plan with the reason
+    pipe = tiny("latte")
+    plan = fixed_plan(pipe, lambda i, t: "full", steps=STEPS, guidance_scale=GUIDANCE["latte"])
+    row, name = layer_named(pipe, "temporal")
+    d = plan.to_dict()
+    d["methods"][name][1] = "tome"
+    with pytest.raises(DifaError, match="temporal layer") as e:
+        Plan.from_dict(d, source="test")
+    assert "\n" not in str(e.value)
+    # ...and a preset-like fixed schedule leaves the temporal layers full
+    tome_plan = fixed_plan(pipe, lambda i, t: "tome", steps=STEPS, guidance_scale=GUIDANCE["latte"], kinds=("attn1",))
+    assert set(tome_plan.methods[row]) == {"full"} and "tome" in tome_plan.counts()
+    # CFG sharing on a guidance-distilled model: refused in a plan, in a fixed schedule, skipped in calibration
+    lcm = tiny("lcm_sdxl")
+    with pytest.raises(DifaError, match="guidance-distilled"):
+        fixed_plan(lcm, lambda i, t: "asc", steps=4, guidance_scale=8.0)
+    plan = fixed_plan(lcm, lambda i, t: "full", steps=4, guidance_scale=8.0)
+    assert not plan.cfg_enabled and plan.cfg_layout == "none"
+    d = plan.to_dict()
+    d["methods"][next(n for n in plan.model.layers if n.endswith("attn1"))][1] = "asc"
+    with pytest.raises(DifaError, match="guidance-distilled"):
+        Plan.from_dict(d, source="test")
+    plan = calibrate_pipeline(lcm, ["a red bird"], threshold=0.05, steps=4, guidance_scale=8.0, seed=0,
+                              call_kwargs=tiny_call_kwargs("lcm_sdxl"), search="greedy", latency_cache=None,
+                              candidates=["asc", "ast"])
+    assert "guidance-distilled" in plan.calibration["skipped_candidates"]["asc"]
+    assert "asc" not in plan.counts()
+
+
+@pytest.mark.parametrize("family", ["svd", "latte", "lcm_pixart"])
+def test_calibrate_and_run_a_plan(family, tmp_path):
+    """Both searches produce a plan that saves, loads and runs; the temporal layers get cells too."""
+    pipe = tiny(family)
+    inputs = INPUTS.get(family, ["a red bird", "a blue car"])
+    plan = calibrate_pipeline(pipe, inputs, threshold=0.2, steps=STEPS, guidance_scale=GUIDANCE[family], seed=0,
+                              call_kwargs=tiny_call_kwargs(family), search="greedy", latency_cache=None)
+    path = plan.save(tmp_path / "p.json")
+    loaded = difa.load_plan(path)
+    assert loaded.model.family == family
+    if family in VIDEO:
+        adapter = adapter_for(pipe)
+        temporal = [r for n, r in zip(plan.model.layers, plan.methods) if adapter.axis(n) == "temporal"]
+        assert any(m != "full" for r in temporal for m in r)
+    difa.apply_plan(pipe, loaded)
+    out = generate(pipe, family)
+    difa.remove_plan(pipe)
+    assert torch.isfinite(out).all()
