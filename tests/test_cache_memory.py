@@ -48,3 +48,55 @@ def test_tgate_gated_cache_on_pixart():
     shapes = [engine.shapes.get(i) for i in range(len(plan.layers))]
     assert engine.cache_bytes() == cache_elements(plan, shapes) * 4 > 0
     difa.remove_plan(pipe)
+
+
+def test_max_cache_mb_caps_the_calibrated_plan():
+    """Calibration under max_cache_mb: the plan's block caches, measured on the engine while it runs the plan at the
+    calibration batch, stay within the cap. Forecast needs two residuals per block: a cap of 2k residuals lets
+    exactly k blocks skip, a cap of 0 gives an all-full plan."""
+    from difa.calibration import calibrate_pipeline
+    from difa.errors import DifaError
+    from difa.models import pipeline_call_kwargs
+    from tests.conftest import INPUTS
+
+    pipe = tiny("dit")
+    kw = dict(threshold=1.0, steps=STEPS, guidance_scale=GUIDANCE["dit"], seed=0, latency_cache=None,
+              call_kwargs=pipeline_call_kwargs("dit"), candidates=["forecast"])
+    free = calibrate_pipeline(pipe, INPUTS["dit"], **kw)
+    n_blocks = len(free.blocks)
+    assert all("forecast" in r for r in free.blocks)  # unconstrained, every block forecasts
+    c = pipe.transformer.config  # one residual: (CFG batch, tokens, width) in float32
+    slot = 2 * len(INPUTS["dit"]) * (c.sample_size // c.patch_size) ** 2 * c.num_attention_heads * c.attention_head_dim * 4
+    for k in (0, 1, n_blocks - 1):
+        cap = 2 * k * slot / 2**20 + 1e-6
+        plan = calibrate_pipeline(pipe, INPUTS["dit"], max_cache_mb=cap, **kw)
+        assert sum(set(r) != {"full"} for r in plan.blocks) == k
+        engine = difa.apply_plan(pipe, plan)
+        generate(pipe, "dit")
+        difa.remove_plan(pipe)
+        assert 0 < engine.peak_cache_bytes <= cap * 2**20 if k else engine.peak_cache_bytes == 0
+        assert plan.calibration["max_cache_mb"] == cap
+    with pytest.raises(DifaError, match="max_cache_mb"):
+        calibrate_pipeline(pipe, INPUTS["dit"], max_cache_mb=-1, **kw)
+    with pytest.raises(DifaError, match="max_cache_mb"):
+        calibrate_pipeline(pipe, INPUTS["dit"], max_cache_mb=10, **{**kw, "search": "greedy"})
+
+
+def test_cache_slots_give_reuse_first_then_forecast_where_it_gains_most():
+    """Three blocks of 1 MB residual slots: block 0's residual grows linearly over the steps (forecast exact, reuse
+    not), block 1's is constant (both exact), block 2's is noise (both poor). 4 MB: every block one slot (reuse),
+    the fourth to block 0 (forecast gains most there); 2 MB: the two blocks cheapest to skip; 0: none."""
+    import torch
+
+    from difa.calibration.search import Table, Trajectory, cache_slots
+
+    steps, g = 6, torch.Generator().manual_seed(0)
+    base = torch.randn(1, 8, 4, generator=g)
+    residual = [{s: base * (1 + s) for s in range(steps)}, {s: base.clone() for s in range(steps)},
+                {s: torch.randn(1, 8, 4, generator=g) for s in range(steps)}]
+    table = Table(Trajectory(residual, [{s: 1.0 for s in range(steps)} for _ in range(3)], torch.empty(0)))
+    mb = 2**20
+    methods = ("reuse", "forecast")
+    assert cache_slots(table, steps, methods, [mb] * 3, 4 * mb) == [("reuse", "forecast"), ("reuse",), ("reuse",)]
+    assert cache_slots(table, steps, methods, [mb] * 3, 2 * mb) == [("reuse",), ("reuse",), ()]
+    assert cache_slots(table, steps, methods, [mb] * 3, 0) == [(), (), ()]

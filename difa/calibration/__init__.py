@@ -233,6 +233,7 @@ def calibrate_pipeline(
     dtype: str = "float32",
     latency_cache: Any = CACHE_DIR,  # None: measure every time
     latency_batch: int | None = None,
+    max_cache_mb: float | None = None,
     checkpoint: Any = None,  # greedy: a calibration.checkpoint.Checkpoint to resume from and write to
 ) -> Plan:
     """Calibrate `pipe` on `inputs` (class ids or prompts) -> Plan.
@@ -246,6 +247,8 @@ def calibrate_pipeline(
     0.025..0.15).
     loss_on: "guided" compares the noise prediction the sampler reads (CFG halves combined with the guidance
     scale); "halves" compares both CFG halves as they leave the denoiser (DiTFastAttn, for paper parity).
+    max_cache_mb (trajectory): the block residuals the plan keeps across steps, at `latency_batch` images per call
+    (default: the calibration inputs), stay within this many MB (search.cache_slots).
     """
     if loss_on not in LOSS_ON:
         raise DifaError(f"unknown loss_on {loss_on!r}; use one of {', '.join(LOSS_ON)}")
@@ -259,6 +262,11 @@ def calibrate_pipeline(
     budget = check_budget(budget)
     if latency_batch is not None and (isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1):
         raise DifaError(f"latency_batch must be a positive integer (images per pipeline call) or null, got {latency_batch!r}")
+    if max_cache_mb is not None and (isinstance(max_cache_mb, bool) or not isinstance(max_cache_mb, (int, float))
+                                     or not max_cache_mb >= 0):
+        raise DifaError(f"max_cache_mb must be a number of MB >= 0 (got {max_cache_mb!r}), e.g. max_cache_mb=512")
+    if max_cache_mb is not None and search != "trajectory":
+        raise DifaError("max_cache_mb caps the block caches of search=trajectory; the greedy plans attention cells")
     if budget is not None and search != "trajectory":
         raise DifaError("budget mode needs search=trajectory (the greedy works with a threshold only)")
     if not isinstance(threshold, (int, float)) or threshold < 0:
@@ -276,7 +284,8 @@ def calibrate_pipeline(
         return _calibrate_trajectory(pipe, inputs, threshold=float(threshold), budget=budget, steps=steps,
                                      guidance_scale=guidance_scale, seed=seed, candidates=cands, window=window,
                                      call_kwargs=call_kwargs, name=name, techniques=techniques, dtype=dtype,
-                                     latency_cache=latency_cache, latency_batch=latency_batch)
+                                     latency_cache=latency_cache, latency_batch=latency_batch,
+                                     max_cache_mb=max_cache_mb)
     cands = [c for c in cands if BLOCK not in REGISTRY[c].KINDS]  # the greedy plans attention cells only
     adapter, model, layers = plan_layers(pipe)
     cfg_on = adapter.runs_cfg(guidance_scale)
@@ -379,7 +388,8 @@ def _latency_record(latency: LatencyModel, layers: Sequence[str], methods, block
 
 def _calibrate_trajectory(pipe: Any, inputs: Sequence, *, threshold: float, budget: float | None, steps: int,
                           guidance_scale: float, seed: int, candidates: Sequence[str], window, call_kwargs, name: str,
-                          techniques, dtype: str, latency_cache, latency_batch: int | None) -> Plan:
+                          techniques, dtype: str, latency_cache, latency_batch: int | None,
+                          max_cache_mb: float | None = None) -> Plan:
     methods = [c for c in candidates if c in BLOCK_CANDIDATES]
     if not methods:
         raise DifaError(f"search=trajectory plans block cells: add reuse and/or forecast to candidates (got "
@@ -413,8 +423,12 @@ def _calibrate_trajectory(pipe: Any, inputs: Sequence, *, threshold: float, budg
     latency = _latency(pipe, adapter, model, blocks, layers, capture, params, [], traj, len(inputs), latency_batch,
                        dtype, latency_cache)
     table = trajectory.Table(traj)
+    allowed = methods
+    if max_cache_mb is not None:  # per block, the methods whose residual slots fit the cap (at the latency batch)
+        slot_bytes = [_slot_bytes(capture, j) for j in range(len(blocks))]
+        allowed = trajectory.cache_slots(table, calls, methods, slot_bytes, max_cache_mb * 2**20)
     chosen, seq, checks = trajectory.search(
-        table, latency, len(blocks), calls, methods, lambda rows: trajectory.final_error(run(rows), traj.final),
+        table, latency, len(blocks), calls, allowed, lambda rows: trajectory.final_error(run(rows), traj.final),
         budget=budget, threshold=None if budget is not None else threshold)
     wall = time.perf_counter() - t0
     rows = tuple(tuple(r) for r in chosen.rows)
@@ -445,6 +459,8 @@ def _calibrate_trajectory(pipe: Any, inputs: Sequence, *, threshold: float, budg
             "table_error": round(chosen.table_error, 5),
             "measured_error": None if chosen.measured is None else round(chosen.measured, 5),
             "checks": checks,
+            **({} if max_cache_mb is None else {"max_cache_mb": max_cache_mb, "allowed_per_block": {
+                n: list(a) for (n, _), a in zip(blocks, allowed)}}),
             "sequence": [[round(c.predicted, 4), round(c.table_error, 5)] for c in seq],
             "wall_time_s": round(wall, 3),
             "forwards": forwards[0] + latency.forwards,
@@ -452,6 +468,13 @@ def _calibrate_trajectory(pipe: Any, inputs: Sequence, *, threshold: float, budg
         flops=flops,
         latency=_latency_record(latency, [n for n, _ in layers], attention, rows, calls, latency_batch or len(inputs)),
     )
+
+
+def _slot_bytes(capture: Capture, j: int) -> int:
+    """Bytes of one residual of block j (its input's size) at the captured (latency) batch."""
+    args, kwargs = capture.block_in[j]
+    x = args[0] if args else kwargs["hidden_states"]
+    return x.numel() * x.element_size()
 
 
 def _shape_of(capture: Capture, i: int, layers) -> Any:

@@ -48,6 +48,7 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
             window=cfg.window, loss_on=str(cfg.loss_on), call_kwargs=call_kwargs(m), name=m.name,
             search=str(cfg.get("search", "trajectory")), budget=budget, dtype=str(cfg.dtype),
             latency_batch=cfg.get("latency_batch"), techniques=techniques, checkpoint=checkpoint,
+            max_cache_mb=cfg.get("max_cache_mb"),
         )
         record = {**plan.calibration, "model_config": OmegaConf.to_container(m, resolve=True), "device": cfg.device,
                   "dtype": cfg.dtype}
@@ -102,7 +103,8 @@ def summary(plan: Plan, path: Path) -> str:
     cache = cache_mb(plan)
     if cache is not None:
         lines.append(f"cache      {cache[0]:.3g} MB held across steps at the calibration batch of {cache[1]} rows (CFG "
-                     f"halves included; it grows with batch and tokens: python -m difa.evaluate reports it per run)")
+                     f"halves included; it grows with batch and tokens: python -m difa.evaluate reports it per run)"
+                     + (f"; capped at {c['max_cache_mb']:.3g} MB" if c.get("max_cache_mb") is not None else ""))
     lines.append(f"calibrated in {c['wall_time_s']:.1f} s wall, {c['forwards']} model forwards ({c.get('search', 'greedy')} "
                  f"search); {goal}, {len(c['inputs'])} inputs, seed {c['seed']}")
     if c.get("resumed_steps"):

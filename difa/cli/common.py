@@ -70,7 +70,7 @@ def plan_model_config(plan: Any) -> DictConfig:
 
 # Settings every CLI shares: key -> (kind, lowest value); checked before any model loads (check_settings).
 INT_SETTINGS = {"steps": 1, "seed": 0, "n_calib": 1}
-FLOAT_SETTINGS = ("guidance_scale", "threshold", "window")
+FLOAT_SETTINGS = ("guidance_scale", "threshold", "window", "max_cache_mb")
 
 
 # Free labels the sweeps attach to jobs with a plus (`+tag=...`); experiments/collect.py reads them back.
