@@ -8,7 +8,8 @@ method must change it), the difa preset applied to it, and the real package on a
 (the packages never undo their patches). Bit-exact where the computation is the same; ToMe has a stated tolerance.
 
 The schedules at 25 steps are scaled to 10 (gate_step 10 -> 4, sp_interval 5 -> 2, warm_up 2 -> 1); the LCMs run
-their published 4 steps. Each package case is skipped where its package is not installed (the `conformance` extra).
+their published 4 steps; test_published_defaults_at_25_steps runs the 25-step schedules as published, with each
+side's defaults. Each package case is skipped where its package is not installed (the `conformance` extra).
 """
 
 from __future__ import annotations
@@ -174,3 +175,35 @@ def test_tomesd_on_sdxl():
     theirs = text(theirs_pipe, "sdxl", steps, guidance)
     assert changes(theirs, reference, 1e-3)
     assert (mine - theirs).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("case", ["sdxl", "sdxl+deepcache", "svd"])
+def test_published_defaults_at_25_steps(case):
+    """The published schedules at their own 25 steps, with no schedule argument on either side: difa's per-family
+    defaults (TGATE_SETTINGS; tgate+deepcache's) are the package's signature defaults (SD-XL and SVD: gate 10, sp 5,
+    fi 1, warm_up 2; SD-XL + DeepCache: gate 10, sp 1, fi 1, warm_up 0, interval 3, branch 0)."""
+    tgate = pytest.importorskip("tgate")
+    steps, family = 25, case.split("+")[0]
+    preset = "tgate+deepcache" if case.endswith("deepcache") else "tgate"
+    if case == "svd":
+        image = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+        def run(call):
+            return call(image=image, num_inference_steps=steps, max_guidance_scale=3.0, output_type="latent",
+                        generator=torch.Generator().manual_seed(3), **tiny_call_kwargs("svd")).frames
+
+        loader = tgate.TgateSVDLoader(tiny("svd"))
+    else:
+        def run(call):
+            return text(call, "sdxl", steps, 5.0)
+
+        if preset == "tgate+deepcache":
+            pytest.importorskip("DeepCache")
+            loader = tgate.TgateSDXLDeepCacheLoader(tiny("sdxl"), cache_interval=3, cache_branch_id=0)
+        else:
+            loader = tgate.TgateSDXLLoader(tiny("sdxl"))
+    pipe = tiny(family)
+    difa.apply_plan(pipe, preset_plan(preset, pipe, steps=steps, guidance_scale=3.0 if case == "svd" else 5.0))
+    mine = run(pipe)
+    difa.remove_plan(pipe)
+    assert torch.equal(mine, run(loader.tgate))
