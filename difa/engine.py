@@ -19,6 +19,7 @@ It does so only when that is exact: a self-attention cell that reuses a cache (`
 the cache's two halves equal; otherwise the step runs on the whole batch. Trap: on SD-XL the halves also differ in
 the pooled text embedding (added_cond_kwargs, into every resnet's temb), so there the collapse is T-GATE's own
 choice of half (Adapter.collapse_to: the unconditional one), not a lossless rewrite of the whole-batch step.
+A step where no cross-attention runs (a DeepCache step on SD-XL) collapses as the last step where some did.
 """
 
 from __future__ import annotations
@@ -251,7 +252,8 @@ class Engine:
         latents = self.adapter.latent_input(args, kwargs)  # (B, C, H, W)
         self.latent_hw = (int(latents.shape[-2]), int(latents.shape[-1]))
         b = latents.shape[0]
-        if self.cfg_steps[self.step] or self.tgate_steps[self.step] or self.on_step is not None:  # halves matter
+        if self.cfg_steps[self.step] or self.tgate_steps[self.step] or self.on_step is not None \
+                or self._gates(self.step):  # halves matter
             self.cond = self.adapter.cond_slice(b) if self.adapter.is_cfg_batch(args, kwargs) else None
         if self.cond is None and self.cfg_steps[self.step]:
             raise DifaError(
@@ -294,9 +296,18 @@ class Engine:
         return None
 
     def _gates(self, step: int) -> bool:
-        """Every cross-attention layer that runs at `step` is gated (moot cells inside a skipped block do not count)."""
-        ran = [i for i in self.cross if self.executed[i][step]] if step < self.steps else []
-        return self.collapse_cfg and bool(ran) and all(self.methods[i][step] == TGATE for i in ran)
+        """Every cross-attention layer that runs at `step` is gated (moot cells inside a skipped block do not count).
+        A step where no cross-attention runs at all keeps the answer of the last step where some did: on SD-XL with
+        DeepCache branch 0 the shallow branch (conv_in, the last UpBlock2D's last resnet, conv_out) has no attention,
+        so a cached step after the gate has no `tgate` cell, yet T-GATE dropped CFG for good at the gate and the deep
+        branch's cached outputs have that step's one-half batch (tgate's TgateSDXLDeepCacheLoader runs one half)."""
+        if not self.collapse_cfg or step >= self.steps:
+            return False
+        for s in range(step, -1, -1):
+            ran = [i for i in self.cross if self.executed[i][s]]
+            if ran:
+                return all(self.methods[i][s] == TGATE for i in ran)
+        return False
 
     def _can_collapse(self, step: int, b: int) -> bool:
         if self.cond is None or not self._gates(step):

@@ -171,3 +171,31 @@ def test_tgate_with_deepcache_is_the_tgate_package():
     tgate_only = run(alone)
     theirs = run(tgate.TgateSDDeepCacheLoader(tiny("sd"), cache_interval=3, cache_branch_id=0).tgate, **params)
     assert torch.equal(ours, theirs) and not torch.equal(ours, tgate_only)
+
+
+def test_tgate_with_deepcache_stays_on_one_half_where_no_attention_runs():
+    """SD-XL (tiny: DownBlock2D first, UpBlock2D last) with DeepCache branch 0: a cached step runs only conv_in, the
+    last up block's last resnet and conv_out, so after the gate it has no cross-attention cell that runs, let alone a
+    gated one. The engine must keep such a step on the one half of the gate step (T-GATE dropped CFG for good, and the
+    deep branch's cached outputs have one-half batch); before the fix it ran the whole batch and failed on the
+    batch check. Needs no package."""
+    from difa.tiny import build_tiny_pipeline, tiny_call_kwargs
+
+    pipe = build_tiny_pipeline("sdxl", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    steps, gate = 10, 4
+    plan = preset_plan("tgate+deepcache", pipe, steps=steps, guidance_scale=5.0, gate_step=gate, sp_interval=1,
+                       fi_interval=1, warm_up=0)
+    executed = attention_executed(plan)
+    cross = [i for i, n in enumerate(plan.model.layers) if n.endswith("attn2")]
+    assert not any(executed[i][gate + 1] for i in cross)  # the case: no cross-attention runs at step gate + 1
+    batches = []
+    h = pipe.unet.conv_in.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
+    difa.apply_plan(pipe, plan)
+    try:
+        pipe(prompt=INPUTS["sd"], num_inference_steps=steps, guidance_scale=5.0, output_type="latent",
+             generator=torch.Generator().manual_seed(3), **tiny_call_kwargs("sdxl"))
+    finally:
+        difa.remove_plan(pipe)
+        h.remove()
+    assert batches == [4] * gate + [2] * (steps - gate)
