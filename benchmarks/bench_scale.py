@@ -11,7 +11,8 @@ times every plan once, in turn, against the unpatched model timed in the same re
 - `time`: median (min-max) over the repeats of the plan's S-forward sequence / the unpatched sequence;
 - `FLOPs`: the plan's FLOPs / the unpatched FLOPs (torch's FlopCounterMode for the linear / conv work, difa's
   per-method attention FLOPs for the attention cores, which the counter does not see in fused kernels);
-- `predicted`: difa's latency cost model (the microbenchmark calibration uses) for the plan;
+- `predicted`: difa's latency cost model (the microbenchmark calibration uses) for the plan; it does not model the
+  CFG collapse T-GATE's steps get (the whole step on one half), so it overstates `tgate`'s time;
 - `measured/ideal`: time / FLOPs (1.0: the plan saves exactly its FLOPs' share of time).
 Plans: S denoiser forwards on one fixed input (step 0 computed; the method from step 1 on, every layer or block
 it can take): wars (window N/8 per side + residual), ast, asc (CFG batch only), wars+asc, tome (ratio 0.5),
@@ -34,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from difa.calibration import fixed_plan  # noqa: E402
-from difa.calibration.cost import method_flops  # noqa: E402
+from difa.calibration.cost import collapsed_steps, method_flops  # noqa: E402
 from difa.calibration.latency import Capture, measure  # noqa: E402
 from difa.engine import _shape, apply_plan, plan_blocks, plan_layers, remove_plan  # noqa: E402
 
@@ -81,7 +82,7 @@ def build(arch: str, tokens: int, depth: int, dtype: torch.dtype, device: str):
                                          "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * b,
                                                                   device=device, dtype=dtype)})
         holder = types.SimpleNamespace(unet=model)
-    model = model.to(device=device, dtype=dtype).eval()
+    model = (model.to(device) if dtype == torch.float32 else model.to(device=device, dtype=dtype)).eval()
     holder.scheduler = DDIMScheduler()  # S calls per generation (fixed_plan counts them)
     return model, holder, inputs
 
@@ -185,6 +186,7 @@ def flops_ratios(model, holder, inputs: dict, plan_set: dict, steps: int) -> tup
     for name, plan in plan_set.items():
         spent = 0.0
         ran = _executed(plan, steps)
+        one_half = collapsed_steps(plan.methods, plan.model.layers, plan.cfg_enabled)  # every cross-attention gated
         for t in range(steps):
             s = step_full
             for j, row in enumerate(plan.blocks):
@@ -193,7 +195,7 @@ def flops_ratios(model, holder, inputs: dict, plan_set: dict, steps: int) -> tup
             for i, row in enumerate(plan.methods):
                 if ran[i][t] and row[t] != "full" and i in shapes:
                     s += method_flops(row[t], shapes[i], plan.techniques) - proj_counted[i] - core[i]
-            spent += s
+            spent += s / 2 if one_half[t] else s  # the engine runs that step on one CFG half
         out[name] = spent / (steps * step_full)
     return out, [shapes.get(i) for i in range(len(layers))]
 

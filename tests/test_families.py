@@ -207,3 +207,40 @@ def test_calibrate_and_run_a_plan(family, tmp_path):
     out = generate(pipe, family)
     difa.remove_plan(pipe)
     assert torch.isfinite(out).all()
+
+
+TINY_KW = {"svd": dict(height=64, width=64, num_frames=4, decode_chunk_size=4),
+           "latte": dict(height=64, width=64, video_length=4, decode_chunk_size=4),
+           "lcm_pixart": dict(height=64, width=64)}
+
+
+def test_cli_calibrates_and_generates_every_tiny_family(fam, tmp_path):
+    """`python -m difa.calibrate +model=tiny_<family>` then `python -m difa.generate plan=...`, in-process."""
+    from difa.cli import calibrate as calibrate_cli
+    from difa.cli import generate as generate_cli
+    from tests.test_cli import config
+
+    plan_path = tmp_path / "plan.json"
+    plan, _ = calibrate_cli.run(config("calibrate", [f"+model=tiny_{fam}", "threshold=0.05", "steps=4", "n_calib=2",
+                                                     f"out={plan_path}"]))
+    assert plan.model.family == fam and plan_path.is_file()
+    images, out = generate_cli.run(config("generate", [f"plan={plan_path}", "n=2", f"out={tmp_path / 'out'}"]))
+    assert len(images) == 2 and (out / "grid.png").is_file()
+    assert (out / ("000.gif" if fam in VIDEO else "000.png")).is_file()
+
+
+def test_hub_configs_load_through_from_pretrained(fam, tmp_path):
+    """`+model=<family>` (the hub config) with model.path=<a save_pretrained dir of the tiny model>: the real loading
+    path, the real scheduler swap of the config; LCM-SDXL's distilled UNet through model.components.unet."""
+    from difa.cli import calibrate as calibrate_cli
+    from tests.test_cli import config
+
+    local = tmp_path / fam
+    tiny(fam).save_pretrained(local)
+    overrides = [f"+model={fam}", f"model.path={local}", "steps=3", "n_calib=1", f"out={tmp_path / 'p.json'}",
+                 "threshold=0.05"]
+    if fam == "lcm_sdxl":
+        overrides.append(f"model.components.unet={local / 'unet'}")
+    overrides += [f"++model.call_kwargs.{k}={v}" for k, v in TINY_KW.get(fam, {}).items()]  # tiny sizes
+    plan, _ = calibrate_cli.run(config("calibrate", overrides))
+    assert plan.model.name == fam and plan.model.family == fam and plan.inference_steps == 3
