@@ -6,9 +6,10 @@ random weights, at 1024, 4096 and 16384 image tokens (issue 16).
     python benchmarks/bench_scale.py --device cuda --dtype float16 --depth 28   # on a GPU (benchmarks/gpu_check.sh)
 
 Per architecture and token count, one row per plan, all timed side by side in one run, interleaved (each repeat
-times every plan once, in turn, against the unpatched model timed in the same repeat):
+times every plan once, in turn, each right after an unpatched run it is divided by):
 - `attn share`: the attention modules' share of an unpatched forward (forward hooks around each module);
-- `time`: median (min-max) over the repeats of the plan's S-forward sequence / the unpatched sequence;
+- `time`: median (min-max) over the repeats of the plan's S-forward sequence / the unpatched sequence run just
+  before it;
 - `FLOPs`: the plan's FLOPs / the unpatched FLOPs (torch's FlopCounterMode for the linear / conv work, difa's
   per-method attention FLOPs for the attention cores, which the counter does not see in fused kernels);
 - `predicted`: difa's latency cost model (the microbenchmark calibration uses) for the plan; it does not model the
@@ -34,29 +35,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from difa.calibration import fixed_plan  # noqa: E402
+from difa.calibration import fixed_plan, latency  # noqa: E402
 from difa.calibration.cost import collapsed_steps, method_flops  # noqa: E402
 from difa.calibration.latency import Capture, measure  # noqa: E402
 from difa.engine import _shape, apply_plan, plan_blocks, plan_layers, remove_plan  # noqa: E402
 
+CPU_LARGE = 16384  # from this many tokens the CPU run is cut down (see main)
+CPU_LARGE_PLANS = ("all-full", "wars", "ast", "reuse", "forecast")
 REAL_DEPTH = {"dit": 28, "pixart": 28, "sdxl": 10}  # SD-XL: transformer layers per block at its deepest level
 TEXT = {"pixart": (120, 4096), "sdxl": (77, 2048)}  # text tokens, width (T5-XXL; CLIP-L + bigG)
 
 
-def build(arch: str, tokens: int, depth: int, dtype: torch.dtype, device: str):
+def build(arch: str, tokens: int, depth: int, dtype: torch.dtype, device: str, b: int = 2):
     """(model, holder for fixed_plan, forward kwargs) at `tokens` image tokens, random weights, seeded."""
     from diffusers import DDIMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel
 
     side = math.isqrt(tokens)
     assert side * side == tokens, "tokens must be a square"
     torch.manual_seed(0)
-    b = 2  # a CFG batch, identical latents in both halves as the pipelines build it
+    # b = 2: a CFG batch, identical latents in both halves as the pipelines build it
     if arch in ("dit", "pixart"):
         common = dict(num_layers=depth, num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
                       patch_size=2, sample_size=2 * side)  # patch 2: (2 side / 2)^2 = tokens
         if arch == "dit":
             model = DiTTransformer2DModel(**common, num_embeds_ada_norm=1000)
-            cond = dict(class_labels=torch.tensor([207, 1000], device=device))
+            cond = dict(class_labels=torch.tensor([207, 1000][:b], device=device))
         else:
             n, c = TEXT["pixart"]
             model = PixArtTransformer2DModel(**common, cross_attention_dim=1152, caption_channels=c,
@@ -64,7 +67,7 @@ def build(arch: str, tokens: int, depth: int, dtype: torch.dtype, device: str):
             cond = dict(encoder_hidden_states=torch.randn(b, n, c, device=device, dtype=dtype),
                         added_cond_kwargs={"resolution": None, "aspect_ratio": None})
         latent = torch.randn(1, 4, 2 * side, 2 * side, device=device, dtype=dtype).repeat(b, 1, 1, 1)
-        inputs = dict(hidden_states=latent, timestep=torch.tensor([500, 500], device=device), **cond)
+        inputs = dict(hidden_states=latent, timestep=torch.tensor([500] * b, device=device), **cond)
         holder = types.SimpleNamespace(transformer=model)
     else:  # SD-XL base: the real UNet config, transformer depth per level reduced; image tokens = latent pixels
         n, c = TEXT["sdxl"]
@@ -87,7 +90,7 @@ def build(arch: str, tokens: int, depth: int, dtype: torch.dtype, device: str):
     return model, holder, inputs
 
 
-def plans(holder, steps: int) -> dict:
+def plans(holder, steps: int, only: tuple[str, ...] | None = None) -> dict:
     """Name -> Plan; each method on every cell it can take from step 1 on (tome / agent from step 0)."""
     _, _, layers = plan_layers(holder)
     kinds = [n.rsplit(".", 1)[-1] for n, _ in layers]
@@ -117,7 +120,7 @@ def plans(holder, steps: int) -> dict:
     }
     if has_cross:
         out["tgate"] = every("tgate", "attn2")
-    return out
+    return {k: v for k, v in out.items() if only is None or k in only}
 
 
 def run_sequence(model, inputs: dict, steps: int) -> float:
@@ -227,17 +230,18 @@ def predicted(model, holder, inputs: dict, plan_set: dict, steps: int) -> dict:
             for k, p in plan_set.items()}
 
 
-def bench(arch: str, tokens: int, depth: int, steps: int, reps: int, dtype: torch.dtype, device: str) -> list[dict]:
-    model, holder, inputs = build(arch, tokens, depth, dtype, device)
-    plan_set = plans(holder, steps)
+def bench(arch: str, tokens: int, depth: int, steps: int, reps: int, dtype: torch.dtype, device: str,
+          batch: int = 2, only: tuple[str, ...] | None = None) -> list[dict]:
+    model, holder, inputs = build(arch, tokens, depth, dtype, device, batch)
+    plan_set = plans(holder, steps, only)
     share = attention_share(model, holder, inputs)
     flops, _ = flops_ratios(model, holder, inputs, plan_set, steps)
     pred = predicted(model, holder, inputs, plan_set, steps)
     times: dict[str, list[float]] = {k: [] for k in plan_set}
     run_sequence(model, inputs, 1)  # warm-up
-    for _ in range(reps):  # interleaved: every plan once per repeat, each against the unpatched time of that repeat
-        base = run_sequence(model, inputs, steps)
+    for _ in range(reps):  # interleaved: every plan once per repeat, each paired with an unpatched run next to it
         for name, plan in plan_set.items():
+            base = run_sequence(model, inputs, steps)
             apply_plan(holder, plan)
             try:
                 times[name].append(run_sequence(model, inputs, steps) / base)
@@ -259,8 +263,9 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", nargs="+", type=int, default=[1024, 4096, 16384])
     ap.add_argument("--depth", type=int, default=None, help="blocks (SD-XL: transformer layers at the deepest level); "
                     "default: 28/10 on CUDA, 1 on CPU")
-    ap.add_argument("--steps", type=int, default=4, help="denoiser forwards per timed sequence")
-    ap.add_argument("--reps", type=int, default=None, help="interleaved repeats (default 3; on CPU 1 at 16384 tokens)")
+    ap.add_argument("--steps", type=int, default=3, help="denoiser forwards per timed sequence (>= 3)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="interleaved repeats (default 3; on CPU 2 at 4096 and 1 at 16384 tokens)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = ap.parse_args(argv)
@@ -276,9 +281,19 @@ def main(argv=None) -> None:
         print(f"{'arch':6} {'tokens':>6} {'plan':9} {'attn share':>10} {'time (min-max)':>20} {'FLOPs':>6} "
               f"{'predicted':>9} {'measured/ideal':>14}")
         for tokens in args.tokens:
-            reps = args.reps or (1 if (not cuda and tokens >= 16384) else 3)
+            reps, batch, only = args.reps or (3 if cuda or tokens <= 1024 else 2), 2, None
+            if not cuda and arch == "sdxl" and tokens > 1024:  # the UNet's convolutions grow with the latent too
+                print(f"# sdxl at {tokens} tokens: skipped on CPU (about 4 s per forward at depth 1; run on CUDA)")
+                continue
+            if not cuda and tokens >= CPU_LARGE:  # about 15 s per forward on 2 cores even at depth 1
+                if arch != "dit":
+                    print(f"# {arch} at {tokens} tokens: skipped on CPU (DiT only there; run on CUDA for all)")
+                    continue
+                reps, batch, only = 1, 1, CPU_LARGE_PLANS
+                latency.REPS = 1  # the cost model's microbenchmark: one timed call per unit
+                print(f"# dit at {tokens} tokens on CPU: batch 1 (no CFG), 1 repeat, plans {', '.join(only)}")
             t0 = time.perf_counter()
-            for r in bench(arch, tokens, depth, args.steps, reps, dtype, args.device):
+            for r in bench(arch, tokens, depth, args.steps, reps, dtype, args.device, batch, only):
                 print(f"{arch:6} {tokens:>6} {r['plan']:9} {r['attn_share']:>10.2f} "
                       f"{r['time']:>7.3f} ({r['time_min']:.3f}-{r['time_max']:.3f}) {r['flops']:>6.3f} "
                       f"{r['predicted']:>9.3f} {r['measured_over_ideal']:>14.2f}", flush=True)

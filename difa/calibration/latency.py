@@ -91,7 +91,8 @@ class LatencyModel:
         return asdict(self)
 
 
-def _median_time(fn: Callable[[], Any], reps: int = REPS) -> float:
+def _median_time(fn: Callable[[], Any], reps: int | None = None) -> float:
+    reps = REPS if reps is None else reps  # read at call time: benchmarks/bench_scale.py lowers it at 16k tokens
     with torch.no_grad():
         fn()  # warm-up
         times = []
