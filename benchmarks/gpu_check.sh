@@ -7,4 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${INSTALL:-0}" == 1 ]]; then pip install -q -e '.[cuda]'; fi
-exec python benchmarks/gpu_check.py "$@"
+python benchmarks/gpu_check.py "$@"
+# then the end-to-end plans at real widths and full depth (benchmarks/bench_scale.py); skipped in the dry run
+if [[ " $* " != *" --dry-run "* ]]; then
+  timeout 300 python benchmarks/bench_scale.py --device cuda --dtype float16 --steps 3 --reps 3 \
+    | awk '/^#/ || /^arch/ {next} {printf "bench_scale %s %s %s: time %s FLOPs %s predicted %s measured/ideal %s\n", $1, $2, $3, $5, $7, $8, $9}'
+fi

@@ -38,3 +38,22 @@ def test_without_cuda_it_says_so_in_one_line(capsys):
         return
     assert gpu_check.main([]) == 2
     assert "no CUDA device here" in capsys.readouterr().out
+
+
+def test_bench_scale_runs_every_plan_at_a_toy_size(capsys):
+    """benchmarks/bench_scale.py at DiT-XL's width, one block, 256 tokens: a row per plan with finite numbers, the
+    all-full plan at FLOPs 1 and predicted 1, and block reuse at about half the FLOPs (every second step skipped)."""
+    import math
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_scale
+
+    bench_scale.main(["--archs", "dit", "--tokens", "256", "--reps", "1", "--depth", "1"])
+    rows = {line.split()[2]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("dit ") and len(line.split()) == 9}
+    assert set(rows) == {"all-full", "wars", "ast", "asc", "wars+asc", "tome", "agent", "d6-mix", "reuse", "forecast"}
+    assert all(math.isfinite(float(v)) for r in rows.values() for v in (r[4], r[6], r[7], r[8]))
+    assert float(rows["all-full"][6]) == 1.0 and float(rows["all-full"][7]) == 1.0
+    assert 0.6 < float(rows["reuse"][6]) < 0.72  # 1 of 3 steps skipped: the block's FLOPs, not the embedding's
