@@ -37,7 +37,7 @@ def unfit(method: str, layer: str, adapter: Any = None) -> str | None:
     axis = adapter.axis(layer)
     if axis not in t.AXES:
         return f"{method!r} needs a 2-D token grid; {layer} is a temporal layer (its tokens are frames)"
-    if t.SHARES_CFG and adapter.cfg_layout == NO_CFG:
+    if getattr(t, "SHARES_CFG", False) and adapter.cfg_layout == NO_CFG:
         return (f"{method!r} shares attention across the CFG halves, but {adapter.family} is guidance-distilled "
                 "(its pipeline never runs a CFG batch)")
     return None
