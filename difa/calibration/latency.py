@@ -280,7 +280,7 @@ def time_attention(attn, name: str, i: int, inputs: tuple, methods: Sequence[str
         state.metric = block_in[0][0] if block_in[0] else block_in[1].get("hidden_states")
     out: dict[str, float] = {}
     with torch.no_grad():
-        keep = kind_of(name) in REGISTRY["wars"].KINDS and mask is None and any(m in methods for m in ("wars", "wars+asc"))
+        keep = kind_of(name, adapter) in REGISTRY["wars"].KINDS and mask is None and any(m in methods for m in ("wars", "wars+asc"))
         try:  # fills the window residual a `wars` call reads
             state.out = REGISTRY[FULL].execute(Cell(attn, name, i, 1, state, params, original, cond, keep), x, context, mask)
         except Exception:

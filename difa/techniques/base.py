@@ -1,7 +1,7 @@
 """What every technique receives, and the projections they share.
 
 A technique file has one shape: NAME, KINDS (the attention kinds it applies to: "attn1" self-, "attn2"
-cross-attention), READS_CACHE (it reuses something an earlier step computed, so it cannot run at step 0),
+cross-attention, "joint" MMDiT attention over text and image tokens at once, whose output may be a tuple), READS_CACHE (it reuses something an earlier step computed, so it cannot run at step 0),
 NEEDS_METRIC (it needs the transformer block's input, e.g. ToMe's similarity metric), a frozen `Config`,
 `flops(shape, params)` for the cost model and `execute(cell, hidden_states, encoder_hidden_states,
 attention_mask, **kw)` returning the attention module's output. Techniques know nothing about the model
@@ -22,7 +22,7 @@ from difa.errors import DifaError
 class LayerState:
     """Per-layer caches for one generation; the engine calls reset() when a generation starts."""
 
-    out: torch.Tensor | None = None  # (B, N, C) last computed module output, after to_out (`ast`, `tgate`)
+    out: Any = None  # (B, N, C) last computed module output, after to_out (`ast`, `tgate`); joint: maybe a tuple
     residual: torch.Tensor | None = None  # (B, H, N, D) O_full - O_window at the last full step (for `wars`)
     gated: torch.Tensor | None = None  # (B, N, C) `out` averaged over the CFG halves (`tgate`); None when stale
     metric: torch.Tensor | None = None  # (B, N, C) input of the layer's transformer block in this forward (ToMe)

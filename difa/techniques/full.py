@@ -15,7 +15,7 @@ from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, proj
 NAME = "full"
 LETTER = "F"  # one character per cell in the calibration summary
 COLOR = "#d9d9d9"  # its colour in plan heatmaps (difa.plots), the same in every plot
-KINDS = ("attn1", "attn2", "block")
+KINDS = ("attn1", "attn2", "joint", "block")
 AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
 READS_CACHE = False
 NEEDS_METRIC = False
