@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from difa.adapters import adapter_for
+from difa.adapters import JOINT, adapter_for
 from difa.attention import window_tokens
 from difa.calibration import search as trajectory
 from difa.calibration.cost import plan_flops
@@ -76,7 +76,8 @@ def _why_skipped(method: str, layers, adapter, model) -> str:
     kinds = candidate_kinds(method)
     fitting = [n for n, _ in layers if kind_of(n, adapter) in kinds]
     if not fitting:
-        return f"no {'/'.join(kinds)} layers in {type(model).__name__}"  # e.g. T-GATE on class-conditional DiT
+        joint = [n for n, _ in layers if kind_of(n, adapter) == JOINT]  # MMDiT: say why not on joint attention
+        return (joint and unfit(method, joint[0], adapter)) or f"no {'/'.join(kinds)} layers in {type(model).__name__}"  # e.g. T-GATE on class-conditional DiT
     return unfit(method, fitting[0], adapter) or f"applies to no layer of {type(model).__name__}"
 
 

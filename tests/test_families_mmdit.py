@@ -1,0 +1,203 @@
+"""The joint-attention (MMDiT) families of issue 14: SD3, FLUX and CogVideoX, on tiny random-weight pipelines with the
+real architectures (difa.tiny).
+
+Their attention layers hold text and image / video tokens at once (kind "joint", from the adapter, whatever the
+module is named) and return a tuple (or, FLUX's single-stream blocks, the joined sequence); their blocks take two
+streams and return a tuple: (text, image) for SD3 and FLUX (SD3's last block: (None, image)), (video, text) for
+CogVideoX. For each: the adapter row is found, an all-full plan is bit-exact with the unpatched pipeline and undo is
+exact, `ast` and the block methods `reuse` / `forecast` match naive references written here from the module inputs
+and outputs recorded with hooks, the methods that do not apply to joint attention are refused with a one-line reason,
+and both calibration searches give a plan that saves, loads and runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import difa
+from difa.adapters import adapter_for
+from difa.calibration import calibrate_pipeline, fixed_plan
+from difa.engine import plan_blocks, plan_layers
+from difa.errors import DifaError
+from difa.plan import Plan
+from difa.techniques import kind_of
+from difa.tiny import build_tiny_pipeline, tiny_call_kwargs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAMILIES = ("sd3", "flux", "cogvideox")
+GUIDANCE = {"sd3": 7.0, "flux": 3.5, "cogvideox": 6.0}
+MODEL_CLASS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel",
+               "cogvideox": "CogVideoXTransformer3DModel"}
+STEPS = 6
+INPUTS = ["a red bird", "a blue car"]
+
+
+@pytest.fixture(params=FAMILIES)
+def fam(request) -> str:
+    return request.param
+
+
+def tiny(family: str):
+    pipe = build_tiny_pipeline(family, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, family: str, steps: int = STEPS) -> torch.Tensor:
+    """Final latents of one seeded generation (two prompts)."""
+    adapter = adapter_for(pipe)
+    out = adapter.call_pipeline(pipe, INPUTS, steps=steps, guidance_scale=GUIDANCE[family],
+                                generator=torch.Generator().manual_seed(3), output_type="latent",
+                                extra=tiny_call_kwargs(family))
+    return adapter.outputs(out)
+
+
+def record(modules):
+    """Forward hooks on `modules`: per module, a list of (args, kwargs, output) of every call."""
+    calls = [[] for _ in modules]
+    handles = []
+    for k, m in enumerate(modules):
+        def hook(module, args, kwargs, output, k=k):
+            calls[k].append((args, dict(kwargs), output))
+        handles.append(m.register_forward_hook(hook, with_kwargs=True))
+    return calls, handles
+
+
+def test_adapter_rows_are_found(fam):
+    pipe = tiny(fam)
+    adapter = adapter_for(pipe)
+    assert adapter.family == fam
+    assert adapter_for(adapter.denoiser(pipe)).family == fam
+    assert (adapter.cfg_layout == "none") == (fam == "flux")
+    model, layers = adapter.denoiser(pipe), plan_layers(pipe)[2]
+    assert type(model).__name__ == MODEL_CLASS[fam]
+    assert len(layers) == {"sd3": 3, "flux": 5, "cogvideox": 2}[fam]
+    assert {kind_of(n, adapter) for n, _ in layers} == {"joint"}  # the kind comes from the architecture
+    assert [n.rsplit(".", 1)[0] for n, _ in layers] == [n for n, _ in plan_blocks(pipe)]
+
+
+def test_all_full_plan_is_bit_exact_and_undo_is_exact(fam):
+    pipe = tiny(fam)
+    ref = generate(pipe, fam)
+    difa.apply_plan(pipe, fixed_plan(pipe, lambda i, t: "full", steps=STEPS, guidance_scale=GUIDANCE[fam],
+                                     block=lambda j, t: "full"))
+    assert torch.equal(generate(pipe, fam), ref)  # processors and two-stream block wrappers are transparent
+    difa.apply_plan(pipe, fixed_plan(pipe, lambda i, t: "ast" if t % 2 else "full", steps=STEPS,
+                                     guidance_scale=GUIDANCE[fam]))
+    assert not torch.equal(generate(pipe, fam), ref)  # the plan ran
+    assert difa.remove_plan(pipe)
+    assert torch.equal(generate(pipe, fam), ref)
+
+
+def test_ast_reuses_both_parts_of_the_joint_output(fam):
+    """ast on every joint layer at steps 2, 3 and 5: the module returns its output of the last computed step (1, 1,
+    4), both parts of the tuple (image or video, text) as they were; computed steps return something new."""
+    pipe = tiny(fam)
+    pattern = ["full", "full", "ast", "ast", "full", "ast"]
+    plan = fixed_plan(pipe, lambda i, t: pattern[t], steps=STEPS, guidance_scale=GUIDANCE[fam])
+    layers = plan_layers(pipe)[2]
+    assert all(row == tuple(pattern) for row in plan.methods)
+    calls, handles = record([m for _, m in layers])
+    difa.apply_plan(pipe, plan)
+    try:
+        generate(pipe, fam)
+    finally:
+        for h in handles:
+            h.remove()
+        difa.remove_plan(pipe)
+    tuples = 0
+    for (name, _), seen in zip(layers, calls):
+        assert len(seen) == STEPS
+        outs = [o for _, _, o in seen]
+        last = {2: 1, 3: 1, 5: 4}
+        for t in range(STEPS):
+            parts = outs[t] if isinstance(outs[t], tuple) else (outs[t],)
+            if t in last:
+                ref = outs[last[t]] if isinstance(outs[last[t]], tuple) else (outs[last[t]],)
+                assert len(parts) == len(ref)
+                for p, r in zip(parts, ref):
+                    assert torch.equal(p, r), f"{fam} {name} step {t}"
+            elif t:
+                before = outs[t - 1] if isinstance(outs[t - 1], tuple) else (outs[t - 1],)
+                assert not torch.equal(parts[0], before[0])
+        tuples += isinstance(outs[0], tuple)
+    assert tuples == {"sd3": 3, "flux": 2, "cogvideox": 2}[fam]  # FLUX's single-stream layers return a tensor
+
+
+def _streams(family: str, args, kwargs, output):
+    """(hidden, text) of a block call's inputs and of its output (text None: SD3's last block drops it)."""
+    x = args[0] if args else kwargs["hidden_states"]
+    e = args[1] if len(args) > 1 else kwargs["encoder_hidden_states"]
+    out_hidden, out_text = (output[1], output[0]) if family in ("sd3", "flux") else (output[0], output[1])
+    return (x, e), (out_hidden, out_text)
+
+
+def test_block_reuse_and_forecast_match_naive_reference(fam):
+    """Every block: full, full, reuse, forecast, full, forecast. Per stream (image or video, and text), the residual
+    r(s) = output - input at computed steps s; reuse adds the last one to the input, forecast extrapolates the last
+    two linearly to the step. The output keeps the block's own tuple order, SD3's last block its None."""
+    pipe = tiny(fam)
+    pattern = ["full", "full", "reuse", "forecast", "full", "forecast"]
+    plan = fixed_plan(pipe, lambda i, t: "full", steps=STEPS, guidance_scale=GUIDANCE[fam],
+                      block=lambda j, t: pattern[t])
+    blocks = plan_blocks(pipe)
+    calls, handles = record([m for _, m in blocks])
+    difa.apply_plan(pipe, plan)
+    try:
+        generate(pipe, fam)
+    finally:
+        for h in handles:
+            h.remove()
+        difa.remove_plan(pipe)
+    dropped = 0
+    for (name, block), seen in zip(blocks, calls):
+        assert len(seen) == STEPS
+        ins, outs = zip(*(_streams(fam, *c) for c in seen))
+        for k in (0, 1):  # hidden, text
+            if outs[0][k] is None:  # SD3's last block: no text out, and none made up
+                dropped += 1
+                assert all(o[k] is None for o in outs) and type(seen[2][2]) is tuple
+                continue
+            r = {s: outs[s][k] - ins[s][k] for s in (0, 1, 4)}
+            expected = {2: ins[2][k] + r[1],
+                        3: ins[3][k] + r[1] + (r[1] - r[0]) * 2.0,
+                        5: ins[5][k] + r[4] + (r[4] - r[1]) * (1 / 3)}
+            for s, e in expected.items():
+                torch.testing.assert_close(outs[s][k], e, atol=1e-6, rtol=1e-5,
+                                           msg=f"{fam} {name} stream {k} step {s} ({pattern[s]})")
+            assert not torch.equal(outs[3][k], ins[3][k] + r[1])  # forecast is not reuse
+    assert dropped == (1 if fam == "sd3" else 0)
+
+
+def test_methods_that_do_not_apply_are_refused(fam):
+    pipe = tiny(fam)
+    plan = fixed_plan(pipe, lambda i, t: "full", steps=STEPS, guidance_scale=GUIDANCE[fam])
+    name = plan.model.layers[0]
+    for method in ("tome", "agent", "tgate", "wars") + (() if fam == "flux" else ("asc",)):
+        d = plan.to_dict()
+        d["methods"][name][2] = method
+        with pytest.raises(DifaError, match="joint") as e:
+            Plan.from_dict(d, source="test")
+        assert "\n" not in str(e.value), method
+    if fam != "flux":
+        with pytest.raises(DifaError, match="joint"):
+            fixed_plan(pipe, lambda i, t: "asc", steps=STEPS, guidance_scale=GUIDANCE[fam])
+
+
+@pytest.mark.parametrize("search", ["trajectory", "greedy"])
+def test_calibrate_and_run_a_plan(fam, search, tmp_path):
+    pipe = tiny(fam)
+    plan = calibrate_pipeline(pipe, INPUTS, threshold=0.2, steps=STEPS, guidance_scale=GUIDANCE[fam], seed=0,
+                              call_kwargs=tiny_call_kwargs(fam), search=search, latency_cache=None)
+    loaded = difa.load_plan(plan.save(tmp_path / "p.json"))
+    assert loaded.model.family == fam
+    cells = [m for row in (loaded.blocks if search == "trajectory" else loaded.methods) for m in row]
+    assert set(cells) - {"full"}, "the search planned nothing"  # random weights: cheap methods pass threshold 0.2
+    if search == "greedy":  # what cannot run on joint attention is skipped, with the reason recorded
+        skipped = loaded.calibration["skipped_candidates"]
+        assert "joint" in skipped["tome"] and not {"tome", "asc", "wars"} & set(loaded.counts())
+    difa.apply_plan(pipe, loaded)
+    out = generate(pipe, fam)
+    difa.remove_plan(pipe)
+    assert torch.isfinite(out).all()
