@@ -82,7 +82,21 @@ def test_all_full_plan_is_bit_exact_and_undo_is_exact(fam):
     ref = generate(pipe, fam)
     difa.apply_plan(pipe, fixed_plan(pipe, lambda i, t: "full", steps=STEPS, guidance_scale=GUIDANCE[fam],
                                      block=lambda j, t: "full"))
-    assert torch.equal(generate(pipe, fam), ref)  # processors and two-stream block wrappers are transparent
+    assert torch.equal(generate(pipe, fam), ref)  # the processors are transparent
+    # blocks run through the two-stream wrapper (it wraps only rows that are not all full): with `reuse` at the last
+    # step only, the denoiser outputs of the steps before (computed, residuals cached) are the unpatched ones
+    model = adapter_for(pipe).denoiser(pipe)
+    (seen,), handles = record([model])
+    difa.remove_plan(pipe)
+    generate(pipe, fam)
+    difa.apply_plan(pipe, fixed_plan(pipe, lambda i, t: "full", steps=STEPS, guidance_scale=GUIDANCE[fam],
+                                     block=lambda j, t: "reuse" if t == STEPS - 1 else "full"))
+    generate(pipe, fam)
+    handles[0].remove()
+    plain, planned = seen[:STEPS], seen[STEPS:]
+    for t in range(STEPS - 1):
+        assert torch.equal(plain[t][2][0], planned[t][2][0]), f"{fam} step {t}"
+    assert not torch.equal(plain[-1][2][0], planned[-1][2][0])
     difa.apply_plan(pipe, fixed_plan(pipe, lambda i, t: "ast" if t % 2 else "full", steps=STEPS,
                                      guidance_scale=GUIDANCE[fam]))
     assert not torch.equal(generate(pipe, fam), ref)  # the plan ran
