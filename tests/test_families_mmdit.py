@@ -20,6 +20,7 @@ from difa.calibration import calibrate_pipeline, fixed_plan
 from difa.engine import plan_blocks, plan_layers
 from difa.errors import DifaError
 from difa.plan import Plan
+from difa.presets import preset_plan
 from difa.techniques import kind_of
 from difa.tiny import build_tiny_pipeline, tiny_call_kwargs
 
@@ -197,6 +198,10 @@ def test_methods_that_do_not_apply_are_refused(fam):
     if fam != "flux":
         with pytest.raises(DifaError, match="joint"):
             fixed_plan(pipe, lambda i, t: "asc", steps=STEPS, guidance_scale=GUIDANCE[fam])
+    for preset in ("tomesd", "agentsd", "tgate"):  # published schedules for attn1 / attn2: refused, not silently full
+        with pytest.raises(DifaError, match="joint") as e:
+            preset_plan(preset, pipe, steps=STEPS, guidance_scale=GUIDANCE[fam])
+        assert "\n" not in str(e.value), preset
 
 
 @pytest.mark.parametrize("search", ["trajectory", "greedy"])

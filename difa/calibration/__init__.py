@@ -169,6 +169,13 @@ def fixed_plan(
         kind = kind_of(layers[i][0], adapter)
         return [method(i, t) if kind in kinds and ran[i][t] else FULL for t in range(calls)]
 
+    joint = [n for n, _ in layers if kind_of(n, adapter) == JOINT]
+    if joint and JOINT not in kinds:  # a schedule for attn1 / attn2 (tomesd, agentsd) on an MMDiT: nothing would run
+        asked = sorted({method(i, t) for i in range(len(layers)) for t in range(calls)} - {FULL})
+        reason = next((r for r in (unfit(m, joint[0], adapter) for m in asked) if r), None)
+        if reason is not None:
+            raise DifaError(f"{reason}; this schedule (for {'/'.join(kinds)} layers) does not apply to the "
+                            f"{adapter.family} family")
     methods = tuple(attention_row(layers[i][0], proposed(i), ran[i], producers, adapter) for i in range(len(layers)))
     wanted = {method(i, t) for i in range(len(layers)) for t in range(calls) if kind_of(layers[i][0], adapter) in kinds} - {FULL}
     for m in sorted(wanted - {x for row in methods for x in row}):  # proposed, but it runs nowhere: say why
