@@ -48,6 +48,7 @@ class Adapter:
     # Blocks with two streams (hidden_states, encoder_hidden_states) in and a tuple out: the tuple's order,
     # TEXT_FIRST (SD3, FLUX: (encoder_hidden_states, hidden_states)) or HIDDEN_FIRST (CogVideoX). None: a tensor.
     block_streams: str | None = None
+    joint_window: bool = False  # `wars` runs on its joint layers (SD3's [image | text] processor: techniques/joint.py)
 
     def denoiser(self, obj: Any) -> torch.nn.Module:
         return getattr(obj, self.denoiser_attr) if hasattr(obj, self.denoiser_attr) else obj
@@ -238,7 +239,7 @@ ADAPTERS: dict[str, Adapter] = {a.family: a for a in (
     # image tokens as hidden_states and the text as encoder_hidden_states, attends over [image | text] and returns
     # (image, text); the block returns (encoder_hidden_states, hidden_states), the last one (None, hidden_states)
     Adapter("sd3", ("SD3Transformer2DModel",), "transformer", "hidden_states", "uncond_first", "prompts",
-            joint_layers=("attn",), block_streams=TEXT_FIRST),
+            joint_layers=("attn",), block_streams=TEXT_FIRST, joint_window=True),
     # FluxPipeline: guidance-distilled (guidance_scale is embedded, batch 1). Double-stream blocks attend over
     # [text | image] (FluxAttention, processor called positionally with image_rotary_emb), single-stream blocks over
     # the joined sequence; both block kinds return (encoder_hidden_states, hidden_states)

@@ -33,7 +33,7 @@ from difa.attention.merge import token_grid
 from difa.errors import DifaError
 from difa.plan import (AST, CFG_METHODS, FULL, OUTPUT_READERS, TGATE, WARS, Plan, block_executed, block_keeps,
                        config_hash, executed_cells, output_steps, residual_producers, residual_steps)
-from difa.techniques import REGISTRY, kind_of
+from difa.techniques import REGISTRY, kind_of, unfit
 from difa.techniques.base import Cell, LayerShape, LayerState
 from difa.techniques.blocks import BlockCell, BlockState, first_tensor
 
@@ -128,7 +128,7 @@ class Engine:
         self.shapes: dict[int, LayerShape] = {}
         self.producers = producers = residual_producers(params)
         if calibrating:  # future decisions are unknown: keep every cache that a later cell could read
-            self.keep_residual = [[m in producers and kind_of(n, adapter) in REGISTRY[WARS].KINDS for m in row]
+            self.keep_residual = [[m in producers and not unfit(WARS, n, adapter) for m in row]
                                   for (n, _), row in zip(self.layers, methods)]
             self.keep_output = [[True] * self.steps for _ in methods]
         else:
@@ -440,7 +440,8 @@ class Engine:
             self._fit_caches(state, hidden_states.shape[0])
         grid = self._grid(layer, hidden_states, encoder_hidden_states) if REGISTRY[method].NEEDS_METRIC else None
         cell = Cell(attn, self.layers[layer][0], layer, step, state, self.params, original,
-                    self._cond_rows(hidden_states.shape[0]), keep_residual, grid, self.collapsed)
+                    self._cond_rows(hidden_states.shape[0]), keep_residual, grid, self.collapsed,
+                    kind_of(self.layers[layer][0], self.adapter) == JOINT)
         out = REGISTRY[method].execute(cell, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if method not in OUTPUT_READERS and self.keep_output[layer][step]:
             state.out = out

@@ -189,7 +189,7 @@ def test_methods_that_do_not_apply_are_refused(fam):
     pipe = tiny(fam)
     plan = fixed_plan(pipe, lambda i, t: "full", steps=STEPS, guidance_scale=GUIDANCE[fam])
     name = plan.model.layers[0]
-    for method in ("tome", "agent", "tgate", "wars") + (() if fam == "flux" else ("asc",)):
+    for method in ("tome", "agent", "tgate") + (() if fam == "sd3" else ("wars",)) + (() if fam == "flux" else ("asc",)):
         d = plan.to_dict()
         d["methods"][name][2] = method
         with pytest.raises(DifaError, match="joint") as e:
@@ -215,8 +215,81 @@ def test_calibrate_and_run_a_plan(fam, search, tmp_path):
     assert set(cells) - {"full"}, "the search planned nothing"  # random weights: cheap methods pass threshold 0.2
     if search == "greedy":  # what cannot run on joint attention is skipped, with the reason recorded
         skipped = loaded.calibration["skipped_candidates"]
-        assert "joint" in skipped["tome"] and not {"tome", "asc", "wars"} & set(loaded.counts())
+        assert "joint" in skipped["tome"] and not {"tome", "asc"} & set(loaded.counts())
     difa.apply_plan(pipe, loaded)
     out = generate(pipe, fam)
     difa.remove_plan(pipe)
     assert torch.isfinite(out).all()
+
+
+def naive_joint_attention(attn, x, e, w=None):
+    """SD3's joint attention written out: [image | text] queries, keys and values, explicit scores; with `w`, image
+    query i sees image keys |i - j| <= w and every text key, text queries see everything. (B, H, N + T, D)."""
+    b, n = x.shape[0], x.shape[1]
+
+    def heads(t):
+        return t.reshape(b, t.shape[1], attn.heads, -1).transpose(1, 2)
+
+    def norm(f, t):
+        return t if f is None else f(t)
+
+    q = torch.cat([norm(attn.norm_q, heads(attn.to_q(x))), norm(attn.norm_added_q, heads(attn.add_q_proj(e)))], 2)
+    k = torch.cat([norm(attn.norm_k, heads(attn.to_k(x))), norm(attn.norm_added_k, heads(attn.add_k_proj(e)))], 2)
+    v = torch.cat([heads(attn.to_v(x)), heads(attn.add_v_proj(e))], 2)
+    scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    if w is not None:
+        i = torch.arange(q.shape[2])
+        allowed = ~((i[:, None] < n) & (i[None, :] < n) & ((i[:, None] - i[None, :]).abs() > w))
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(-1) @ v.double()).float()
+
+
+def naive_joint_out(attn, o, n):
+    """(image, text) from the joint attention output o (B, H, N + T, D): to_out on the image, to_add_out on the text
+    (none in SD3's last block, context_pre_only)."""
+    y = o.transpose(1, 2).flatten(2)
+    image, text = attn.to_out[0](y[:, :n]), y[:, n:]
+    return image, (text if attn.context_pre_only else attn.to_add_out(text))
+
+
+def test_joint_window_attention_matches_naive_reference():
+    """wars on SD3's joint layers (window 1 token per side over the image tokens, text attending fully): step 0 full
+    (bit-exact with the stock processor while it caches R = O_full - O_window), then O_window + R of the last full
+    step, for both parts of the output; ast in between; FLUX and CogVideoX refuse it."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    pipe = tiny("sd3")
+    pattern = ["full", "wars", "wars", "ast", "full", "wars"]
+    plan = fixed_plan(pipe, lambda i, t: pattern[t], steps=STEPS, guidance_scale=GUIDANCE["sd3"], window=1)
+    layers = plan_layers(pipe)[2]
+    assert all(row == tuple(pattern) for row in plan.methods)
+    calls, handles = record([m for _, m in layers])
+    difa.apply_plan(pipe, plan)
+    try:
+        generate(pipe, "sd3")
+    finally:
+        for h in handles:
+            h.remove()
+        difa.remove_plan(pipe)
+    for (name, attn), seen in zip(layers, calls):
+        xs = [(kw["hidden_states"], kw["encoder_hidden_states"]) for _, kw, _ in seen]
+        outs = [o for _, _, o in seen]
+        n = xs[0][0].shape[1]
+        stock = JointAttnProcessor2_0()(attn, *xs[0])
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], stock)), name  # full + caching R: bit-exact
+        r = {s: naive_joint_attention(attn, *xs[s]) - naive_joint_attention(attn, *xs[s], w=1) for s in (0, 4)}
+        expected = {s: naive_joint_out(attn, naive_joint_attention(attn, *xs[s], w=1) + r[last], n)
+                    for s, last in ((1, 0), (2, 0), (5, 4))}
+        expected[3] = outs[2]
+        for s, e in expected.items():
+            for part, got, want in zip(("image", "text"), outs[s], e):
+                torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=f"{name} step {s} {part}")
+        full1 = naive_joint_out(attn, naive_joint_attention(attn, *xs[1]), n)
+        assert (outs[1][0] - full1[0]).abs().max() > 1e-4  # the window changed something
+    for fam in ("flux", "cogvideox"):
+        other = tiny(fam)
+        d = fixed_plan(other, lambda i, t: "full", steps=STEPS, guidance_scale=GUIDANCE[fam]).to_dict()
+        d["methods"][next(iter(d["methods"]))][1] = "wars"
+        with pytest.raises(DifaError, match="SD3's") as e:
+            Plan.from_dict(d, source="test")
+        assert "\n" not in str(e.value)

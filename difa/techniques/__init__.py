@@ -26,8 +26,8 @@ NOT_JOINT = {
     "asc": "the CFG halves attend over different text tokens (negative vs positive prompt) inside the joint "
            "sequence, so sharing one half's attention would erase the text stream's guidance difference",
     "wars+asc": "it shares attention across CFG halves (see 'asc') and windows the joint sequence (see 'wars')",
-    "wars": "window attention over the joint sequence is not implemented (the window would have to cover the image "
-            "grid only while text tokens attend and are attended fully)",
+    "wars": "window attention on joint layers is implemented for SD3's [image | text] processor only (FLUX and "
+            "CogVideoX put the text first and rotate the image tokens with RoPE inside their processors)",
     "tome": "token merging works on a 2-D grid of image tokens; the joint sequence also holds text tokens",
     "agent": "agent tokens are pooled from a 2-D grid of image tokens; the joint sequence also holds text tokens",
 }
@@ -52,6 +52,8 @@ def unfit(method: str, layer: str, adapter: Any = None) -> str | None:
         return f"{method!r} does not run on joint (MMDiT) attention such as {layer}: {NOT_JOINT[method]}"
     if kind not in t.KINDS:
         return f"{method!r} applies to {'/'.join(t.KINDS)} layers only, not {kind}"
+    if kind == JOINT and method == wars.NAME and not adapter.joint_window:
+        return f"{method!r} does not run on joint (MMDiT) attention of {adapter.family} such as {layer}: {NOT_JOINT[method]}"
     if adapter is None:
         return None
     axis = adapter.axis(layer)

@@ -73,6 +73,7 @@ class Cell:
     keep_residual: bool = False  # a `wars` cell follows before the next `full` one: cache R now
     grid: tuple[int, int, int] | None = None  # (h, w, downsample) of the layer's token grid, from the adapter
     collapsed: bool = False  # the engine runs one CFG half only (every cross-attention gated): halves are equal
+    joint: bool = False  # a joint (MMDiT) layer: hidden_states are the image tokens, encoder_hidden_states the text
 
     def require_cfg(self, method: str) -> slice:
         if self.cond is None:
@@ -85,7 +86,8 @@ class Cell:
 
 def check_plain(cell: Cell, attention_mask: torch.Tensor | None, method: str) -> None:
     attn = cell.attn
-    if attention_mask is not None or attn.spatial_norm is not None or attn.group_norm is not None:
+    if (attention_mask is not None or getattr(attn, "spatial_norm", None) is not None
+            or getattr(attn, "group_norm", None) is not None):
         raise DifaError(
             f"{cell.name}: {method!r} supports unmasked token attention only (this layer has a mask, spatial_norm or "
             "group_norm); set this layer to 'full' in the plan"

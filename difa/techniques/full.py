@@ -8,7 +8,7 @@ from typing import Mapping
 
 
 from difa.attention import full_attention
-from difa.techniques import wars
+from difa.techniques import joint, wars
 from difa.techniques.blocks import BlockCell, computed
 from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, project_out, project_qkv, projection_flops
 
@@ -43,6 +43,12 @@ def execute(cell: Cell, hidden_states, encoder_hidden_states=None, attention_mas
         return cell.original(cell.attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
     check_plain(cell, attention_mask, NAME)
     attn = cell.attn
+    if cell.joint:  # SD3: [image | text] in one softmax; R = O_full - O_window over the whole joint sequence
+        joint.check(cell, "wars")
+        q, k, v = joint.qkv(attn, hidden_states, encoder_hidden_states)  # (B, H, N + T, D)
+        o = full_attention(q, k, v)
+        cell.state.residual = o - wars.joint_window(cell, q, k, v, hidden_states.shape[1])
+        return joint.out(attn, o, hidden_states.shape[1], encoder_hidden_states is not None, q.dtype)
     q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)  # (B, H, N, D)
     o = full_attention(q, k, v)  # (B, H, N, D)
     cell.state.residual = o - wars.window(cell, q, k, v)

@@ -12,14 +12,14 @@ from typing import Mapping
 
 import torch
 
-from difa.attention import band_pairs, window_attention, window_tokens
+from difa.attention import band_pairs, joint_window_attention, window_attention, window_tokens
 from difa.errors import DifaError
 from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, project_out, project_qkv, projection_flops
 
 NAME = "wars"
 LETTER = "W"  # one character per cell in the calibration summary
 COLOR = "#1f77b4"  # its colour in plan heatmaps (difa.plots), the same in every plot
-KINDS = ("attn1",)
+KINDS = ("attn1", "joint")  # joint: SD3 only (Adapter.joint_window); image tokens windowed, text attends fully
 AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
 READS_CACHE = True
 NEEDS_METRIC = False
@@ -57,6 +57,29 @@ def window(cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return window_attention(q, k, v, w)  # (B, H, N, D)
 
 
+def joint_window(cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_image: int) -> torch.Tensor:
+    """Joint [image | text] sequence: image tokens attend to their band (w from the image token count) and to every
+    text token, text tokens to everything."""
+    w = window_tokens(Config(**cell.params.get(NAME, {})).window, n_image)
+    return joint_window_attention(q, k, v, n_image, w, image_first=True)  # (B, H, N + T, D)
+
+
+def joint_output(cell: Cell, hidden_states, encoder_hidden_states, method: str):
+    """The joint layer's (image, text) output from O_window + R."""
+    from difa.techniques import joint
+
+    joint.check(cell, method)
+    residual = cell.state.residual
+    if residual is None:
+        raise DifaError(f"{cell.name} step {cell.step}: {method!r} needs a residual from an earlier 'full' step; fix the plan")
+    q, k, v = joint.qkv(cell.attn, hidden_states, encoder_hidden_states)  # (B, H, N + T, D)
+    if residual.shape != q.shape:
+        raise DifaError(f"{cell.name} step {cell.step}: cached residual has shape {tuple(residual.shape)} but this call "
+                        f"has {tuple(q.shape)}; the batch or resolution changed mid-generation, keep them fixed")
+    o = joint_window(cell, q, k, v, hidden_states.shape[1]) + residual
+    return joint.out(cell.attn, o, hidden_states.shape[1], encoder_hidden_states is not None, q.dtype)
+
+
 def windowed_output(cell: Cell, hidden_states: torch.Tensor, residual: torch.Tensor, method: str) -> torch.Tensor:
     """to_out(O_window + R) for the batch in `hidden_states`; `residual` must cover the same batch."""
     if residual is None:
@@ -73,6 +96,8 @@ def windowed_output(cell: Cell, hidden_states: torch.Tensor, residual: torch.Ten
 
 def execute(cell: Cell, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
     check_plain(cell, attention_mask, NAME)
+    if cell.joint:
+        return joint_output(cell, hidden_states, encoder_hidden_states, NAME)
     if encoder_hidden_states is not None:
         raise DifaError(f"{cell.name}: {NAME!r} applies to self-attention only; set this layer to 'full'")
     return windowed_output(cell, hidden_states, cell.state.residual, NAME)
