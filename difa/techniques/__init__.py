@@ -25,7 +25,8 @@ NOT_JOINT = {
              "cross-attention (text and image tokens share one softmax and the text stream is updated every step)",
     "asc": "the CFG halves attend over different text tokens (negative vs positive prompt) inside the joint "
            "sequence, so sharing one half's attention would erase the text stream's guidance difference",
-    "wars+asc": "it shares attention across CFG halves (see 'asc') and windows the joint sequence (see 'wars')",
+    "wars+asc": "it shares attention across the CFG halves, which the joint sequence's text tokens tell apart "
+                "(see 'asc')",
     "wars": "window attention on joint layers is implemented for SD3's [image | text] processor only (FLUX and "
             "CogVideoX put the text first and rotate the image tokens with RoPE inside their processors)",
     "tome": "token merging works on a 2-D grid of image tokens; the joint sequence also holds text tokens",
