@@ -444,7 +444,7 @@ class Engine:
                     kind_of(self.layers[layer][0], self.adapter) == JOINT)
         out = REGISTRY[method].execute(cell, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if method not in OUTPUT_READERS and self.keep_output[layer][step]:
-            state.out = out
+            state.out = _compact(out)
             state.gated = None
         return out
 
@@ -461,6 +461,15 @@ def _shape(attn, x: torch.Tensor, context: torch.Tensor | None, grid: tuple[int,
         n = n_kv = n + context.shape[-2]
     return LayerShape(batch=b, n_q=n, n_kv=n_kv, dim=c, inner=attn.inner_dim, heads=attn.heads,
                       downsample=grid[2] if grid else 1)
+
+
+def _compact(out: Any) -> Any:
+    """A joint layer's output tuple to cache, each part owning its memory: SD3's last joint layer returns its text
+    part as a slice of the whole (B, N + T, C) attention output, which would otherwise stay held with it."""
+    if not isinstance(out, tuple):
+        return out
+    return tuple(x.clone() if torch.is_tensor(x) and x.untyped_storage().nbytes() > x.numel() * x.element_size()
+                 else x for x in out)
 
 
 def _join_streams(x: torch.Tensor, e: Any, compute: Callable, streams: str, text_dropped: bool):

@@ -17,6 +17,7 @@ import torch
 import difa
 from difa.adapters import adapter_for
 from difa.calibration import calibrate_pipeline, fixed_plan
+from difa.calibration.cost import cache_elements
 from difa.engine import plan_blocks, plan_layers
 from difa.errors import DifaError
 from difa.plan import Plan
@@ -216,10 +217,13 @@ def test_calibrate_and_run_a_plan(fam, search, tmp_path):
     if search == "greedy":  # what cannot run on joint attention is skipped, with the reason recorded
         skipped = loaded.calibration["skipped_candidates"]
         assert "joint" in skipped["tome"] and not {"tome", "asc"} & set(loaded.counts())
-    difa.apply_plan(pipe, loaded)
+    engine = difa.apply_plan(pipe, loaded)
     out = generate(pipe, fam)
     difa.remove_plan(pipe)
     assert torch.isfinite(out).all()
+    # the cache the cost model predicts (joint layers and two-stream blocks: image and text tokens) is what was held
+    shapes = [engine.shapes.get(i) for i in range(len(engine.layers))]
+    assert cache_elements(loaded, shapes) * 4 == engine.peak_cache_bytes > 0
 
 
 def naive_joint_attention(attn, x, e, w=None):
