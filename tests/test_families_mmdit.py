@@ -297,3 +297,33 @@ def test_joint_window_attention_matches_naive_reference():
         with pytest.raises(DifaError, match="SD3's") as e:
             Plan.from_dict(d, source="test")
         assert "\n" not in str(e.value)
+
+
+def test_cli_calibrates_and_generates_every_tiny_family(fam, tmp_path):
+    """`python -m difa.calibrate +model=tiny_<family>` then `python -m difa.generate plan=...`, in-process."""
+    from difa.cli import calibrate as calibrate_cli
+    from difa.cli import generate as generate_cli
+    from tests.test_cli import config
+
+    plan_path = tmp_path / "plan.json"
+    plan, _ = calibrate_cli.run(config("calibrate", [f"+model=tiny_{fam}", "threshold=0.05", "steps=4", "n_calib=2",
+                                                     f"out={plan_path}"]))
+    assert plan.model.family == fam and plan_path.is_file()
+    images, out = generate_cli.run(config("generate", [f"plan={plan_path}", "n=2", f"out={tmp_path / 'out'}"]))
+    assert len(images) == 2 and (out / "grid.png").is_file()
+    assert (out / ("000.gif" if fam == "cogvideox" else "000.png")).is_file()
+
+
+def test_hub_configs_load_through_from_pretrained(fam, tmp_path):
+    """`+model=<family>` (the hub config) with model.path=<a save_pretrained dir of the tiny model>: the real loading
+    path and pipeline class, at the tiny sizes."""
+    from difa.cli import calibrate as calibrate_cli
+    from tests.test_cli import config
+
+    local = tmp_path / fam
+    tiny(fam).save_pretrained(local)
+    overrides = [f"+model={fam}", f"model.path={local}", "steps=3", "n_calib=1", f"out={tmp_path / 'p.json'}",
+                 "threshold=0.05"]
+    overrides += [f"++model.call_kwargs.{k}={v}" for k, v in tiny_call_kwargs(fam).items()]  # tiny sizes
+    plan, _ = calibrate_cli.run(config("calibrate", overrides))
+    assert plan.model.name == fam and plan.model.family == fam and plan.inference_steps == 3
