@@ -48,7 +48,7 @@ class Adapter:
     # Blocks with two streams (hidden_states, encoder_hidden_states) in and a tuple out: the tuple's order,
     # TEXT_FIRST (SD3, FLUX: (encoder_hidden_states, hidden_states)) or HIDDEN_FIRST (CogVideoX). None: a tensor.
     block_streams: str | None = None
-    joint_window: bool = False  # `wars` runs on its joint layers (SD3's [image | text] processor: techniques/joint.py)
+    joint_window: bool = False  # `wars` runs on its joint layers (their processors are reproduced: techniques/joint.py)
 
     def denoiser(self, obj: Any) -> torch.nn.Module:
         return getattr(obj, self.denoiser_attr) if hasattr(obj, self.denoiser_attr) else obj
@@ -248,7 +248,7 @@ ADAPTERS: dict[str, Adapter] = {a.family: a for a in (
     # CogVideoXPipeline: [uncond, cond]; latents (B, F', C, h, w). CogVideoXBlock.attn1 attends over [text | video] and
     # returns (video, text); blocks are called by keyword only and return (hidden_states, encoder_hidden_states)
     Adapter("cogvideox", ("CogVideoXTransformer3DModel",), "transformer", "hidden_states", "uncond_first", "prompts",
-            output_attr="frames", joint_layers=("attn1",), block_streams=HIDDEN_FIRST),
+            output_attr="frames", joint_layers=("attn1",), block_streams=HIDDEN_FIRST, joint_window=True),
 )}
 
 

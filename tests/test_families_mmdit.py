@@ -190,7 +190,7 @@ def test_methods_that_do_not_apply_are_refused(fam):
     pipe = tiny(fam)
     plan = fixed_plan(pipe, lambda i, t: "full", steps=STEPS, guidance_scale=GUIDANCE[fam])
     name = plan.model.layers[0]
-    for method in ("tome", "agent", "tgate") + (() if fam == "sd3" else ("wars",)) + (() if fam == "flux" else ("asc",)):
+    for method in ("tome", "agent", "tgate") + (("wars",) if fam == "flux" else ("asc",)):
         d = plan.to_dict()
         d["methods"][name][2] = method
         with pytest.raises(DifaError, match="joint") as e:
@@ -226,77 +226,91 @@ def test_calibrate_and_run_a_plan(fam, search, tmp_path):
     assert cache_elements(loaded, shapes) * 4 == engine.peak_cache_bytes > 0
 
 
-def naive_joint_attention(attn, x, e, w=None):
-    """SD3's joint attention written out: [image | text] queries, keys and values, explicit scores; with `w`, image
-    query i sees image keys |i - j| <= w and every text key, text queries see everything. (B, H, N + T, D)."""
-    b, n = x.shape[0], x.shape[1]
+def naive_joint_attention(attn, x, e, w=None, image_first=True):
+    """Joint attention written out, explicit scores: SD3 ([image | text], the text through add_*_proj) or CogVideoX
+    ([text | video], one set of projections on the joined sequence). With `w`, image query i sees the image keys
+    |i - j| <= w and every text key, text queries see everything. (B, H, L, D) in the model's token order."""
+    b, n, t = x.shape[0], x.shape[1], e.shape[1]
 
-    def heads(t):
-        return t.reshape(b, t.shape[1], attn.heads, -1).transpose(1, 2)
+    def heads(y):
+        return y.reshape(b, y.shape[1], attn.heads, -1).transpose(1, 2)
 
-    def norm(f, t):
-        return t if f is None else f(t)
+    def norm(f, y):
+        return y if f is None else f(y)
 
-    q = torch.cat([norm(attn.norm_q, heads(attn.to_q(x))), norm(attn.norm_added_q, heads(attn.add_q_proj(e)))], 2)
-    k = torch.cat([norm(attn.norm_k, heads(attn.to_k(x))), norm(attn.norm_added_k, heads(attn.add_k_proj(e)))], 2)
-    v = torch.cat([heads(attn.to_v(x)), heads(attn.add_v_proj(e))], 2)
+    if image_first:
+        q = torch.cat([norm(attn.norm_q, heads(attn.to_q(x))), norm(attn.norm_added_q, heads(attn.add_q_proj(e)))], 2)
+        k = torch.cat([norm(attn.norm_k, heads(attn.to_k(x))), norm(attn.norm_added_k, heads(attn.add_k_proj(e)))], 2)
+        v = torch.cat([heads(attn.to_v(x)), heads(attn.add_v_proj(e))], 2)
+        image = torch.arange(n + t) < n
+    else:
+        h = torch.cat([e, x], 1)
+        q, k, v = norm(attn.norm_q, heads(attn.to_q(h))), norm(attn.norm_k, heads(attn.to_k(h))), heads(attn.to_v(h))
+        image = torch.arange(n + t) >= t
     scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
     if w is not None:
-        i = torch.arange(q.shape[2])
-        allowed = ~((i[:, None] < n) & (i[None, :] < n) & ((i[:, None] - i[None, :]).abs() > w))
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        pos = torch.cumsum(image.long(), 0)  # position among the image tokens
+        far = (pos[:, None] - pos[None, :]).abs() > w
+        scores = scores.masked_fill(image[:, None] & image[None, :] & far, float("-inf"))
     return (scores.softmax(-1) @ v.double()).float()
 
 
-def naive_joint_out(attn, o, n):
-    """(image, text) from the joint attention output o (B, H, N + T, D): to_out on the image, to_add_out on the text
-    (none in SD3's last block, context_pre_only)."""
+def naive_joint_out(attn, o, n, image_first=True):
+    """(image, text) from the joint attention output o (B, H, L, D). SD3: to_out on the image, to_add_out on the text
+    (none in its last block, context_pre_only); CogVideoX: to_out on the joined sequence."""
     y = o.transpose(1, 2).flatten(2)
+    if not image_first:
+        y = attn.to_out[0](y)
+        return y[:, -n:], y[:, :-n]
     image, text = attn.to_out[0](y[:, :n]), y[:, n:]
     return image, (text if attn.context_pre_only else attn.to_add_out(text))
 
 
-def test_joint_window_attention_matches_naive_reference():
-    """wars on SD3's joint layers (window 1 token per side over the image tokens, text attending fully): step 0 full
-    (bit-exact with the stock processor while it caches R = O_full - O_window), then O_window + R of the last full
-    step, for both parts of the output; ast in between; FLUX and CogVideoX refuse it."""
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
+@pytest.mark.parametrize("family", ["sd3", "cogvideox"])
+def test_joint_window_attention_matches_naive_reference(family):
+    """wars on the joint layers (window 1 token per side over the image / video tokens, text attending fully): step 0
+    full (bit-exact with the stock processor while it caches R = O_full - O_window), then O_window + R of the last
+    full step, for both parts of the output; ast in between. FLUX refuses it."""
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, JointAttnProcessor2_0
 
-    pipe = tiny("sd3")
+    pipe = tiny(family)
+    image_first = family == "sd3"
     pattern = ["full", "wars", "wars", "ast", "full", "wars"]
-    plan = fixed_plan(pipe, lambda i, t: pattern[t], steps=STEPS, guidance_scale=GUIDANCE["sd3"], window=1)
+    plan = fixed_plan(pipe, lambda i, t: pattern[t], steps=STEPS, guidance_scale=GUIDANCE[family], window=1)
     layers = plan_layers(pipe)[2]
     assert all(row == tuple(pattern) for row in plan.methods)
     calls, handles = record([m for _, m in layers])
     difa.apply_plan(pipe, plan)
     try:
-        generate(pipe, "sd3")
+        generate(pipe, family)
     finally:
         for h in handles:
             h.remove()
         difa.remove_plan(pipe)
+    stock = JointAttnProcessor2_0() if image_first else CogVideoXAttnProcessor2_0()
     for (name, attn), seen in zip(layers, calls):
         xs = [(kw["hidden_states"], kw["encoder_hidden_states"]) for _, kw, _ in seen]
+        assert all(kw.get("image_rotary_emb") is None for _, kw, _ in seen)  # the tiny 2b-like CogVideoX: no RoPE
         outs = [o for _, _, o in seen]
         n = xs[0][0].shape[1]
-        stock = JointAttnProcessor2_0()(attn, *xs[0])
-        assert all(torch.equal(a, b) for a, b in zip(outs[0], stock)), name  # full + caching R: bit-exact
-        r = {s: naive_joint_attention(attn, *xs[s]) - naive_joint_attention(attn, *xs[s], w=1) for s in (0, 4)}
-        expected = {s: naive_joint_out(attn, naive_joint_attention(attn, *xs[s], w=1) + r[last], n)
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], stock(attn, *xs[0]))), name  # full + caching R
+        def joint(s, w=None):
+            return naive_joint_attention(attn, *xs[s], w=w, image_first=image_first)
+        r = {s: joint(s) - joint(s, 1) for s in (0, 4)}
+        expected = {s: naive_joint_out(attn, joint(s, 1) + r[last], n, image_first)
                     for s, last in ((1, 0), (2, 0), (5, 4))}
         expected[3] = outs[2]
         for s, e in expected.items():
             for part, got, want in zip(("image", "text"), outs[s], e):
                 torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=f"{name} step {s} {part}")
-        full1 = naive_joint_out(attn, naive_joint_attention(attn, *xs[1]), n)
+        full1 = naive_joint_out(attn, joint(1), n, image_first)
         assert (outs[1][0] - full1[0]).abs().max() > 1e-4  # the window changed something
-    for fam in ("flux", "cogvideox"):
-        other = tiny(fam)
-        d = fixed_plan(other, lambda i, t: "full", steps=STEPS, guidance_scale=GUIDANCE[fam]).to_dict()
-        d["methods"][next(iter(d["methods"]))][1] = "wars"
-        with pytest.raises(DifaError, match="SD3's") as e:
-            Plan.from_dict(d, source="test")
-        assert "\n" not in str(e.value)
+    other = tiny("flux")
+    d = fixed_plan(other, lambda i, t: "full", steps=STEPS, guidance_scale=GUIDANCE["flux"]).to_dict()
+    d["methods"][next(iter(d["methods"]))][1] = "wars"
+    with pytest.raises(DifaError, match="FLUX") as e:
+        Plan.from_dict(d, source="test")
+    assert "\n" not in str(e.value)
 
 
 def test_cli_calibrates_and_generates_every_tiny_family(fam, tmp_path):

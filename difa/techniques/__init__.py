@@ -27,8 +27,8 @@ NOT_JOINT = {
            "sequence, so sharing one half's attention would erase the text stream's guidance difference",
     "wars+asc": "it shares attention across the CFG halves, which the joint sequence's text tokens tell apart "
                 "(see 'asc')",
-    "wars": "window attention on joint layers is implemented for SD3's [image | text] processor only (FLUX and "
-            "CogVideoX put the text first and rotate the image tokens with RoPE inside their processors)",
+    "wars": "window attention on joint layers reproduces SD3's and CogVideoX's processors only (FLUX's single-stream "
+            "layers get the joined sequence without its text length, and its processor is not reproduced)",
     "tome": "token merging works on a 2-D grid of image tokens; the joint sequence also holds text tokens",
     "agent": "agent tokens are pooled from a 2-D grid of image tokens; the joint sequence also holds text tokens",
 }

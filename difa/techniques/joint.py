@@ -1,8 +1,14 @@
-"""Joint (MMDiT) attention split into its projections and its output, the same ops in the same order as SD3's
-`JointAttnProcessor2_0` (so a `full` step that also caches the window residual stays bit-exact): for the methods that
-change the attention core of a joint layer (`wars`). The sequence is [image | text]; the output (image, text).
-FLUX's and CogVideoX's processors put the text first and rotate the image tokens (RoPE): not covered here, which is
-why `wars` is refused on those families (Adapter.joint_window)."""
+"""Joint (MMDiT) attention split into its projections and its output, the same ops in the same order as the stock
+processors (so a `full` step that also caches the window residual stays bit-exact), for the methods that change the
+attention core of a joint layer (`wars`):
+
+- SD3's `JointAttnProcessor2_0`: sequence [image | text], separate projections for the text (add_q_proj, ...),
+  output (image, text) with to_out / to_add_out (none in the last block: context_pre_only).
+- CogVideoX's `CogVideoXAttnProcessor2_0`: sequence [text | video], one set of projections on the joined sequence,
+  RoPE on the video part where the model uses it (5b; the 2b passes None), one to_out, output (video, text).
+
+FLUX's `FluxAttnProcessor` is not reproduced (its single-stream layers get the joined sequence without the text
+length); `wars` is refused on FLUX (Adapter.joint_window)."""
 
 from __future__ import annotations
 
@@ -12,19 +18,43 @@ import torch
 
 from difa.errors import DifaError
 
-PROCESSORS = ("JointAttnProcessor2_0",)  # the processors this file reproduces
+IMAGE_FIRST = {"JointAttnProcessor2_0": True, "CogVideoXAttnProcessor2_0": False}  # the processors reproduced
 
 
-def check(cell: Any, method: str) -> None:
+def check(cell: Any, method: str) -> bool:
+    """Whether the layer's sequence is [image | text] (else [text | image]); a one-line error for other processors."""
     name = type(cell.original).__name__
-    if name not in PROCESSORS:
-        raise DifaError(f"{cell.name}: {method!r} on joint attention reproduces SD3's {', '.join(PROCESSORS)}, but this "
-                        f"layer's processor is {name}; set this layer to 'full'")
+    if name not in IMAGE_FIRST:
+        raise DifaError(f"{cell.name}: {method!r} on joint attention reproduces {' and '.join(IMAGE_FIRST)} only, but "
+                        f"this layer's processor is {name}; set this layer to 'full'")
+    return IMAGE_FIRST[name]
 
 
-def qkv(attn: Any, x: torch.Tensor, context: torch.Tensor | None):
-    """(q, k, v), each (B, H, N + T, D): image tokens x (B, N, C) then text tokens context (B, T, C)."""
-    b = x.shape[0]
+def qkv(cell: Any, x: torch.Tensor, context: torch.Tensor | None, rotary: Any = None):
+    """(q, k, v), each (B, H, N + T, D), in the processor's token order: image (or video) tokens x (B, N, C), text
+    tokens context (B, T, C)."""
+    attn = cell.attn
+    if not IMAGE_FIRST[type(cell.original).__name__]:  # CogVideoX
+        t = context.size(1)
+        h = torch.cat([context, x], dim=1)  # (B, T + N, C)
+        b = h.shape[0]
+        q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+        head_dim = k.shape[-1] // attn.heads
+        q = q.view(b, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, T + N, D)
+        k = k.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+        v = v.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if rotary is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            q[:, :, t:] = apply_rotary_emb(q[:, :, t:], rotary)
+            if not attn.is_cross_attention:
+                k[:, :, t:] = apply_rotary_emb(k[:, :, t:], rotary)
+        return q, k, v
+    b = x.shape[0]  # SD3
     q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
     head_dim = k.shape[-1] // attn.heads
     q = q.view(b, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, N, D)
@@ -47,9 +77,16 @@ def qkv(attn: Any, x: torch.Tensor, context: torch.Tensor | None):
     return q, k, v
 
 
-def out(attn: Any, o: torch.Tensor, n_image: int, has_text: bool, dtype: torch.dtype):
-    """The processor's output from the attention output o (B, H, N + T, D): (image, text), or image alone."""
-    b, h, _, d = o.shape
+def out(cell: Any, o: torch.Tensor, n_image: int, has_text: bool, dtype: torch.dtype):
+    """The processor's output from the attention output o (B, H, L, D): (image, text), or the image alone."""
+    attn = cell.attn
+    b, h, length, d = o.shape
+    if not IMAGE_FIRST[type(cell.original).__name__]:  # CogVideoX: to_out on the joined sequence, then split
+        y = o.transpose(1, 2).reshape(b, -1, h * d)
+        y = attn.to_out[0](y)
+        y = attn.to_out[1](y)
+        text, image = y.split([length - n_image, n_image], dim=1)
+        return image, text
     x = o.transpose(1, 2).reshape(b, -1, h * d).to(dtype)  # (B, N + T, H*D)
     text = None
     if has_text:

@@ -19,7 +19,7 @@ from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, proj
 NAME = "wars"
 LETTER = "W"  # one character per cell in the calibration summary
 COLOR = "#1f77b4"  # its colour in plan heatmaps (difa.plots), the same in every plot
-KINDS = ("attn1", "joint")  # joint: SD3 only (Adapter.joint_window); image tokens windowed, text attends fully
+KINDS = ("attn1", "joint")  # joint: SD3, CogVideoX (Adapter.joint_window); image tokens windowed, text fully
 AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
 READS_CACHE = True
 NEEDS_METRIC = False
@@ -57,27 +57,28 @@ def window(cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return window_attention(q, k, v, w)  # (B, H, N, D)
 
 
-def joint_window(cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_image: int) -> torch.Tensor:
-    """Joint [image | text] sequence: image tokens attend to their band (w from the image token count) and to every
-    text token, text tokens to everything."""
+def joint_window(cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_image: int,
+                 image_first: bool) -> torch.Tensor:
+    """Joint sequence ([image | text] or [text | image]): image tokens attend to their band (w from the image token
+    count) and to every text token, text tokens to everything."""
     w = window_tokens(Config(**cell.params.get(NAME, {})).window, n_image)
-    return joint_window_attention(q, k, v, n_image, w, image_first=True)  # (B, H, N + T, D)
+    return joint_window_attention(q, k, v, n_image, w, image_first=image_first)  # (B, H, L, D)
 
 
-def joint_output(cell: Cell, hidden_states, encoder_hidden_states, method: str):
+def joint_output(cell: Cell, hidden_states, encoder_hidden_states, method: str, rotary=None):
     """The joint layer's (image, text) output from O_window + R."""
     from difa.techniques import joint
 
-    joint.check(cell, method)
+    image_first = joint.check(cell, method)
     residual = cell.state.residual
     if residual is None:
         raise DifaError(f"{cell.name} step {cell.step}: {method!r} needs a residual from an earlier 'full' step; fix the plan")
-    q, k, v = joint.qkv(cell.attn, hidden_states, encoder_hidden_states)  # (B, H, N + T, D)
+    q, k, v = joint.qkv(cell, hidden_states, encoder_hidden_states, rotary)  # (B, H, L, D)
     if residual.shape != q.shape:
         raise DifaError(f"{cell.name} step {cell.step}: cached residual has shape {tuple(residual.shape)} but this call "
                         f"has {tuple(q.shape)}; the batch or resolution changed mid-generation, keep them fixed")
-    o = joint_window(cell, q, k, v, hidden_states.shape[1]) + residual
-    return joint.out(cell.attn, o, hidden_states.shape[1], encoder_hidden_states is not None, q.dtype)
+    o = joint_window(cell, q, k, v, hidden_states.shape[1], image_first) + residual
+    return joint.out(cell, o, hidden_states.shape[1], encoder_hidden_states is not None, q.dtype)
 
 
 def windowed_output(cell: Cell, hidden_states: torch.Tensor, residual: torch.Tensor, method: str) -> torch.Tensor:
@@ -97,7 +98,7 @@ def windowed_output(cell: Cell, hidden_states: torch.Tensor, residual: torch.Ten
 def execute(cell: Cell, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
     check_plain(cell, attention_mask, NAME)
     if cell.joint:
-        return joint_output(cell, hidden_states, encoder_hidden_states, NAME)
+        return joint_output(cell, hidden_states, encoder_hidden_states, NAME, kwargs.get("image_rotary_emb"))
     if encoder_hidden_states is not None:
         raise DifaError(f"{cell.name}: {NAME!r} applies to self-attention only; set this layer to 'full'")
     return windowed_output(cell, hidden_states, cell.state.residual, NAME)
