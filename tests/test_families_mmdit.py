@@ -226,7 +226,7 @@ def test_calibrate_and_run_a_plan(fam, search, tmp_path):
     assert cache_elements(loaded, shapes) * 4 == engine.peak_cache_bytes > 0
 
 
-def naive_joint_attention(attn, x, e, w=None, image_first=True):
+def naive_joint_attention(attn, x, e, w=None, image_first=True, rotary=None):
     """Joint attention written out, explicit scores: SD3 ([image | text], the text through add_*_proj) or CogVideoX
     ([text | video], one set of projections on the joined sequence). With `w`, image query i sees the image keys
     |i - j| <= w and every text key, text queries see everything. (B, H, L, D) in the model's token order."""
@@ -246,6 +246,11 @@ def naive_joint_attention(attn, x, e, w=None, image_first=True):
     else:
         h = torch.cat([e, x], 1)
         q, k, v = norm(attn.norm_q, heads(attn.to_q(h))), norm(attn.norm_k, heads(attn.to_k(h))), heads(attn.to_v(h))
+        if rotary is not None:  # RoPE on the video tokens (CogVideoX-5b)
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            q = torch.cat([q[:, :, :t], apply_rotary_emb(q[:, :, t:], rotary)], 2)
+            k = torch.cat([k[:, :, :t], apply_rotary_emb(k[:, :, t:], rotary)], 2)
         image = torch.arange(n + t) >= t
     scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
     if w is not None:
@@ -266,14 +271,31 @@ def naive_joint_out(attn, o, n, image_first=True):
     return image, (text if attn.context_pre_only else attn.to_add_out(text))
 
 
-@pytest.mark.parametrize("family", ["sd3", "cogvideox"])
+def tiny_cogvideox_rope():
+    """The tiny CogVideoX with the 5b's rotary position embeddings on the video tokens."""
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    from difa.tiny import TINY_COGVIDEOX
+
+    pipe = tiny("cogvideox")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CogVideoXTransformer3DModel(**{**TINY_COGVIDEOX, "use_rotary_positional_embeddings": True}).eval()
+    pipe = CogVideoXPipeline(**{**pipe.components, "transformer": model})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("family", ["sd3", "cogvideox", "cogvideox+rope"])
 def test_joint_window_attention_matches_naive_reference(family):
     """wars on the joint layers (window 1 token per side over the image / video tokens, text attending fully): step 0
     full (bit-exact with the stock processor while it caches R = O_full - O_window), then O_window + R of the last
     full step, for both parts of the output; ast in between. FLUX refuses it."""
     from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, JointAttnProcessor2_0
 
-    pipe = tiny(family)
+    rope = family.endswith("+rope")
+    family = family.split("+")[0]
+    pipe = tiny_cogvideox_rope() if rope else tiny(family)
     image_first = family == "sd3"
     pattern = ["full", "wars", "wars", "ast", "full", "wars"]
     plan = fixed_plan(pipe, lambda i, t: pattern[t], steps=STEPS, guidance_scale=GUIDANCE[family], window=1)
@@ -290,12 +312,15 @@ def test_joint_window_attention_matches_naive_reference(family):
     stock = JointAttnProcessor2_0() if image_first else CogVideoXAttnProcessor2_0()
     for (name, attn), seen in zip(layers, calls):
         xs = [(kw["hidden_states"], kw["encoder_hidden_states"]) for _, kw, _ in seen]
-        assert all(kw.get("image_rotary_emb") is None for _, kw, _ in seen)  # the tiny 2b-like CogVideoX: no RoPE
+        rotary = seen[0][1].get("image_rotary_emb")
+        assert (rotary is not None) == rope  # the tiny CogVideoX is 2b-like: no RoPE unless asked
         outs = [o for _, _, o in seen]
         n = xs[0][0].shape[1]
-        assert all(torch.equal(a, b) for a, b in zip(outs[0], stock(attn, *xs[0]))), name  # full + caching R
+        kw = {"image_rotary_emb": rotary} if rope else {}
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], stock(attn, *xs[0], **kw))), name  # full + caching R
+
         def joint(s, w=None):
-            return naive_joint_attention(attn, *xs[s], w=w, image_first=image_first)
+            return naive_joint_attention(attn, *xs[s], w=w, image_first=image_first, rotary=rotary)
         r = {s: joint(s) - joint(s, 1) for s in (0, 4)}
         expected = {s: naive_joint_out(attn, joint(s, 1) + r[last], n, image_first)
                     for s, last in ((1, 0), (2, 0), (5, 4))}
