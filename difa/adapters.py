@@ -244,7 +244,7 @@ ADAPTERS: dict[str, Adapter] = {a.family: a for a in (
     # [text | image] (FluxAttention, processor called positionally with image_rotary_emb), single-stream blocks over
     # the joined sequence; both block kinds return (encoder_hidden_states, hidden_states)
     Adapter("flux", ("FluxTransformer2DModel",), "transformer", "hidden_states", NO_CFG, "prompts",
-            joint_layers=("attn",), block_streams=TEXT_FIRST),
+            joint_layers=("attn",), block_streams=TEXT_FIRST, joint_window=True),
     # CogVideoXPipeline: [uncond, cond]; latents (B, F', C, h, w). CogVideoXBlock.attn1 attends over [text | video] and
     # returns (video, text); blocks are called by keyword only and return (hidden_states, encoder_hidden_states)
     Adapter("cogvideox", ("CogVideoXTransformer3DModel",), "transformer", "hidden_states", "uncond_first", "prompts",

@@ -144,6 +144,7 @@ class Engine:
         self.metric_layers = list(metric_layers)
         self.patch = adapter.patch_size(model)
         self.latent_hw: tuple[int, int] | None = None
+        self.text_tokens: int | None = None  # text tokens of the forward in progress
         self.collapsed = False  # the forward in progress runs on one CFG half
         self.step: int | None = None  # step of the forward in progress
         self.cond: slice | None = None  # conditional half of the current batch, None if not a CFG batch
@@ -273,6 +274,8 @@ class Engine:
         self.cond = None
         self.collapsed = False
         latents = self.adapter.latent_input(args, kwargs)  # (B, C, H, W)
+        text = kwargs.get("encoder_hidden_states")  # (B, T, C): joint layers' text length
+        self.text_tokens = int(text.shape[1]) if torch.is_tensor(text) and text.ndim == 3 else None
         self.latent_hw = (int(latents.shape[-2]), int(latents.shape[-1]))
         b = latents.shape[0]
         if self.cfg_steps[self.step] or self.tgate_steps[self.step] or self.on_step is not None:  # halves matter
@@ -441,7 +444,7 @@ class Engine:
         grid = self._grid(layer, hidden_states, encoder_hidden_states) if REGISTRY[method].NEEDS_METRIC else None
         cell = Cell(attn, self.layers[layer][0], layer, step, state, self.params, original,
                     self._cond_rows(hidden_states.shape[0]), keep_residual, grid, self.collapsed,
-                    kind_of(self.layers[layer][0], self.adapter) == JOINT)
+                    kind_of(self.layers[layer][0], self.adapter) == JOINT, self.text_tokens)
         out = REGISTRY[method].execute(cell, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if method not in OUTPUT_READERS and self.keep_output[layer][step]:
             state.out = _compact(out)

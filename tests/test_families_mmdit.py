@@ -190,7 +190,7 @@ def test_methods_that_do_not_apply_are_refused(fam):
     pipe = tiny(fam)
     plan = fixed_plan(pipe, lambda i, t: "full", steps=STEPS, guidance_scale=GUIDANCE[fam])
     name = plan.model.layers[0]
-    for method in ("tome", "agent", "tgate") + (("wars",) if fam == "flux" else ("asc",)):
+    for method in ("tome", "agent", "tgate") + (() if fam == "flux" else ("asc",)):
         d = plan.to_dict()
         d["methods"][name][2] = method
         with pytest.raises(DifaError, match="joint") as e:
@@ -260,6 +260,42 @@ def naive_joint_attention(attn, x, e, w=None, image_first=True, rotary=None):
     return (scores.softmax(-1) @ v.double()).float()
 
 
+def naive_flux_attention(attn, x, e, rotary, w=None, text=None):
+    """FLUX's joint attention written out: [text | image], the text of a double-stream layer through add_*_proj, RoPE on
+    the whole sequence; a single-stream layer (e None) gets the joined sequence with `text` text tokens first. With
+    `w`, image query i sees the image keys |i - j| <= w and every text key. (B, H, L, D)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    def heads(y):
+        return y.unflatten(-1, (attn.heads, -1))  # (B, L, H, D)
+
+    q, k, v = attn.norm_q(heads(attn.to_q(x))), attn.norm_k(heads(attn.to_k(x))), heads(attn.to_v(x))
+    if e is not None:
+        text = e.shape[1]
+        q = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(e))), q], 1)
+        k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(e))), k], 1)
+        v = torch.cat([heads(attn.add_v_proj(e)), v], 1)
+    q, k = apply_rotary_emb(q, rotary, sequence_dim=1), apply_rotary_emb(k, rotary, sequence_dim=1)
+    q, k, v = (y.transpose(1, 2).double() for y in (q, k, v))  # (B, H, L, D)
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    if w is not None:
+        i = torch.arange(q.shape[2]) - text  # position among the image tokens (text: negative)
+        image = i >= 0
+        scores = scores.masked_fill(image[:, None] & image[None, :] & ((i[:, None] - i[None, :]).abs() > w),
+                                    float("-inf"))
+    return (scores.softmax(-1) @ v).float()
+
+
+def naive_flux_out(attn, o, e):
+    """A double-stream layer's (image, text): to_out on the image, to_add_out on the text; a single-stream layer's
+    joined sequence as it is."""
+    y = o.transpose(1, 2).flatten(2)
+    if e is None:
+        return (y,)
+    t = e.shape[1]
+    return attn.to_out[0](y[:, t:]), attn.to_add_out(y[:, :t])
+
+
 def naive_joint_out(attn, o, n, image_first=True):
     """(image, text) from the joint attention output o (B, H, L, D). SD3: to_out on the image, to_add_out on the text
     (none in its last block, context_pre_only); CogVideoX: to_out on the joined sequence."""
@@ -286,12 +322,13 @@ def tiny_cogvideox_rope():
     return pipe
 
 
-@pytest.mark.parametrize("family", ["sd3", "cogvideox", "cogvideox+rope"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "cogvideox", "cogvideox+rope"])
 def test_joint_window_attention_matches_naive_reference(family):
     """wars on the joint layers (window 1 token per side over the image / video tokens, text attending fully): step 0
     full (bit-exact with the stock processor while it caches R = O_full - O_window), then O_window + R of the last
-    full step, for both parts of the output; ast in between. FLUX refuses it."""
+    full step, for both parts of the output; ast in between. FLUX: double- and single-stream layers, RoPE on all."""
     from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, JointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
     rope = family.endswith("+rope")
     family = family.split("+")[0]
@@ -309,6 +346,9 @@ def test_joint_window_attention_matches_naive_reference(family):
         for h in handles:
             h.remove()
         difa.remove_plan(pipe)
+    if family == "flux":
+        check_flux_window(layers, calls, FluxAttnProcessor())
+        return
     stock = JointAttnProcessor2_0() if image_first else CogVideoXAttnProcessor2_0()
     for (name, attn), seen in zip(layers, calls):
         xs = [(kw["hidden_states"], kw["encoder_hidden_states"]) for _, kw, _ in seen]
@@ -330,12 +370,32 @@ def test_joint_window_attention_matches_naive_reference(family):
                 torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=f"{name} step {s} {part}")
         full1 = naive_joint_out(attn, joint(1), n, image_first)
         assert (outs[1][0] - full1[0]).abs().max() > 1e-4  # the window changed something
-    other = tiny("flux")
-    d = fixed_plan(other, lambda i, t: "full", steps=STEPS, guidance_scale=GUIDANCE["flux"]).to_dict()
-    d["methods"][next(iter(d["methods"]))][1] = "wars"
-    with pytest.raises(DifaError, match="FLUX") as e:
-        Plan.from_dict(d, source="test")
-    assert "\n" not in str(e.value)
+
+
+def check_flux_window(layers, calls, stock):
+    """The FLUX half of test_joint_window_attention_matches_naive_reference."""
+    from difa.tiny import TEXT_TOKENS
+
+    singles = 0
+    for (name, attn), seen in zip(layers, calls):
+        rotary = seen[0][1]["image_rotary_emb"]
+        xs = [(kw["hidden_states"], kw.get("encoder_hidden_states")) for _, kw, _ in seen]
+        outs = [o if isinstance(o, tuple) else (o,) for _, _, o in seen]
+        singles += xs[0][1] is None
+        ref = stock(attn, *xs[0], None, rotary)  # called positionally, as FluxAttention does
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        assert len(ref) == len(outs[0]) and all(torch.equal(a, b) for a, b in zip(outs[0], ref)), name  # full + R
+
+        def joint(s, w=None):
+            return naive_flux_attention(attn, *xs[s], rotary, w=w, text=TEXT_TOKENS)
+        r = {s: joint(s) - joint(s, 1) for s in (0, 4)}
+        expected = {s: naive_flux_out(attn, joint(s, 1) + r[last], xs[s][1]) for s, last in ((1, 0), (2, 0), (5, 4))}
+        expected[3] = outs[2]
+        for s, e in expected.items():
+            for part, got, want in zip(("image", "text"), outs[s], e):
+                torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=f"{name} step {s} {part}")
+        assert (outs[1][0] - naive_flux_out(attn, joint(1), xs[1][1])[0]).abs().max() > 1e-4
+    assert singles == 3
 
 
 def test_cli_calibrates_and_generates_every_tiny_family(fam, tmp_path):

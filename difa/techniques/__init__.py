@@ -27,8 +27,8 @@ NOT_JOINT = {
            "sequence, so sharing one half's attention would erase the text stream's guidance difference",
     "wars+asc": "it shares attention across the CFG halves, which the joint sequence's text tokens tell apart "
                 "(see 'asc')",
-    "wars": "window attention on joint layers reproduces SD3's and CogVideoX's processors only (FLUX's single-stream "
-            "layers get the joined sequence without its text length, and its processor is not reproduced)",
+    "wars": "window attention on joint layers needs the family's joint processor reproduced (techniques/joint.py: "
+            "SD3, CogVideoX and FLUX are), and this family's is not",
     "tome": "token merging works on a 2-D grid of image tokens; the joint sequence also holds text tokens",
     "agent": "agent tokens are pooled from a 2-D grid of image tokens; the joint sequence also holds text tokens",
 }

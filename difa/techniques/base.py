@@ -74,6 +74,7 @@ class Cell:
     grid: tuple[int, int, int] | None = None  # (h, w, downsample) of the layer's token grid, from the adapter
     collapsed: bool = False  # the engine runs one CFG half only (every cross-attention gated): halves are equal
     joint: bool = False  # a joint (MMDiT) layer: hidden_states are the image tokens, encoder_hidden_states the text
+    text_tokens: int | None = None  # text tokens of the denoiser call (FLUX single-stream layers: the joined length)
 
     def require_cfg(self, method: str) -> slice:
         if self.cond is None:

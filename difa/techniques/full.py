@@ -45,10 +45,11 @@ def execute(cell: Cell, hidden_states, encoder_hidden_states=None, attention_mas
     attn = cell.attn
     if cell.joint:  # text and image tokens in one softmax; R = O_full - O_window over the whole joint sequence
         image_first = joint.check(cell, "wars")
-        q, k, v = joint.qkv(cell, hidden_states, encoder_hidden_states, kwargs.get("image_rotary_emb"))  # (B, H, L, D)
+        rotary = args[0] if args else kwargs.get("image_rotary_emb")  # FLUX passes it positionally
+        q, k, v, n = joint.qkv(cell, hidden_states, encoder_hidden_states, rotary)  # (B, H, L, D)
         o = full_attention(q, k, v)
-        cell.state.residual = o - wars.joint_window(cell, q, k, v, hidden_states.shape[1], image_first)
-        return joint.out(cell, o, hidden_states.shape[1], encoder_hidden_states is not None, q.dtype)
+        cell.state.residual = o - wars.joint_window(cell, q, k, v, n, image_first)
+        return joint.out(cell, o, n, encoder_hidden_states is not None, q.dtype)
     q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)  # (B, H, N, D)
     o = full_attention(q, k, v)  # (B, H, N, D)
     cell.state.residual = o - wars.window(cell, q, k, v)

@@ -19,7 +19,7 @@ from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, proj
 NAME = "wars"
 LETTER = "W"  # one character per cell in the calibration summary
 COLOR = "#1f77b4"  # its colour in plan heatmaps (difa.plots), the same in every plot
-KINDS = ("attn1", "joint")  # joint: SD3, CogVideoX (Adapter.joint_window); image tokens windowed, text fully
+KINDS = ("attn1", "joint")  # joint (Adapter.joint_window): image tokens windowed, text attending fully
 AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
 READS_CACHE = True
 NEEDS_METRIC = False
@@ -73,12 +73,12 @@ def joint_output(cell: Cell, hidden_states, encoder_hidden_states, method: str, 
     residual = cell.state.residual
     if residual is None:
         raise DifaError(f"{cell.name} step {cell.step}: {method!r} needs a residual from an earlier 'full' step; fix the plan")
-    q, k, v = joint.qkv(cell, hidden_states, encoder_hidden_states, rotary)  # (B, H, L, D)
+    q, k, v, n = joint.qkv(cell, hidden_states, encoder_hidden_states, rotary)  # (B, H, L, D)
     if residual.shape != q.shape:
         raise DifaError(f"{cell.name} step {cell.step}: cached residual has shape {tuple(residual.shape)} but this call "
                         f"has {tuple(q.shape)}; the batch or resolution changed mid-generation, keep them fixed")
-    o = joint_window(cell, q, k, v, hidden_states.shape[1], image_first) + residual
-    return joint.out(cell, o, hidden_states.shape[1], encoder_hidden_states is not None, q.dtype)
+    o = joint_window(cell, q, k, v, n, image_first) + residual
+    return joint.out(cell, o, n, encoder_hidden_states is not None, q.dtype)
 
 
 def windowed_output(cell: Cell, hidden_states: torch.Tensor, residual: torch.Tensor, method: str) -> torch.Tensor:
@@ -98,7 +98,8 @@ def windowed_output(cell: Cell, hidden_states: torch.Tensor, residual: torch.Ten
 def execute(cell: Cell, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
     check_plain(cell, attention_mask, NAME)
     if cell.joint:
-        return joint_output(cell, hidden_states, encoder_hidden_states, NAME, kwargs.get("image_rotary_emb"))
+        rotary = args[0] if args else kwargs.get("image_rotary_emb")  # FLUX passes it positionally
+        return joint_output(cell, hidden_states, encoder_hidden_states, NAME, rotary)
     if encoder_hidden_states is not None:
         raise DifaError(f"{cell.name}: {NAME!r} applies to self-attention only; set this layer to 'full'")
     return windowed_output(cell, hidden_states, cell.state.residual, NAME)
