@@ -285,13 +285,16 @@ def time_attention(attn, name: str, i: int, inputs: tuple, methods: Sequence[str
     with torch.no_grad():
         keep = not unfit("wars", name, adapter) and mask is None and any(m in methods for m in ("wars", "wars+asc"))
         try:  # fills the window residual a `wars` call reads
-            state.out = REGISTRY[FULL].execute(Cell(attn, name, i, 1, state, params, original, cond, keep, joint=joint, text_tokens=text_tokens), x, context, mask)
+            state.out = REGISTRY[FULL].execute(Cell(attn, name, i, 1, state, params, original, cond, keep, joint=joint,
+                                                    text_tokens=text_tokens), x, context, mask)
         except Exception:
-            state.out = REGISTRY[FULL].execute(Cell(attn, name, i, 1, state, params, original, cond, False, joint=joint, text_tokens=text_tokens), x, context, mask)
+            state.out = REGISTRY[FULL].execute(Cell(attn, name, i, 1, state, params, original, cond, False, joint=joint,
+                                                    text_tokens=text_tokens), x, context, mask)
     for m in [FULL, *methods]:
         if unfit(m, name, adapter):
             continue
-        cell = Cell(attn, name, i, 1, state, params, original, cond, False, capture.grid(x, context, name), False, joint, text_tokens)
+        cell = Cell(attn, name, i, 1, state, params, original, cond, False, capture.grid(x, context, name), False, joint,
+                    text_tokens)
         try:
             out[m] = _median_time(lambda: REGISTRY[m].execute(cell, x, context, mask))
         except Exception:  # a method that cannot run on this layer (masked attention, no grid): never chosen
