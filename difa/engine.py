@@ -430,7 +430,8 @@ class Engine:
         if layer not in self.shapes:
             self.shapes[layer] = _shape(attn, hidden_states, encoder_hidden_states,
                                         self._grid(layer, hidden_states, encoder_hidden_states),
-                                        joint=kind_of(self.layers[layer][0], self.adapter) == JOINT)
+                                        joint=kind_of(self.layers[layer][0], self.adapter) == JOINT,
+                                        text_tokens=self.text_tokens)
         method = self.methods[layer][step]
         if self.collapsed and REGISTRY[method].ON_ONE_HALF:  # one half only: sharing across halves is plain attention
             method = REGISTRY[method].ON_ONE_HALF
@@ -457,13 +458,15 @@ def _ours(forward: Any, engine: "Engine") -> bool:
 
 
 def _shape(attn, x: torch.Tensor, context: torch.Tensor | None, grid: tuple[int, int, int] | None,
-           joint: bool = False) -> LayerShape:
+           joint: bool = False, text_tokens: int | None = None) -> LayerShape:
     b, n, c = x.shape[0], x.shape[-2], x.shape[-1]  # x: (B, N, C)
     n_kv = n if context is None else context.shape[-2]
-    if joint and context is not None:  # joint attention: every query attends over image and text tokens
-        n = n_kv = n + context.shape[-2]
+    text = 0
+    if joint:  # joint attention: every query attends over image and text tokens
+        text = context.shape[-2] if context is not None else (text_tokens or 0)  # FLUX single-stream: joined already
+        n = n_kv = n + (context.shape[-2] if context is not None else 0)
     return LayerShape(batch=b, n_q=n, n_kv=n_kv, dim=c, inner=attn.inner_dim, heads=attn.heads,
-                      downsample=grid[2] if grid else 1)
+                      downsample=grid[2] if grid else 1, text=text)
 
 
 def _compact(out: Any) -> Any:

@@ -22,8 +22,8 @@ from difa.engine import plan_blocks, plan_layers
 from difa.errors import DifaError
 from difa.plan import Plan
 from difa.presets import preset_plan
-from difa.techniques import kind_of
-from difa.tiny import build_tiny_pipeline, tiny_call_kwargs
+from difa.techniques import kind_of, wars
+from difa.tiny import TEXT_TOKENS, build_tiny_pipeline, tiny_call_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -339,13 +339,22 @@ def test_joint_window_attention_matches_naive_reference(family):
     layers = plan_layers(pipe)[2]
     assert all(row == tuple(pattern) for row in plan.methods)
     calls, handles = record([m for _, m in layers])
-    difa.apply_plan(pipe, plan)
+    engine = difa.apply_plan(pipe, plan)
     try:
         generate(pipe, family)
     finally:
         for h in handles:
             h.remove()
         difa.remove_plan(pipe)
+    for i, seen in enumerate(calls):  # the cost model: joint tokens, the text ones attended fully under the window
+        shape, kw = engine.shapes[i], seen[0][1]
+        text = kw["encoder_hidden_states"].shape[1] if kw.get("encoder_hidden_states") is not None else TEXT_TOKENS
+        n = shape.n_q - text
+        assert shape.text == text and shape.n_q == shape.n_kv == kw["hidden_states"].shape[1] + (
+            0 if kw.get("encoder_hidden_states") is None else text)
+        pos = torch.arange(n)
+        band = int(((pos[:, None] - pos[None, :]).abs() <= 1).sum())
+        assert wars.window_pairs(shape, plan.techniques) == band + text * (n + shape.n_q)
     if family == "flux":
         check_flux_window(layers, calls, FluxAttnProcessor())
         return
@@ -359,7 +368,7 @@ def test_joint_window_attention_matches_naive_reference(family):
         kw = {"image_rotary_emb": rotary} if rope else {}
         assert all(torch.equal(a, b) for a, b in zip(outs[0], stock(attn, *xs[0], **kw))), name  # full + caching R
 
-        def joint(s, w=None):
+        def joint(s, w=None, attn=attn, xs=xs, rotary=rotary):
             return naive_joint_attention(attn, *xs[s], w=w, image_first=image_first, rotary=rotary)
         r = {s: joint(s) - joint(s, 1) for s in (0, 4)}
         expected = {s: naive_joint_out(attn, joint(s, 1) + r[last], n, image_first)
@@ -374,8 +383,6 @@ def test_joint_window_attention_matches_naive_reference(family):
 
 def check_flux_window(layers, calls, stock):
     """The FLUX half of test_joint_window_attention_matches_naive_reference."""
-    from difa.tiny import TEXT_TOKENS
-
     singles = 0
     for (name, attn), seen in zip(layers, calls):
         rotary = seen[0][1]["image_rotary_emb"]
@@ -386,7 +393,7 @@ def check_flux_window(layers, calls, stock):
         ref = ref if isinstance(ref, tuple) else (ref,)
         assert len(ref) == len(outs[0]) and all(torch.equal(a, b) for a, b in zip(outs[0], ref)), name  # full + R
 
-        def joint(s, w=None):
+        def joint(s, w=None, attn=attn, xs=xs, rotary=rotary):
             return naive_flux_attention(attn, *xs[s], rotary, w=w, text=TEXT_TOKENS)
         r = {s: joint(s) - joint(s, 1) for s in (0, 4)}
         expected = {s: naive_flux_out(attn, joint(s, 1) + r[last], xs[s][1]) for s, last in ((1, 0), (2, 0), (5, 4))}

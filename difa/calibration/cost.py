@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
-from difa.attention import band_pairs, window_tokens
 from difa.plan import FULL, TGATE, residual_producers, residual_steps
 from difa.techniques import REGISTRY, kind_of, wars
 from difa.techniques.base import LayerShape, core_flops
@@ -21,8 +20,7 @@ def method_flops(method: str, shape: LayerShape, params: Mapping[str, Mapping]) 
 
 def residual_flops(shape: LayerShape, params: Mapping[str, Mapping]) -> float:
     """Extra window attention computed at a `full` step to cache R."""
-    w = window_tokens(wars.Config(**params.get(wars.NAME, {})).window, shape.n_kv)
-    return core_flops(shape, band_pairs(shape.n_kv, w))
+    return core_flops(shape, wars.window_pairs(shape, params))
 
 
 def order_candidates(candidates: Iterable[str], shape: LayerShape, params: Mapping[str, Mapping]) -> list[str]:

@@ -48,14 +48,16 @@ class LayerShape:
     inner: int  # heads * head_dim
     heads: int
     downsample: int = 1  # UNet block downsampling relative to the latent (ToMe's max_downsample); 1 in transformers
+    text: int = 0  # of the n_q tokens, the text tokens of a joint (MMDiT) layer (full attention under `wars`)
 
     @property
     def head_dim(self) -> int:
         return self.inner // self.heads
 
     def to_dict(self) -> dict[str, int]:
-        return dict(batch=self.batch, n_q=self.n_q, n_kv=self.n_kv, dim=self.dim, inner=self.inner, heads=self.heads,
-                    downsample=self.downsample)
+        d = dict(batch=self.batch, n_q=self.n_q, n_kv=self.n_kv, dim=self.dim, inner=self.inner, heads=self.heads,
+                 downsample=self.downsample)
+        return {**d, "text": self.text} if self.text else d
 
 
 @dataclass

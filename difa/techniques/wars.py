@@ -47,9 +47,16 @@ def check_config(params: Mapping[str, Mapping]) -> None:
         raise DifaError(f"techniques.{NAME}.{e}") from None
 
 
+def window_pairs(shape: LayerShape, params: Mapping[str, Mapping]) -> int:
+    """(query, key) pairs of the window attention: the band over the tokens; on a joint layer the band over its image
+    tokens, plus image x text and text x everything (text attends and is attended fully)."""
+    image = shape.n_kv - shape.text
+    w = window_tokens(Config(**params.get(NAME, {})).window, image)
+    return band_pairs(image, w) + shape.text * (image + shape.n_kv)
+
+
 def flops(shape: LayerShape, params: Mapping[str, Mapping]) -> float:
-    w = window_tokens(Config(**params.get(NAME, {})).window, shape.n_kv)
-    return projection_flops(shape) + core_flops(shape, band_pairs(shape.n_kv, w))
+    return projection_flops(shape) + core_flops(shape, window_pairs(shape, params))
 
 
 def window(cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
