@@ -44,9 +44,9 @@ def kind_of(layer_name: str, adapter: Any = None) -> str:
 
 def unfit(method: str, layer: str, adapter: Any = None) -> str | None:
     """Why `method` cannot run on attention layer `layer` of a model with `adapter` (difa.adapters.Adapter), as one
-    phrase; None when it can. The layer's kind (attn1 / attn2 from its name; joint from the adapter), its token axis (a video model's
-    temporal layers attend across frames: no 2-D grid to merge on) and the family's CFG (a guidance-distilled model
-    has no CFG batch to share attention across)."""
+    phrase; None when it can. The layer's kind (attn1 / attn2 from its name; joint from the adapter: NOT_JOINT says
+    why a method skips joint attention), its token axis (a video model's temporal layers attend across frames: no 2-D
+    grid to merge on) and the family's CFG (a guidance-distilled model has no CFG batch to share attention across)."""
     t = REGISTRY[method]
     kind = kind_of(layer, adapter)
     if kind == JOINT and kind not in t.KINDS and method in NOT_JOINT:
@@ -54,7 +54,8 @@ def unfit(method: str, layer: str, adapter: Any = None) -> str | None:
     if kind not in t.KINDS:
         return f"{method!r} applies to {'/'.join(t.KINDS)} layers only, not {kind}"
     if kind == JOINT and method == wars.NAME and not adapter.joint_window:
-        return f"{method!r} does not run on joint (MMDiT) attention of {adapter.family} such as {layer}: {NOT_JOINT[method]}"
+        return (f"{method!r} does not run on joint (MMDiT) attention of {adapter.family} such as {layer}: "
+                f"{NOT_JOINT[method]}")
     if adapter is None:
         return None
     axis = adapter.axis(layer)

@@ -1,7 +1,8 @@
 """What every technique receives, and the projections they share.
 
 A technique file has one shape: NAME, KINDS (the attention kinds it applies to: "attn1" self-, "attn2"
-cross-attention, "joint" MMDiT attention over text and image tokens at once, whose output may be a tuple), READS_CACHE (it reuses something an earlier step computed, so it cannot run at step 0),
+cross-attention, "joint" MMDiT attention over text and image tokens at once, whose output may be a tuple),
+READS_CACHE (it reuses something an earlier step computed, so it cannot run at step 0),
 NEEDS_METRIC (it needs the transformer block's input, e.g. ToMe's similarity metric), a frozen `Config`,
 `flops(shape, params)` for the cost model and `execute(cell, hidden_states, encoder_hidden_states,
 attention_mask, **kw)` returning the attention module's output. Techniques know nothing about the model

@@ -79,7 +79,8 @@ def joint_output(cell: Cell, hidden_states, encoder_hidden_states, method: str, 
     image_first = joint.check(cell, method)
     residual = cell.state.residual
     if residual is None:
-        raise DifaError(f"{cell.name} step {cell.step}: {method!r} needs a residual from an earlier 'full' step; fix the plan")
+        raise DifaError(f"{cell.name} step {cell.step}: {method!r} needs a residual from an earlier 'full' step; "
+                        "fix the plan")
     q, k, v, n = joint.qkv(cell, hidden_states, encoder_hidden_states, rotary)  # (B, H, L, D)
     if residual.shape != q.shape:
         raise DifaError(f"{cell.name} step {cell.step}: cached residual has shape {tuple(residual.shape)} but this call "
