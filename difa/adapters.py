@@ -12,6 +12,8 @@ from difa.errors import DifaError
 
 SELF_ATTN = "attn1"
 CROSS_ATTN = "attn2"
+JOINT = "joint"  # the kind of a joint (MMDiT) attention layer: text and image / video tokens in one softmax
+TEXT_FIRST, HIDDEN_FIRST = "text_first", "hidden_first"  # Adapter.block_streams: the order of a block's tuple output
 SET = "<set>"  # in Adapter.config_match: the config key has any value but None
 NO_CFG = "none"  # cfg_layout of guidance-distilled families: the pipeline never builds a CFG batch
 SPATIAL, TEMPORAL = "spatial", "temporal"  # token axes of an attention layer (Adapter.axis)
@@ -40,18 +42,34 @@ class Adapter:
     # The CFG half the engine keeps when every cross-attention is gated (T-GATE's "CFG dropped"): the one T-GATE's
     # own pipeline runs. SD-XL runs the unconditional half (its pooled text embedding, in temb, differs between halves)
     collapse_to: str = "cond"
+    # Joint-attention (MMDiT) families: the module-name parts of their attention layers (SD3 / FLUX "attn", CogVideoX
+    # "attn1"), all of kind JOINT whatever the name says; only these are planned. Empty: attn1 / attn2 by name.
+    joint_layers: tuple[str, ...] = ()
+    # Blocks with two streams (hidden_states, encoder_hidden_states) in and a tuple out: the tuple's order,
+    # TEXT_FIRST (SD3, FLUX: (encoder_hidden_states, hidden_states)) or HIDDEN_FIRST (CogVideoX). None: a tensor.
+    block_streams: str | None = None
+    joint_window: bool = False  # `wars` runs on its joint layers (their processors are reproduced: techniques/joint.py)
 
     def denoiser(self, obj: Any) -> torch.nn.Module:
         return getattr(obj, self.denoiser_attr) if hasattr(obj, self.denoiser_attr) else obj
 
+    def kind(self, layer_name: str) -> str:
+        """The layer's kind from the architecture: JOINT in a joint-attention family, else attn1 / attn2 (its name)."""
+        last = layer_name.rsplit(".", 1)[-1]
+        return JOINT if last in self.joint_layers else last
+
     def attention_layers(self, model: torch.nn.Module, kind: str = SELF_ATTN) -> list[tuple[str, torch.nn.Module]]:
-        """`Attention` modules named `*.<kind>`, in execution order."""
-        return [(n, m) for n, m in self.planned_layers(model) if n.rsplit(".", 1)[-1] == kind]
+        """Planned attention modules of `kind` (attn1, attn2 or JOINT), in execution order."""
+        return [(n, m) for n, m in self.planned_layers(model) if self.kind(n) == kind]
 
     def planned_layers(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-        """Self- and cross-attention modules in execution order (attn1 before attn2 within a block)."""
+        """Self- and cross-attention modules in execution order (attn1 before attn2 within a block); in a joint family
+        its joint attention modules (FLUX's FluxAttention is no `Attention` subclass: any module with a processor)."""
         from diffusers.models.attention_processor import Attention
 
+        if self.joint_layers:
+            return self.execution_order([(n, m) for n, m in model.named_modules() if hasattr(m, "set_processor")
+                                         and hasattr(m, "processor") and n.rsplit(".", 1)[-1] in self.joint_layers])
         kinds = (SELF_ATTN, CROSS_ATTN)
         return self.execution_order(
             [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and n.rsplit(".", 1)[-1] in kinds])
@@ -75,7 +93,7 @@ class Adapter:
         """Transformer blocks (the parents of self-attention layers: DiT / PixArt `transformer_blocks.N`, the
         UNet's `...attentions.K.transformer_blocks.0`), in execution order: the units of block cells."""
         out: dict[str, torch.nn.Module] = {}
-        for name, _ in self.attention_layers(model, SELF_ATTN):
+        for name, _ in self.attention_layers(model, JOINT if self.joint_layers else SELF_ATTN):
             parent = name.rsplit(".", 1)[0]
             out.setdefault(parent, model.get_submodule(parent))
         return list(out.items())
@@ -217,6 +235,20 @@ ADAPTERS: dict[str, Adapter] = {a.family: a for a in (
     # tokens (h/2)*(w/2); temporal blocks (self-attention only): batch B*(h/2)*(w/2), tokens F
     Adapter("latte", ("LatteTransformer3DModel",), "transformer", "hidden_states", "uncond_first", "prompts",
             temporal="temporal_transformer_blocks", output_attr="frames"),
+    # StableDiffusion3Pipeline (MMDiT): cat([negative, positive]) -> [uncond, cond]. JointTransformerBlock.attn gets the
+    # image tokens as hidden_states and the text as encoder_hidden_states, attends over [image | text] and returns
+    # (image, text); the block returns (encoder_hidden_states, hidden_states), the last one (None, hidden_states)
+    Adapter("sd3", ("SD3Transformer2DModel",), "transformer", "hidden_states", "uncond_first", "prompts",
+            joint_layers=("attn",), block_streams=TEXT_FIRST, joint_window=True),
+    # FluxPipeline: guidance-distilled (guidance_scale is embedded, batch 1). Double-stream blocks attend over
+    # [text | image] (FluxAttention, processor called positionally with image_rotary_emb), single-stream blocks over
+    # the joined sequence; both block kinds return (encoder_hidden_states, hidden_states)
+    Adapter("flux", ("FluxTransformer2DModel",), "transformer", "hidden_states", NO_CFG, "prompts",
+            joint_layers=("attn",), block_streams=TEXT_FIRST, joint_window=True),
+    # CogVideoXPipeline: [uncond, cond]; latents (B, F', C, h, w). CogVideoXBlock.attn1 attends over [text | video] and
+    # returns (video, text); blocks are called by keyword only and return (hidden_states, encoder_hidden_states)
+    Adapter("cogvideox", ("CogVideoXTransformer3DModel",), "transformer", "hidden_states", "uncond_first", "prompts",
+            output_attr="frames", joint_layers=("attn1",), block_streams=HIDDEN_FIRST, joint_window=True),
 )}
 
 

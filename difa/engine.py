@@ -29,12 +29,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from difa.adapters import CROSS_ATTN, TEMPORAL, Adapter, adapter_for
+from difa.adapters import CROSS_ATTN, JOINT, TEMPORAL, TEXT_FIRST, Adapter, adapter_for
 from difa.attention.merge import token_grid
 from difa.errors import DifaError
 from difa.plan import (AST, CFG_METHODS, FULL, OUTPUT_READERS, TGATE, WARS, Plan, block_executed, block_keeps,
                        config_hash, executed_cells, output_steps, residual_producers, residual_steps)
-from difa.techniques import REGISTRY, kind_of
+from difa.techniques import REGISTRY, kind_of, unfit
 from difa.techniques.base import Cell, LayerShape, LayerState
 from difa.techniques.blocks import BlockCell, BlockState, first_tensor
 
@@ -47,17 +47,40 @@ StepHook = Callable[["Engine", Callable[[Sequence[str]], torch.Tensor]], Sequenc
 
 
 class PlanProcessor:
-    """Attention processor for one planned layer; forwards every call to the engine."""
+    """Attention processor for one planned layer; forwards every call to the engine.
+
+    Its call signature, as `inspect.signature` reports it, is the original processor's (see `plan_processor`):
+    diffusers filters the attention kwargs against it (`Attention.forward`, `FluxAttention.forward`), so a kwarg such
+    as CogVideoX's `image_rotary_emb` must not be dropped, and FLUX's processor is called positionally
+    (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb) with no **kwargs."""
 
     def __init__(self, engine: "Engine", layer: int, original: Callable):
         self.engine = engine
         self.layer = layer
         self.original = original
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if temb is not None:
-            kwargs["temb"] = temb
-        return self.engine.run_cell(self.layer, self.original, attn, hidden_states, encoder_hidden_states, attention_mask, kwargs)
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        args = list(args)
+        ehs = args.pop(0) if args else kwargs.pop("encoder_hidden_states", None)
+        mask = args.pop(0) if args else kwargs.pop("attention_mask", None)
+        return self.engine.run_cell(self.layer, self.original, attn, hidden_states, ehs, mask, kwargs, tuple(args))
+
+
+def plan_processor(engine: "Engine", layer: int, original: Callable) -> PlanProcessor:
+    """A PlanProcessor whose `__call__` reports the original processor's signature (a subclass per layer)."""
+    import inspect
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return PlanProcessor.__call__(self, attn, hidden_states, *args, **kwargs)
+
+    try:
+        sig = inspect.signature(original.__call__)
+        __call__.__signature__ = sig.replace(parameters=[
+            inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *sig.parameters.values()])
+    except (TypeError, ValueError):
+        pass
+    cls = type(PlanProcessor.__name__, (PlanProcessor,), {"__call__": __call__})
+    return cls(engine, layer, original)
 
 
 class Engine:
@@ -89,6 +112,7 @@ class Engine:
                        if set(row) != {FULL} or on_block is not None]
         self.block_methods = block_methods
         self.block_names = [n for n, _ in blocks]
+        self.blocks_by_index = [m for _, m in blocks]
         self.block_states = [BlockState(points=residual_points(row)) for row in
                              (block_methods if len(block_methods) == len(blocks) else [()] * len(blocks))]
         block_ran = block_executed([n for n, _ in blocks], block_methods, self.steps)
@@ -105,7 +129,7 @@ class Engine:
         self.shapes: dict[int, LayerShape] = {}
         self.producers = producers = residual_producers(params)
         if calibrating:  # future decisions are unknown: keep every cache that a later cell could read
-            self.keep_residual = [[m in producers and kind_of(n) in REGISTRY[WARS].KINDS for m in row]
+            self.keep_residual = [[m in producers and not unfit(WARS, n, adapter) for m in row]
                                   for (n, _), row in zip(self.layers, methods)]
             self.keep_output = [[True] * self.steps for _ in methods]
         else:
@@ -113,7 +137,7 @@ class Engine:
             self.keep_output = output_steps(methods, executed)
         self.cfg_steps = [any(row[t] in CFG_METHODS for row in methods) for t in range(self.steps)]
         self.tgate_steps = [any(row[t] == TGATE for row in methods) for t in range(self.steps)]
-        self.cross = [i for i, (n, _) in enumerate(self.layers) if kind_of(n) == CROSS_ATTN]
+        self.cross = [i for i, (n, _) in enumerate(self.layers) if kind_of(n, adapter) == CROSS_ATTN]
         self.temporal = {i for i, (n, _) in enumerate(self.layers) if adapter.axis(n) == TEMPORAL}  # tokens = frames
         self.collapse_cfg = collapse_cfg and bool(self.cross)
         if metric_layers is None:  # layers whose plan uses a method that reads the block input
@@ -121,6 +145,7 @@ class Engine:
         self.metric_layers = list(metric_layers)
         self.patch = adapter.patch_size(model)
         self.latent_hw: tuple[int, int] | None = None
+        self.text_tokens: int | None = None  # text tokens of the forward in progress
         self.collapsed = False  # the forward in progress runs on one CFG half
         self.step: int | None = None  # step of the forward in progress
         self.cond: slice | None = None  # conditional half of the current batch, None if not a CFG batch
@@ -139,7 +164,7 @@ class Engine:
         if old is not None:
             old.remove()
         for i, (_, attn) in enumerate(self.layers):
-            attn.set_processor(PlanProcessor(self, i, attn.processor))
+            attn.set_processor(plan_processor(self, i, attn.processor))
         self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         if self.collapse_cfg:
             self._handles.append(self.model.register_forward_hook(self._post_forward))
@@ -250,6 +275,8 @@ class Engine:
         self.cond = None
         self.collapsed = False
         latents = self.adapter.latent_input(args, kwargs)  # (B, C, H, W)
+        text = kwargs.get("encoder_hidden_states")  # (B, T, C): joint layers' text length
+        self.text_tokens = int(text.shape[1]) if torch.is_tensor(text) and text.ndim == 3 else None
         self.latent_hw = (int(latents.shape[-2]), int(latents.shape[-1]))
         b = latents.shape[0]
         if self.cfg_steps[self.step] or self.tgate_steps[self.step] or self.on_step is not None \
@@ -313,7 +340,7 @@ class Engine:
         if self.cond is None or not self._gates(step):
             return False
         for i, row in enumerate(self.methods):  # exact only if every cache read at this step has equal halves
-            cache = {AST: self.states[i].out, WARS: self.states[i].residual}.get(row[step])
+            cache = first_tensor({AST: self.states[i].out, WARS: self.states[i].residual}.get(row[step]))
             if cache is not None and cache.shape[0] == b and not torch.equal(cache[: b // 2], cache[b // 2:]):
                 return False
         for j, _, _ in self.blocks:
@@ -340,17 +367,13 @@ class Engine:
 
     def _fit_caches(self, state: LayerState, b: int) -> None:
         """Caches made on the whole CFG batch used on one half (collapse), or the other way round."""
-        for field in ("out", "residual"):
-            c = getattr(state, field)
-            if c is None or c.shape[0] == b:
-                continue
-            if c.shape[0] == 2 * b and self.collapsed:
-                sl = self.adapter.kept_half(2 * b)  # halves checked equal (or only the kept half is read)
-                setattr(state, field, c[sl])
-            elif 2 * c.shape[0] == b:
-                setattr(state, field, torch.cat([c, c]))
+        for field in ("out", "residual"):  # (halves checked equal, or only the kept half is read)
+            setattr(state, field, self._fit(getattr(state, field), b))
 
-    def _fit(self, c: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    def _fit(self, c: Any, b: int) -> Any:
+        """A cache (a tensor, or a joint layer's tuple of them) cut to one CFG half or doubled to fit batch b."""
+        if isinstance(c, (tuple, list)):
+            return type(c)(self._fit(x, b) for x in c)
         if c is None or c.shape[0] == b:
             return c
         if c.shape[0] == 2 * b and self.collapsed:
@@ -360,21 +383,28 @@ class Engine:
         return c
 
     def _run_block(self, j: int, original: Callable, *args, **kwargs):
-        """The wrapped forward of block j: its plan cell decides whether and how the block runs."""
+        """The wrapped forward of block j: its plan cell decides whether and how the block runs. A two-stream block
+        (Adapter.block_streams) is seen by the block techniques as one tensor: hidden_states and encoder_hidden_states
+        joined along the tokens (input and output alike), so a residual or a forecast covers both streams."""
         step = self.step
         x = args[0] if args else kwargs.get("hidden_states")
         if step is None or not torch.is_tensor(x):  # outside a denoiser forward
             return original(*args, **kwargs)
+        compute = lambda: original(*args, **kwargs)  # noqa: E731
+        streams = self.adapter.block_streams
+        if streams is not None:
+            e = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+            x, compute, split = _join_streams(x, e, compute, streams, getattr(self.blocks_by_index[j], "context_pre_only", False))
         st = self.block_states[j]
         st.residuals = [(s, self._fit(r, x.shape[0])) for s, r in st.residuals]
         st.ff = self._fit(st.ff, x.shape[0])
         cell = BlockCell(self.block_names[j], j, step, st, self.keep_block_residual[j][step], self.keep_ff[j][step],
                          self.keep_block_output[j][step])
         self._block_cells[j] = cell
-        out = REGISTRY[self.block_methods[j][step]].run(cell, x, lambda: original(*args, **kwargs))
+        out = REGISTRY[self.block_methods[j][step]].run(cell, x, compute)
         if self.on_block is not None and not self._inside:
             self.on_block(j, step, x, out)
-        return out
+        return out if streams is None else split(out)
 
     def _run_ff(self, j: int, original: Callable, x, *args, **kwargs):
         """The wrapped forward of block j's feed-forward module (x: (B, N, C), its normed input)."""
@@ -401,29 +431,35 @@ class Engine:
             return None
         return token_grid(self.latent_hw, x.shape[-2], self.patch)
 
-    def run_cell(self, layer: int, original: Callable, attn, hidden_states, encoder_hidden_states, attention_mask, kwargs):
+    def run_cell(self, layer: int, original: Callable, attn, hidden_states, encoder_hidden_states, attention_mask, kwargs,
+                 args: tuple = ()):
+        """One planned attention call. `args`: positional arguments after the mask (FLUX's image_rotary_emb); the
+        original processor gets (attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)."""
         step = self.step
         if step is None:  # called outside a denoiser forward (e.g. the module used alone)
-            return original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+            return original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if layer not in self.shapes:
             self.shapes[layer] = _shape(attn, hidden_states, encoder_hidden_states,
-                                        self._grid(layer, hidden_states, encoder_hidden_states))
+                                        self._grid(layer, hidden_states, encoder_hidden_states),
+                                        joint=kind_of(self.layers[layer][0], self.adapter) == JOINT,
+                                        text_tokens=self.text_tokens)
         method = self.methods[layer][step]
         if self.collapsed and REGISTRY[method].ON_ONE_HALF:  # one half only: sharing across halves is plain attention
             method = REGISTRY[method].ON_ONE_HALF
         # (calibrating, every cell may keep R: only the methods of the residual rule compute it)
         keep_residual = self.keep_residual[layer][step] and method in self.producers
         if method == FULL and not keep_residual and not self.keep_output[layer][step]:
-            return original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+            return original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         state = self.states[layer]
         if REGISTRY[method].READS_CACHE and method != TGATE:  # tgate averages the halves itself
             self._fit_caches(state, hidden_states.shape[0])
         grid = self._grid(layer, hidden_states, encoder_hidden_states) if REGISTRY[method].NEEDS_METRIC else None
         cell = Cell(attn, self.layers[layer][0], layer, step, state, self.params, original,
-                    self._cond_rows(hidden_states.shape[0]), keep_residual, grid, self.collapsed)
-        out = REGISTRY[method].execute(cell, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+                    self._cond_rows(hidden_states.shape[0]), keep_residual, grid, self.collapsed,
+                    kind_of(self.layers[layer][0], self.adapter) == JOINT, self.text_tokens)
+        out = REGISTRY[method].execute(cell, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if method not in OUTPUT_READERS and self.keep_output[layer][step]:
-            state.out = out
+            state.out = _compact(out)
             state.gated = None
         return out
 
@@ -432,11 +468,49 @@ def _ours(forward: Any, engine: "Engine") -> bool:
     return isinstance(forward, functools.partial) and getattr(forward.func, "__self__", None) is engine
 
 
-def _shape(attn, x: torch.Tensor, context: torch.Tensor | None, grid: tuple[int, int, int] | None) -> LayerShape:
+def _shape(attn, x: torch.Tensor, context: torch.Tensor | None, grid: tuple[int, int, int] | None,
+           joint: bool = False, text_tokens: int | None = None) -> LayerShape:
     b, n, c = x.shape[0], x.shape[-2], x.shape[-1]  # x: (B, N, C)
     n_kv = n if context is None else context.shape[-2]
+    text = 0
+    if joint:  # joint attention: every query attends over image and text tokens
+        text = context.shape[-2] if context is not None else (text_tokens or 0)  # FLUX single-stream: joined already
+        n = n_kv = n + (context.shape[-2] if context is not None else 0)
     return LayerShape(batch=b, n_q=n, n_kv=n_kv, dim=c, inner=attn.inner_dim, heads=attn.heads,
-                      downsample=grid[2] if grid else 1)
+                      downsample=grid[2] if grid else 1, text=text)
+
+
+def _compact(out: Any) -> Any:
+    """A joint layer's output tuple to cache, each part owning its memory: SD3's last joint layer returns its text
+    part as a slice of the whole (B, N + T, C) attention output, which would otherwise stay held with it."""
+    if not isinstance(out, tuple):
+        return out
+    return tuple(x.clone() if torch.is_tensor(x) and x.untyped_storage().nbytes() > x.numel() * x.element_size()
+                 else x for x in out)
+
+
+def _join_streams(x: torch.Tensor, e: Any, compute: Callable, streams: str, text_dropped: bool):
+    """A two-stream block as one tensor: (x joined with its text e along the tokens (B, N + T, C), a compute that
+    returns the output joined the same way, and split(joined) -> the block's own output tuple). streams: the tuple's
+    order (TEXT_FIRST or HIDDEN_FIRST); `text_dropped`: the block returns None for the text (SD3's last block), whose
+    slot is then filled with the input text (residual 0) and emptied again by split."""
+    if not torch.is_tensor(e) or e.shape[0] != x.shape[0] or e.shape[-1] != x.shape[-1]:
+        raise DifaError(f"a two-stream block got hidden_states {tuple(x.shape)} and encoder_hidden_states "
+                        f"{None if not torch.is_tensor(e) else tuple(e.shape)}; block methods need both, with the same "
+                        "batch and channels; use 'full' for the blocks")
+    n = x.shape[1]
+    text_first = streams == TEXT_FIRST
+
+    def joined() -> torch.Tensor:
+        out = compute()
+        text, hidden = (out[0], out[1]) if text_first else (out[1], out[0])
+        return torch.cat([hidden, e if text is None else text], dim=1)
+
+    def split(y: torch.Tensor) -> tuple:
+        hidden, text = y[:, :n], (None if text_dropped else y[:, n:])
+        return (text, hidden) if text_first else (hidden, text)
+
+    return torch.cat([x, e], dim=1), joined, split
 
 
 def _take_half(obj: Any, b: int, half: slice) -> Any:

@@ -24,7 +24,7 @@ from difa.calibration import DITFASTATTN_CANDIDATES, calibrate_pipeline, denoise
 from difa.engine import plan_layers
 from difa.errors import DifaError
 from difa.plan import AGENT, AST, FULL, TGATE, TOME, Plan
-from difa.techniques import agent, deepcache, kind_of, tome
+from difa.techniques import agent, deepcache, kind_of, tome, unfit
 
 
 # T-GATE's published settings per family (its README and main.py): gate_step, sp_interval, fi_interval, warm_up.
@@ -82,7 +82,10 @@ def tgate(pipe: Any, *, steps: int, guidance_scale: float, gate_step: int | None
             raise DifaError(f"tgate {key} must be an integer >= 1, got {v}")
     if int(warm_up) != warm_up or warm_up < 0:
         raise DifaError(f"tgate warm_up must be an integer >= 0, got {warm_up}")
-    _, _, layers = plan_layers(pipe)
+    adapter, _, layers = plan_layers(pipe)
+    joint = [n for n, _ in layers if kind_of(n, adapter) == "joint"]
+    if joint:
+        raise DifaError(f"{unfit('tgate', joint[0], adapter)}; use calibration (block reuse / forecast, ast) instead")
     if not any(kind_of(n) == "attn2" for n, _ in layers):
         raise DifaError(f"tgate gates cross-attention, and {type(pipe).__name__} has none (class-conditional "
                         "models condition through adaLN); use tomesd, agentsd or calibration instead")

@@ -111,3 +111,42 @@ def window_attention(
             scale=scale,
         )
     return out
+
+
+def joint_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_image: int, w: int, *,
+                           image_first: bool = True, scale: float | None = None,
+                           block: int | None = None) -> torch.Tensor:
+    """Band attention over the image part of a joint (MMDiT) sequence, full attention for its text part.
+
+    q, k, v: (B, H, L, D) over L = n_image + T tokens, [image | text] (`image_first`) or [text | image]. Image query i
+    attends to image keys j with |i - j| <= w and to every text key; text queries attend to every key. Image
+    queries go in blocks, each with its key band plus the text keys (a (block, block + 2w + T) mask, never L×L).
+    """
+    _check(q, k, v, w, block)
+    length = q.shape[-2]
+    n, t = n_image, length - n_image
+    img = slice(0, n) if image_first else slice(t, length)
+    txt = slice(n, length) if image_first else slice(0, t)
+    out = torch.empty_like(q)  # (B, H, L, D)
+    out[:, :, txt] = full_attention(q[:, :, txt], k, v, scale)  # text rows: the whole sequence
+    if w >= n - 1:
+        out[:, :, img] = full_attention(q[:, :, img], k, v, scale)
+        return out
+    qi, ki, vi = q[:, :, img], k[:, :, img], v[:, :, img]  # (B, H, n, D)
+    kt, vt = k[:, :, txt], v[:, :, txt]  # (B, H, T, D)
+    block = min(n, block or default_block(n, w))
+    band = _band_mask(block, w, q.device)  # (block, block+2w)
+    ones = torch.ones(block, t, dtype=torch.bool, device=q.device)
+    o = torch.empty_like(qi)
+    for start in range(0, n, block):
+        end = min(n, start + block)
+        k_start, k_end = max(0, start - w), min(n, end + w)
+        col = k_start - (start - w)
+        mask = torch.cat([band[: end - start, col: col + k_end - k_start], ones[: end - start]], dim=1)
+        o[:, :, start:end] = F.scaled_dot_product_attention(
+            qi[:, :, start:end],  # (B, H, b, D)
+            torch.cat([ki[:, :, k_start:k_end], kt], dim=2),  # (B, H, band + T, D)
+            torch.cat([vi[:, :, k_start:k_end], vt], dim=2),
+            attn_mask=mask, scale=scale)
+    out[:, :, img] = o
+    return out

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from difa.adapters import adapter_for
+from difa.adapters import JOINT, adapter_for
 from difa.attention import window_tokens
 from difa.calibration import search as trajectory
 from difa.calibration.cost import plan_flops
@@ -42,7 +42,10 @@ def check_candidates(candidates: Sequence[str]) -> list[str]:
 def denoiser_calls(scheduler: Any, steps: int) -> int:
     """Denoiser forwards per generation: num_inference_steps, +1 for PNDM's warm-up, x2 for Heun-type solvers."""
     probe = copy.deepcopy(scheduler)
-    probe.set_timesteps(steps)
+    if getattr(getattr(probe, "config", None), "use_dynamic_shifting", False):  # FLUX: the shift (mu) comes from the
+        probe.set_timesteps(steps, mu=1.0)  # image size, and does not change the count
+    else:
+        probe.set_timesteps(steps)
     return len(probe.timesteps)
 
 
@@ -71,9 +74,10 @@ def attention_row(name: str, proposed: Sequence[str], ran: Sequence[bool], produ
 def _why_skipped(method: str, layers, adapter, model) -> str:
     """Why calibration proposes `method` nowhere on this model (the reason recorded in the plan)."""
     kinds = candidate_kinds(method)
-    fitting = [n for n, _ in layers if kind_of(n) in kinds]
+    fitting = [n for n, _ in layers if kind_of(n, adapter) in kinds]
     if not fitting:
-        return f"no {'/'.join(kinds)} layers in {type(model).__name__}"  # e.g. T-GATE on class-conditional DiT
+        joint = [n for n, _ in layers if kind_of(n, adapter) == JOINT]  # MMDiT: say why not on joint attention
+        return (joint and unfit(method, joint[0], adapter)) or f"no {'/'.join(kinds)} layers in {type(model).__name__}"  # e.g. T-GATE on class-conditional DiT
     return unfit(method, fitting[0], adapter) or f"applies to no layer of {type(model).__name__}"
 
 
@@ -142,7 +146,7 @@ def fixed_plan(
     window: float | int = wars.DEFAULT_WINDOW,
     name: str = "",
     techniques: Mapping[str, Mapping[str, Any]] | None = None,
-    kinds: Sequence[str] = ("attn1", "attn2"),
+    kinds: Sequence[str] = ("attn1", "attn2", "joint"),
     block: Callable[[int, int], str] | None = None,
     cache_units: bool = False,
 ) -> Plan:
@@ -162,13 +166,20 @@ def fixed_plan(
     producers = residual_producers(techniques or {})
 
     def proposed(i: int) -> list[str]:
-        kind = kind_of(layers[i][0])
+        kind = kind_of(layers[i][0], adapter)
         return [method(i, t) if kind in kinds and ran[i][t] else FULL for t in range(calls)]
 
+    joint = [n for n, _ in layers if kind_of(n, adapter) == JOINT]
+    if joint and JOINT not in kinds:  # a schedule for attn1 / attn2 (tomesd, agentsd) on an MMDiT: nothing would run
+        asked = sorted({method(i, t) for i in range(len(layers)) for t in range(calls)} - {FULL})
+        reason = next((r for r in (unfit(m, joint[0], adapter) for m in asked) if r), None)
+        if reason is not None:
+            raise DifaError(f"{reason}; this schedule (for {'/'.join(kinds)} layers) does not apply to the "
+                            f"{adapter.family} family")
     methods = tuple(attention_row(layers[i][0], proposed(i), ran[i], producers, adapter) for i in range(len(layers)))
-    wanted = {method(i, t) for i in range(len(layers)) for t in range(calls) if kind_of(layers[i][0]) in kinds} - {FULL}
+    wanted = {method(i, t) for i in range(len(layers)) for t in range(calls) if kind_of(layers[i][0], adapter) in kinds} - {FULL}
     for m in sorted(wanted - {x for row in methods for x in row}):  # proposed, but it runs nowhere: say why
-        reasons = [unfit(m, n, adapter) for n, _ in layers if kind_of(n) in kinds]
+        reasons = [unfit(m, n, adapter) for n, _ in layers if kind_of(n, adapter) in kinds]
         reason = next((r for r in reasons if r), None)
         if reason is not None and all(reasons):
             raise DifaError(f"{reason}, on every layer of {type(model).__name__}; this schedule does not apply to "
@@ -294,7 +305,7 @@ def calibrate_pipeline(
 
     if not layers:
         raise DifaError(f"found no attention layers in {type(model).__name__}")
-    allowed = [[c for c in cands if kind_of(n) in candidate_kinds(c) and not unfit(c, n, adapter)] for n, _ in layers]
+    allowed = [[c for c in cands if kind_of(n, adapter) in candidate_kinds(c) and not unfit(c, n, adapter)] for n, _ in layers]
     skipped = {c: _why_skipped(c, layers, adapter, model) for c in cands if not any(c in a for a in allowed)}
     if guidance_scale <= 1:
         skipped.update({c: "CFG is off" for c in check_candidates(candidates) if c in CFG_METHODS})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
-from difa.attention import band_pairs, window_tokens
 from difa.plan import FULL, TGATE, residual_producers, residual_steps
 from difa.techniques import REGISTRY, kind_of, wars
 from difa.techniques.base import LayerShape, core_flops
@@ -21,8 +20,7 @@ def method_flops(method: str, shape: LayerShape, params: Mapping[str, Mapping]) 
 
 def residual_flops(shape: LayerShape, params: Mapping[str, Mapping]) -> float:
     """Extra window attention computed at a `full` step to cache R."""
-    w = window_tokens(wars.Config(**params.get(wars.NAME, {})).window, shape.n_kv)
-    return core_flops(shape, band_pairs(shape.n_kv, w))
+    return core_flops(shape, wars.window_pairs(shape, params))
 
 
 def order_candidates(candidates: Iterable[str], shape: LayerShape, params: Mapping[str, Mapping]) -> list[str]:
@@ -69,7 +67,7 @@ def cache_elements(plan, shapes: Sequence[LayerShape]) -> int | None:
     `tgate` follow; the window residual (B, H, N, D) where `wars` follows; T-GATE's gated mean (B/2, N, C with CFG);
     ToMe's block-input metric (B, N, C). Block (its attn1's B, N, C): the last one or two residuals a `reuse` /
     `forecast` reads, the feed-forward output `mlp_reuse` reads. None for plans with DeepCache units (their outputs'
-    shapes are not recorded). CFG-collapsed steps write half-batch tensors, so this is an upper bound there."""
+    shapes are not recorded). Joint (MMDiT) layers: N counts image and text tokens. CFG-collapsed steps write half-batch tensors, so this is an upper bound there."""
     from difa.plan import (block_executed, block_keeps, executed_cells, output_steps)
 
     if len(shapes) != len(plan.model.layers) or any(s is None for s in shapes):
@@ -94,7 +92,9 @@ def cache_elements(plan, shapes: Sequence[LayerShape]) -> int | None:
     for j, row in enumerate(plan.blocks):
         if any(getattr(REGISTRY[m], "NEEDS", None) == "output" for m in row):
             return None
-        s = by_name.get(f"{blocks[j]}.attn1")
+        s = by_name.get(f"{blocks[j]}.attn1")  # a joint (MMDiT) block: its one layer, whose tokens are both streams'
+        if s is None:  # (the block's residual joins them too: engine._join_streams)
+            s = next((by_name[n] for n in names if n.rsplit(".", 1)[0] == blocks[j]), None)
         if s is None:
             return None
         points = max([getattr(REGISTRY[m], "NEEDS_POINTS", 1) for m in row

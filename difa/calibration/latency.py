@@ -280,16 +280,22 @@ def time_attention(attn, name: str, i: int, inputs: tuple, methods: Sequence[str
     if block_in is not None:
         state.metric = block_in[0][0] if block_in[0] else block_in[1].get("hidden_states")
     out: dict[str, float] = {}
+    joint = kind_of(name, adapter) == "joint"
+    text = capture.model_in[1].get("encoder_hidden_states") if capture.model_in is not None else None
+    text_tokens = int(text.shape[1]) if torch.is_tensor(text) and text.ndim == 3 else None
     with torch.no_grad():
-        keep = kind_of(name) in REGISTRY["wars"].KINDS and mask is None and any(m in methods for m in ("wars", "wars+asc"))
+        keep = not unfit("wars", name, adapter) and mask is None and any(m in methods for m in ("wars", "wars+asc"))
         try:  # fills the window residual a `wars` call reads
-            state.out = REGISTRY[FULL].execute(Cell(attn, name, i, 1, state, params, original, cond, keep), x, context, mask)
+            state.out = REGISTRY[FULL].execute(Cell(attn, name, i, 1, state, params, original, cond, keep, joint=joint,
+                                                    text_tokens=text_tokens), x, context, mask)
         except Exception:
-            state.out = REGISTRY[FULL].execute(Cell(attn, name, i, 1, state, params, original, cond, False), x, context, mask)
+            state.out = REGISTRY[FULL].execute(Cell(attn, name, i, 1, state, params, original, cond, False, joint=joint,
+                                                    text_tokens=text_tokens), x, context, mask)
     for m in [FULL, *methods]:
         if unfit(m, name, adapter):
             continue
-        cell = Cell(attn, name, i, 1, state, params, original, cond, False, capture.grid(x, context, name), False)
+        cell = Cell(attn, name, i, 1, state, params, original, cond, False, capture.grid(x, context, name), False, joint,
+                    text_tokens)
         try:
             out[m] = _median_time(lambda: REGISTRY[m].execute(cell, x, context, mask))
         except Exception:  # a method that cannot run on this layer (masked attention, no grid): never chosen

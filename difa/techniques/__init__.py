@@ -7,7 +7,7 @@ DEFAULT_CANDIDATE, Config, flops, execute or run) plus one entry in TECHNIQUES b
 import dataclasses
 from typing import Any, Mapping
 
-from difa.adapters import NO_CFG
+from difa.adapters import JOINT, NO_CFG
 from difa.errors import DifaError
 from difa.techniques import (agent, asc, ast, deepcache, forecast, full, mlp_reuse, reuse, tgate, tome, wars,
                              wars_asc)
@@ -18,20 +18,44 @@ REGISTRY = {m.NAME: m for m in TECHNIQUES}
 BLOCK = "block"
 
 
-def kind_of(layer_name: str) -> str:
-    """"attn1" (self-attention) or "attn2" (cross-attention), from the module name's last part."""
+# Why a method that lists no JOINT in its KINDS does not run on a joint (MMDiT) attention layer (README: "MMDiT and
+# joint attention"), as the one phrase `unfit` gives.
+NOT_JOINT = {
+    "tgate": "T-GATE caches cross-attention once it has converged, and joint attention has no separate "
+             "cross-attention (text and image tokens share one softmax and the text stream is updated every step)",
+    "asc": "the CFG halves attend over different text tokens (negative vs positive prompt) inside the joint "
+           "sequence, so sharing one half's attention would erase the text stream's guidance difference",
+    "wars+asc": "it shares attention across the CFG halves, which the joint sequence's text tokens tell apart "
+                "(see 'asc')",
+    "wars": "window attention on joint layers needs the family's joint processor reproduced (techniques/joint.py: "
+            "SD3, CogVideoX and FLUX are), and this family's is not",
+    "tome": "token merging works on a 2-D grid of image tokens; the joint sequence also holds text tokens",
+    "agent": "agent tokens are pooled from a 2-D grid of image tokens; the joint sequence also holds text tokens",
+}
+
+
+def kind_of(layer_name: str, adapter: Any = None) -> str:
+    """"attn1" (self-attention), "attn2" (cross-attention) or, given the model's adapter (difa.adapters.Adapter),
+    "joint" for a joint-attention family's layers (their names, `attn` / `attn1`, do not say it)."""
+    if adapter is not None:
+        return adapter.kind(layer_name)
     return layer_name.rsplit(".", 1)[-1]
 
 
 def unfit(method: str, layer: str, adapter: Any = None) -> str | None:
     """Why `method` cannot run on attention layer `layer` of a model with `adapter` (difa.adapters.Adapter), as one
-    phrase; None when it can. The layer's kind (attn1 / attn2, from its name), its token axis (a video model's
-    temporal layers attend across frames: no 2-D grid to merge on) and the family's CFG (a guidance-distilled model
-    has no CFG batch to share attention across)."""
+    phrase; None when it can. The layer's kind (attn1 / attn2 from its name; joint from the adapter: NOT_JOINT says
+    why a method skips joint attention), its token axis (a video model's temporal layers attend across frames: no 2-D
+    grid to merge on) and the family's CFG (a guidance-distilled model has no CFG batch to share attention across)."""
     t = REGISTRY[method]
-    kind = kind_of(layer)
+    kind = kind_of(layer, adapter)
+    if kind == JOINT and kind not in t.KINDS and method in NOT_JOINT:
+        return f"{method!r} does not run on joint (MMDiT) attention such as {layer}: {NOT_JOINT[method]}"
     if kind not in t.KINDS:
         return f"{method!r} applies to {'/'.join(t.KINDS)} layers only, not {kind}"
+    if kind == JOINT and method == wars.NAME and not adapter.joint_window:
+        return (f"{method!r} does not run on joint (MMDiT) attention of {adapter.family} such as {layer}: "
+                f"{NOT_JOINT[method]}")
     if adapter is None:
         return None
     axis = adapter.axis(layer)

@@ -1,5 +1,6 @@
 """`ast`: attention sharing across timesteps (DiTFastAttn). Returns the layer's last *computed* module output
-(after to_out, before the block's adaLN gate, so the current step's gate still applies). Costs nothing."""
+(after to_out, before the block's adaLN gate, so the current step's gate still applies). Costs nothing.
+A joint (MMDiT) layer's output is a tuple (image or video part, text part): both parts are reused."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from typing import Mapping
 
 from difa.errors import DifaError
 from difa.techniques.base import Cell, LayerShape
+from difa.techniques.blocks import first_tensor
 
 NAME = "ast"
 LETTER = "A"  # one character per cell in the calibration summary
 COLOR = "#2ca02c"  # its colour in plan heatmaps (difa.plots), the same in every plot
-KINDS = ("attn1", "attn2")
+KINDS = ("attn1", "attn2", "joint")
 AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
 READS_CACHE = True
 NEEDS_METRIC = False
@@ -36,9 +38,10 @@ def execute(cell: Cell, hidden_states, encoder_hidden_states=None, attention_mas
     out = cell.state.out
     if out is None:
         raise DifaError(f"{cell.name} step {cell.step}: 'ast' has no earlier output to reuse; the step before must compute")
-    if out.shape[0] != hidden_states.shape[0]:
+    b = first_tensor(out).shape[0]
+    if b != hidden_states.shape[0]:
         raise DifaError(
-            f"{cell.name} step {cell.step}: 'ast' cached a batch of {out.shape[0]} but this call has "
+            f"{cell.name} step {cell.step}: 'ast' cached a batch of {b} but this call has "
             f"{hidden_states.shape[0]}; keep the batch fixed within a generation"
         )
     return out

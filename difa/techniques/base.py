@@ -1,7 +1,8 @@
 """What every technique receives, and the projections they share.
 
 A technique file has one shape: NAME, KINDS (the attention kinds it applies to: "attn1" self-, "attn2"
-cross-attention), READS_CACHE (it reuses something an earlier step computed, so it cannot run at step 0),
+cross-attention, "joint" MMDiT attention over text and image tokens at once, whose output may be a tuple),
+READS_CACHE (it reuses something an earlier step computed, so it cannot run at step 0),
 NEEDS_METRIC (it needs the transformer block's input, e.g. ToMe's similarity metric), a frozen `Config`,
 `flops(shape, params)` for the cost model and `execute(cell, hidden_states, encoder_hidden_states,
 attention_mask, **kw)` returning the attention module's output. Techniques know nothing about the model
@@ -22,7 +23,7 @@ from difa.errors import DifaError
 class LayerState:
     """Per-layer caches for one generation; the engine calls reset() when a generation starts."""
 
-    out: torch.Tensor | None = None  # (B, N, C) last computed module output, after to_out (`ast`, `tgate`)
+    out: Any = None  # (B, N, C) last computed module output, after to_out (`ast`, `tgate`); joint: maybe a tuple
     residual: torch.Tensor | None = None  # (B, H, N, D) O_full - O_window at the last full step (for `wars`)
     gated: torch.Tensor | None = None  # (B, N, C) `out` averaged over the CFG halves (`tgate`); None when stale
     metric: torch.Tensor | None = None  # (B, N, C) input of the layer's transformer block in this forward (ToMe)
@@ -48,14 +49,16 @@ class LayerShape:
     inner: int  # heads * head_dim
     heads: int
     downsample: int = 1  # UNet block downsampling relative to the latent (ToMe's max_downsample); 1 in transformers
+    text: int = 0  # of the n_q tokens, the text tokens of a joint (MMDiT) layer (full attention under `wars`)
 
     @property
     def head_dim(self) -> int:
         return self.inner // self.heads
 
     def to_dict(self) -> dict[str, int]:
-        return dict(batch=self.batch, n_q=self.n_q, n_kv=self.n_kv, dim=self.dim, inner=self.inner, heads=self.heads,
-                    downsample=self.downsample)
+        d = dict(batch=self.batch, n_q=self.n_q, n_kv=self.n_kv, dim=self.dim, inner=self.inner, heads=self.heads,
+                 downsample=self.downsample)
+        return {**d, "text": self.text} if self.text else d
 
 
 @dataclass
@@ -73,6 +76,8 @@ class Cell:
     keep_residual: bool = False  # a `wars` cell follows before the next `full` one: cache R now
     grid: tuple[int, int, int] | None = None  # (h, w, downsample) of the layer's token grid, from the adapter
     collapsed: bool = False  # the engine runs one CFG half only (every cross-attention gated): halves are equal
+    joint: bool = False  # a joint (MMDiT) layer: hidden_states are the image tokens, encoder_hidden_states the text
+    text_tokens: int | None = None  # text tokens of the denoiser call (FLUX single-stream layers: the joined length)
 
     def require_cfg(self, method: str) -> slice:
         if self.cond is None:
@@ -85,7 +90,8 @@ class Cell:
 
 def check_plain(cell: Cell, attention_mask: torch.Tensor | None, method: str) -> None:
     attn = cell.attn
-    if attention_mask is not None or attn.spatial_norm is not None or attn.group_norm is not None:
+    if (attention_mask is not None or getattr(attn, "spatial_norm", None) is not None
+            or getattr(attn, "group_norm", None) is not None):
         raise DifaError(
             f"{cell.name}: {method!r} supports unmasked token attention only (this layer has a mask, spatial_norm or "
             "group_norm); set this layer to 'full' in the plan"

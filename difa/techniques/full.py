@@ -8,14 +8,14 @@ from typing import Mapping
 
 
 from difa.attention import full_attention
-from difa.techniques import wars
+from difa.techniques import joint, wars
 from difa.techniques.blocks import BlockCell, computed
 from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, project_out, project_qkv, projection_flops
 
 NAME = "full"
 LETTER = "F"  # one character per cell in the calibration summary
 COLOR = "#d9d9d9"  # its colour in plan heatmaps (difa.plots), the same in every plot
-KINDS = ("attn1", "attn2", "block")
+KINDS = ("attn1", "attn2", "joint", "block")
 AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
 READS_CACHE = False
 NEEDS_METRIC = False
@@ -43,6 +43,13 @@ def execute(cell: Cell, hidden_states, encoder_hidden_states=None, attention_mas
         return cell.original(cell.attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
     check_plain(cell, attention_mask, NAME)
     attn = cell.attn
+    if cell.joint:  # text and image tokens in one softmax; R = O_full - O_window over the whole joint sequence
+        image_first = joint.check(cell, "wars")
+        rotary = args[0] if args else kwargs.get("image_rotary_emb")  # FLUX passes it positionally
+        q, k, v, n = joint.qkv(cell, hidden_states, encoder_hidden_states, rotary)  # (B, H, L, D)
+        o = full_attention(q, k, v)
+        cell.state.residual = o - wars.joint_window(cell, q, k, v, n, image_first)
+        return joint.out(cell, o, n, encoder_hidden_states is not None, q.dtype)
     q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)  # (B, H, N, D)
     o = full_attention(q, k, v)  # (B, H, N, D)
     cell.state.residual = o - wars.window(cell, q, k, v)

@@ -12,14 +12,14 @@ from typing import Mapping
 
 import torch
 
-from difa.attention import band_pairs, window_attention, window_tokens
+from difa.attention import band_pairs, joint_window_attention, window_attention, window_tokens
 from difa.errors import DifaError
 from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, project_out, project_qkv, projection_flops
 
 NAME = "wars"
 LETTER = "W"  # one character per cell in the calibration summary
 COLOR = "#1f77b4"  # its colour in plan heatmaps (difa.plots), the same in every plot
-KINDS = ("attn1",)
+KINDS = ("attn1", "joint")  # joint (Adapter.joint_window): image tokens windowed, text attending fully
 AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
 READS_CACHE = True
 NEEDS_METRIC = False
@@ -47,14 +47,46 @@ def check_config(params: Mapping[str, Mapping]) -> None:
         raise DifaError(f"techniques.{NAME}.{e}") from None
 
 
+def window_pairs(shape: LayerShape, params: Mapping[str, Mapping]) -> int:
+    """(query, key) pairs of the window attention: the band over the tokens; on a joint layer the band over its image
+    tokens, plus image x text and text x everything (text attends and is attended fully)."""
+    image = shape.n_kv - shape.text
+    w = window_tokens(Config(**params.get(NAME, {})).window, image)
+    return band_pairs(image, w) + shape.text * (image + shape.n_kv)
+
+
 def flops(shape: LayerShape, params: Mapping[str, Mapping]) -> float:
-    w = window_tokens(Config(**params.get(NAME, {})).window, shape.n_kv)
-    return projection_flops(shape) + core_flops(shape, band_pairs(shape.n_kv, w))
+    return projection_flops(shape) + core_flops(shape, window_pairs(shape, params))
 
 
 def window(cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     w = window_tokens(Config(**cell.params.get(NAME, {})).window, k.shape[-2])
     return window_attention(q, k, v, w)  # (B, H, N, D)
+
+
+def joint_window(cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_image: int,
+                 image_first: bool) -> torch.Tensor:
+    """Joint sequence ([image | text] or [text | image]): image tokens attend to their band (w from the image token
+    count) and to every text token, text tokens to everything."""
+    w = window_tokens(Config(**cell.params.get(NAME, {})).window, n_image)
+    return joint_window_attention(q, k, v, n_image, w, image_first=image_first)  # (B, H, L, D)
+
+
+def joint_output(cell: Cell, hidden_states, encoder_hidden_states, method: str, rotary=None):
+    """The joint layer's (image, text) output from O_window + R."""
+    from difa.techniques import joint
+
+    image_first = joint.check(cell, method)
+    residual = cell.state.residual
+    if residual is None:
+        raise DifaError(f"{cell.name} step {cell.step}: {method!r} needs a residual from an earlier 'full' step; "
+                        "fix the plan")
+    q, k, v, n = joint.qkv(cell, hidden_states, encoder_hidden_states, rotary)  # (B, H, L, D)
+    if residual.shape != q.shape:
+        raise DifaError(f"{cell.name} step {cell.step}: cached residual has shape {tuple(residual.shape)} but this call "
+                        f"has {tuple(q.shape)}; the batch or resolution changed mid-generation, keep them fixed")
+    o = joint_window(cell, q, k, v, n, image_first) + residual
+    return joint.out(cell, o, n, encoder_hidden_states is not None, q.dtype)
 
 
 def windowed_output(cell: Cell, hidden_states: torch.Tensor, residual: torch.Tensor, method: str) -> torch.Tensor:
@@ -73,6 +105,9 @@ def windowed_output(cell: Cell, hidden_states: torch.Tensor, residual: torch.Ten
 
 def execute(cell: Cell, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
     check_plain(cell, attention_mask, NAME)
+    if cell.joint:
+        rotary = args[0] if args else kwargs.get("image_rotary_emb")  # FLUX passes it positionally
+        return joint_output(cell, hidden_states, encoder_hidden_states, NAME, rotary)
     if encoder_hidden_states is not None:
         raise DifaError(f"{cell.name}: {NAME!r} applies to self-attention only; set this layer to 'full'")
     return windowed_output(cell, hidden_states, cell.state.residual, NAME)
