@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import difa
+from difa.adapters import adapter_for
 from difa.calibration import fixed_plan
 from difa.engine import plan_blocks
 from difa.errors import DifaError
@@ -27,9 +28,10 @@ def block_plan(pipe, family, method, attention=lambda i, t: "full"):
     return fixed_plan(pipe, attention, steps=STEPS, guidance_scale=GUIDANCE[family], block=schedule(method))
 
 
-def naive(pipe, family, method) -> torch.Tensor:
-    """The same schedule with forward hooks only: the blocks always run, and their outputs are replaced."""
-    model = pipe.transformer if family != "sd" else pipe.unet
+def naive(pipe, family, method, run=generate) -> torch.Tensor:
+    """The same schedule with forward hooks only: the blocks always run, and their outputs are replaced.
+    `run(pipe, family)` generates (tests/test_families.py passes its own for the other families)."""
+    model = adapter_for(pipe).denoiser(pipe)
     blocks = [m for _, m in plan_blocks(pipe)]
     step = [-1]
     cache: dict[int, list] = {j: [] for j in range(len(blocks))}  # j -> [(step, residual)], last two
@@ -65,7 +67,7 @@ def naive(pipe, family, method) -> torch.Tensor:
         if method == "mlp_reuse":
             handles.append(b.ff.register_forward_hook(on_ff(j)))
     try:
-        return generate(pipe, family)
+        return run(pipe, family)
     finally:
         for h in handles:
             h.remove()

@@ -128,18 +128,45 @@ def test_window_reuse_and_cfg_sharing_match_naive_reference(fam, axis):
     assert (calls[1][1] - naive_out(attn, naive_attention(attn, calls[1][0]))).abs().max() > 1e-4  # not just full
 
 
-def test_token_merging_matches_naive_reference_on_spatial_layers(fam):
-    """tome on the first spatial self-attention layer (its frames' grids for video), top-left destinations."""
+@pytest.mark.parametrize("method", ["tome", "agent"])
+def test_token_merging_matches_naive_reference_on_spatial_layers(fam, method):
+    """tome / agent on the first spatial self-attention layer (its frames' grids for video), top-left
+    destinations."""
     pipe = tiny(fam)
     row, name = layer_named(pipe, "spatial")
-    params = dict(ratio=0.5, sx=2, sy=2, use_rand=False, max_downsample=8)  # SD-XL's attention starts at 2x
-    attn, calls, blocks = run_row(pipe, fam, row, name, ["tome"] * STEPS, techniques={"tome": params})
+    if method == "tome":
+        params = dict(ratio=0.5, sx=2, sy=2, use_rand=False, max_downsample=8)  # SD-XL's attention starts at 2x
+    else:
+        params = dict(ratio=0.4, sx=4, sy=4, agent_ratio=0.95, use_rand=False, max_downsample=8)
+    attn, calls, blocks = run_row(pipe, fam, row, name, [method] * STEPS, techniques={method: params})
     for t in (0, 3):
         x, out = calls[t]
         side = math.isqrt(x.shape[1])
-        ref = naive_tome(attn, x, blocks[t], side, side, 2, 2, 0.5)
-        torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-4, msg=f"{fam} tome step {t}")
+        ref = naive_tome(attn, x, blocks[t], side, side, params["sx"], params["sy"], params["ratio"],
+                         params.get("agent_ratio"))
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-4, msg=f"{fam} {method} step {t}")
         assert (out - naive_self_attention(attn, x).float()).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["reuse", "forecast"])
+def test_block_methods_match_naive_hooks(fam, method):
+    """Block reuse / forecast every second step on every block but the first (video: spatial and temporal blocks)
+    against forward hooks that replace the blocks' outputs (tests/test_blocks.naive)."""
+    from tests.test_blocks import naive, schedule
+
+    pipe = tiny(fam)
+    ref = generate(pipe, fam)
+    expected = naive(pipe, fam, method, run=generate)
+    assert not torch.equal(expected, ref)
+    plan = fixed_plan(pipe, lambda i, t: "full", steps=STEPS, guidance_scale=GUIDANCE[fam], block=schedule(method))
+    if fam in VIDEO:
+        adapter = adapter_for(pipe)
+        assert {adapter.axis(n + ".attn1") for n, r in zip(plan.model.blocks, plan.blocks) if method in r} == \
+            {"spatial", "temporal"}
+    difa.apply_plan(pipe, plan)
+    torch.testing.assert_close(generate(pipe, fam), expected, rtol=0, atol=1e-6)
+    difa.remove_plan(pipe)
+    assert torch.equal(generate(pipe, fam), ref)
 
 
 def test_tgate_matches_naive_reference(fam):
