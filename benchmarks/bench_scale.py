@@ -1,15 +1,21 @@
 """Speed at real model widths: every method's plan on DiT-XL/2, PixArt-alpha/Sigma XL/2 and SD-XL's UNet, with
 random weights, at 1024, 4096 and 16384 image tokens (issue 16).
 
-    python benchmarks/bench_scale.py                       # CPU defaults: depth reduced, see the printed header
+    python benchmarks/bench_scale.py                       # CPU defaults (about 17 minutes): see below
     python benchmarks/bench_scale.py --archs dit --tokens 1024 4096 --depth 4 --reps 3
     python benchmarks/bench_scale.py --device cuda --dtype float16 --depth 28   # on a GPU (benchmarks/gpu_check.sh)
 
+CPU defaults (2 cores): depth reduced to 1 block (SD-XL: 1 transformer layer per level), said in the output; DiT
+at 1024, 4096 and 16384 tokens, PixArt and SD-XL at 1024 (pass --tokens to run others); 3 repeats at 1024, 2 at
+4096; at 16384 batch 1, 1 repeat and the plans all-full, wars, ast, reuse, forecast. On CUDA: real depth, every
+architecture at every size, 3 repeats.
+
 Per architecture and token count, one row per plan, all timed side by side in one run, interleaved (each repeat
-times every plan once, in turn, each right after an unpatched run it is divided by):
+times the unpatched model, every plan once in turn, then the unpatched model again; a plan's time is divided by
+the mean of its repeat's two unpatched runs):
 - `attn share`: the attention modules' share of an unpatched forward (forward hooks around each module);
-- `time`: median (min-max) over the repeats of the plan's S-forward sequence / the unpatched sequence run just
-  before it;
+- `time`: median (min-max) over the repeats of the plan's S-forward sequence / the unpatched sequence (the
+  mean of the two that bracket the repeat);
 - `FLOPs`: the plan's FLOPs / the unpatched FLOPs (torch's FlopCounterMode for the linear / conv work, difa's
   per-method attention FLOPs for the attention cores, which the counter does not see in fused kernels);
 - `predicted`: difa's latency cost model (the microbenchmark calibration uses) for the plan; it does not model the
@@ -17,8 +23,9 @@ times every plan once, in turn, each right after an unpatched run it is divided 
 - `measured/ideal`: time / FLOPs (1.0: the plan saves exactly its FLOPs' share of time).
 Plans: S denoiser forwards on one fixed input (step 0 computed; the method from step 1 on, every layer or block
 it can take): wars (window N/8 per side + residual), ast, asc (CFG batch only), wars+asc, tome (ratio 0.5),
-agent, tgate (cross-attention), d6-mix (DiTFastAttn-D6-like: wars / wars+asc / ast by layer), reuse and forecast
-(every block skipped at every second step, forecast from the two last computed steps).
+agent, tgate (cross-attention), d6-mix (DiTFastAttn-D6-like: wars / wars+asc / ast by layer; left out where the
+model has one self-attention layer, where it is `wars`), reuse and forecast (every block skipped at every second
+step, forecast from the two last computed steps).
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ from difa.engine import _shape, apply_plan, plan_blocks, plan_layers, remove_pla
 
 CPU_LARGE = 16384  # from this many tokens the CPU run is cut down (see main)
 CPU_LARGE_PLANS = ("all-full", "wars", "ast", "reuse", "forecast")
+CPU_TOKENS = {"dit": (1024, 4096, 16384), "pixart": (1024,), "sdxl": (1024,)}  # the default sizes on CPU
+ALL_TOKENS = (1024, 4096, 16384)
 REAL_DEPTH = {"dit": 28, "pixart": 28, "sdxl": 10}  # SD-XL: transformer layers per block at its deepest level
 TEXT = {"pixart": (120, 4096), "sdxl": (77, 2048)}  # text tokens, width (T5-XXL; CLIP-L + bigG)
 
@@ -120,6 +129,8 @@ def plans(holder, steps: int, only: tuple[str, ...] | None = None) -> dict:
     }
     if has_cross:
         out["tgate"] = every("tgate", "attn2")
+    if len(set(mix.values())) == 1:  # one self-attention layer: the mix is `wars`
+        del out["d6-mix"]
     return {k: v for k, v in out.items() if only is None or k in only}
 
 
@@ -239,14 +250,17 @@ def bench(arch: str, tokens: int, depth: int, steps: int, reps: int, dtype: torc
     pred = predicted(model, holder, inputs, plan_set, steps)
     times: dict[str, list[float]] = {k: [] for k in plan_set}
     run_sequence(model, inputs, 1)  # warm-up
-    for _ in range(reps):  # interleaved: every plan once per repeat, each paired with an unpatched run next to it
+    for _ in range(reps):  # interleaved: every plan once per repeat, between two unpatched runs
+        before, spent = run_sequence(model, inputs, steps), {}
         for name, plan in plan_set.items():
-            base = run_sequence(model, inputs, steps)
             apply_plan(holder, plan)
             try:
-                times[name].append(run_sequence(model, inputs, steps) / base)
+                spent[name] = run_sequence(model, inputs, steps)
             finally:
                 remove_plan(holder)
+        base = (before + run_sequence(model, inputs, steps)) / 2
+        for name, t in spent.items():
+            times[name].append(t / base)
     rows = []
     for name in plan_set:
         t = times[name]
@@ -260,7 +274,8 @@ def bench(arch: str, tokens: int, depth: int, steps: int, reps: int, dtype: torc
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--archs", nargs="+", default=["dit", "pixart", "sdxl"], choices=["dit", "pixart", "sdxl"])
-    ap.add_argument("--tokens", nargs="+", type=int, default=[1024, 4096, 16384])
+    ap.add_argument("--tokens", nargs="+", type=int, default=None,
+                    help="image tokens (squares); default 1024 4096 16384 (on CPU: see the module docstring)")
     ap.add_argument("--depth", type=int, default=None, help="blocks (SD-XL: transformer layers at the deepest level); "
                     "default: 28/10 on CUDA, 1 on CPU")
     ap.add_argument("--steps", type=int, default=3, help="denoiser forwards per timed sequence (>= 3)")
@@ -278,20 +293,18 @@ def main(argv=None) -> None:
         if depth != REAL_DEPTH[arch]:
             print(f"# {arch}: depth reduced {REAL_DEPTH[arch]} -> {depth} "
                   f"({'blocks' if arch != 'sdxl' else 'transformer layers at the deepest level'}) for CPU time")
+        sizes = args.tokens or (ALL_TOKENS if cuda else CPU_TOKENS[arch])
+        if not args.tokens and not cuda:
+            print(f"# {arch} on CPU at {', '.join(map(str, sizes))} tokens (--tokens for others; CUDA runs "
+                  f"{', '.join(map(str, ALL_TOKENS))})")
         print(f"{'arch':6} {'tokens':>6} {'plan':9} {'attn share':>10} {'time (min-max)':>20} {'FLOPs':>6} "
               f"{'predicted':>9} {'measured/ideal':>14}")
-        for tokens in args.tokens:
+        for tokens in sizes:
             reps, batch, only = args.reps or (3 if cuda or tokens <= 1024 else 2), 2, None
-            if not cuda and arch == "sdxl" and tokens > 1024:  # the UNet's convolutions grow with the latent too
-                print(f"# sdxl at {tokens} tokens: skipped on CPU (about 4 s per forward at depth 1; run on CUDA)")
-                continue
-            if not cuda and tokens >= CPU_LARGE:  # about 15 s per forward on 2 cores even at depth 1
-                if arch != "dit":
-                    print(f"# {arch} at {tokens} tokens: skipped on CPU (DiT only there; run on CUDA for all)")
-                    continue
+            if not cuda and tokens >= CPU_LARGE:  # about 10 s per forward on 2 cores even at depth 1
                 reps, batch, only = 1, 1, CPU_LARGE_PLANS
                 latency.REPS = 1  # the cost model's microbenchmark: one timed call per unit
-                print(f"# dit at {tokens} tokens on CPU: batch 1 (no CFG), 1 repeat, plans {', '.join(only)}")
+                print(f"# {arch} at {tokens} tokens on CPU: batch 1 (no CFG), 1 repeat, plans {', '.join(only)}")
             t0 = time.perf_counter()
             for r in bench(arch, tokens, depth, args.steps, reps, dtype, args.device, batch, only):
                 print(f"{arch:6} {tokens:>6} {r['plan']:9} {r['attn_share']:>10.2f} "

@@ -100,3 +100,24 @@ def test_cache_slots_give_reuse_first_then_forecast_where_it_gains_most():
     assert cache_slots(table, steps, methods, [mb] * 3, 4 * mb) == [("reuse", "forecast"), ("reuse",), ("reuse",)]
     assert cache_slots(table, steps, methods, [mb] * 3, 2 * mb) == [("reuse",), ("reuse",), ()]
     assert cache_slots(table, steps, methods, [mb] * 3, 0) == [(), (), ()]
+
+
+def test_calibration_summary_puts_the_cache_beside_the_weights(tmp_path):
+    """The summary's cache line: the plan's cache MB (from the accounting) next to the denoiser's own weights."""
+    from difa.calibration import calibrate_pipeline
+    from difa.cli.calibrate import cache_mb, summary, weights_mb
+    from difa.models import pipeline_call_kwargs
+    from tests.conftest import INPUTS
+
+    pipe = tiny("dit")
+    held = {t.data_ptr(): t.untyped_storage().nbytes() for m in pipe.transformer.modules()  # buffers not saved too
+            for t in [*m._parameters.values(), *m._buffers.values()] if t is not None}
+    naive = sum(held.values()) / 2**20
+    assert weights_mb(pipe) == pytest.approx(naive, rel=1e-12)
+    plan = calibrate_pipeline(pipe, INPUTS["dit"], threshold=1.0, steps=STEPS, guidance_scale=GUIDANCE["dit"], seed=0,
+                              latency_cache=None, call_kwargs=pipeline_call_kwargs("dit"), candidates=["forecast"])
+    plan = plan.with_(calibration={**plan.calibration, "weights_mb": weights_mb(pipe)})
+    held, rows = cache_mb(plan)
+    line = next(x for x in summary(plan, tmp_path / "p.json").splitlines() if x.startswith("cache"))
+    assert held > 0 and f"{held:.3g} MB held" in line and f"batch of {rows} rows" in line
+    assert f"the denoiser's weights: {naive:.3g} MB" in line

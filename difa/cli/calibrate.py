@@ -51,7 +51,7 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
             max_cache_mb=cfg.get("max_cache_mb"),
         )
         record = {**plan.calibration, "model_config": OmegaConf.to_container(m, resolve=True), "device": cfg.device,
-                  "dtype": cfg.dtype}
+                  "dtype": cfg.dtype, "weights_mb": round(weights_mb(pipe), 3)}
         plan = plan.with_(calibration=record)
         from difa.plots import plan_heatmap
 
@@ -62,6 +62,15 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
         checkpoint.clear()
     print(summary(plan, out) + f"\nheatmap    {heatmap}")
     return plan, out
+
+
+def weights_mb(pipe) -> float:
+    """MB of the denoiser's parameters and buffers as loaded (the model's own memory the cache sits beside)."""
+    from difa.adapters import adapter_for
+
+    denoiser = adapter_for(pipe).denoiser(pipe)
+    tensors = [*denoiser.parameters(), *denoiser.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def cache_mb(plan: Plan) -> tuple[float, int] | None:
@@ -104,6 +113,7 @@ def summary(plan: Plan, path: Path) -> str:
     if cache is not None:
         lines.append(f"cache      {cache[0]:.3g} MB held across steps at the calibration batch of {cache[1]} rows (CFG "
                      f"halves included; it grows with batch and tokens: python -m difa.evaluate reports it per run)"
+                     + (f"; the denoiser's weights: {c['weights_mb']:.3g} MB" if c.get("weights_mb") is not None else "")
                      + (f"; capped at {c['max_cache_mb']:.3g} MB" if c.get("max_cache_mb") is not None else ""))
     lines.append(f"calibrated in {c['wall_time_s']:.1f} s wall, {c['forwards']} model forwards ({c.get('search', 'greedy')} "
                  f"search); {goal}, {len(c['inputs'])} inputs, seed {c['seed']}")
