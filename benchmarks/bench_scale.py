@@ -18,8 +18,8 @@ the mean of its repeat's two unpatched runs):
   mean of the two that bracket the repeat);
 - `FLOPs`: the plan's FLOPs / the unpatched FLOPs (torch's FlopCounterMode for the linear / conv work, difa's
   per-method attention FLOPs for the attention cores, which the counter does not see in fused kernels);
-- `predicted`: difa's latency cost model (the microbenchmark calibration uses) for the plan; it does not model the
-  CFG collapse T-GATE's steps get (the whole step on one half), so it overstates `tgate`'s time;
+- `predicted`: difa's latency cost model (the microbenchmark calibration uses) for the plan, a step T-GATE runs on
+  one CFG half (every cross-attention gated) charged at half its time;
 - `measured/ideal`: time / FLOPs (1.0: the plan saves exactly its FLOPs' share of time).
 Plans: S denoiser forwards on one fixed input (step 0 computed; the method from step 1 on, every layer or block
 it can take): wars (window N/8 per side + residual), ast, asc (CFG batch only), wars+asc, tome (ratio 0.5),
@@ -237,7 +237,8 @@ def predicted(model, holder, inputs: dict, plan_set: dict, steps: int) -> dict:
     params = {k: v for p in plan_set.values() for k, v in p.techniques.items()}
     lat = measure(model, adapter, blocks, layers, capture, params, methods, 0.0, cache_dir=None)
     names = [n for n, _ in layers]
-    return {k: lat.predict(names, p.methods, p.blocks or [["full"] * steps for _ in blocks], steps)["fraction"]
+    return {k: lat.predict(names, p.methods, p.blocks or [["full"] * steps for _ in blocks], steps,
+                           collapsed_steps(p.methods, p.model.layers, p.cfg_enabled))["fraction"]
             for k, p in plan_set.items()}
 
 

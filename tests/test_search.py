@@ -173,3 +173,7 @@ def test_latency_prediction_matches_a_naive_sum():
     base4 = one.predict(layers[1:], [["full"] * 4], fc[1:], 4)["seconds"]
     assert replace(one, keep_s=(0.05, 0.07)).predict(layers[1:], [["full"] * 4], fc[1:], 4)["seconds"] == \
         pytest.approx(base4 + 2 * 0.05)
+    # A step the engine runs on one CFG half (every cross-attention T-GATE'd) costs half of what it would cost.
+    halved = lat.predict(layers, att, blocks, 3, collapsed=[False, True, False])
+    assert halved["seconds"] == pytest.approx(0.5 + 1.0 + step1 / 2 + step2)
+    assert lat.predict(layers, att, blocks, 3, collapsed=[False] * 3)["seconds"] == pytest.approx(p["seconds"])

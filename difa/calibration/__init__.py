@@ -16,7 +16,7 @@ import torch
 from difa.adapters import JOINT, adapter_for
 from difa.attention import window_tokens
 from difa.calibration import search as trajectory
-from difa.calibration.cost import plan_flops
+from difa.calibration.cost import collapsed_steps, plan_flops
 from difa.calibration.greedy import GreedySearch
 from difa.calibration.latency import CACHE_DIR, Capture, LatencyModel, decode_seconds, measure, retile
 from difa.engine import Engine, plan_blocks, plan_layers
@@ -371,7 +371,8 @@ def calibrate_pipeline(
             "resumed_steps": len(resume),
         },
         flops=flops,
-        latency=_latency_record(latency, [n for n, _ in layers], methods, (), calls, latency_batch or len(inputs)),
+        latency=_latency_record(latency, [n for n, _ in layers], methods, (), calls, latency_batch or len(inputs),
+                                cfg_on),
     )
 
 
@@ -390,8 +391,8 @@ def _latency(pipe, adapter, model, blocks, layers, capture: Capture, params, can
 
 
 def _latency_record(latency: LatencyModel, layers: Sequence[str], methods, block_methods, calls: int,
-                    batch: int | None = None) -> dict:
-    p = latency.predict(layers, methods, block_methods, calls)
+                    batch: int | None = None, cfg: bool = False) -> dict:
+    p = latency.predict(layers, methods, block_methods, calls, collapsed_steps(methods, layers, cfg))
     return {"batch": batch,"predicted_fraction": round(p["fraction"], 4), "predicted_s": round(p["seconds"], 4),
             "full_s": round(p["full_seconds"], 4), "step_s": round(latency.step_s, 5),
             "fixed_s": round(latency.fixed_s, 5), "model": "measured microbenchmark (difa.calibration.latency)"}

@@ -67,8 +67,11 @@ class LatencyModel:
         return t[method] - t[FULL]
 
     def predict(self, layers: Sequence[str], methods: Sequence[Sequence[str]], block_methods: Sequence[Sequence[str]],
-                steps: int) -> dict[str, float]:
-        """Predicted seconds per generation for a plan's cells, and the fraction of the all-full plan."""
+                steps: int, collapsed: Sequence[bool] = ()) -> dict[str, float]:
+        """Predicted seconds per generation for a plan's cells, and the fraction of the all-full plan.
+        `collapsed` (per step, `cost.collapsed_steps`): steps the engine runs on one CFG half (every cross-attention
+        T-GATE'd) are charged half their time: time follows the batch at the sizes where T-GATE matters
+        (benchmarks/bench_scale.py, PixArt at 1024 tokens: FLOPs 0.618, measured 0.615)."""
         ran = executed_cells(layers, self.block_names, block_methods, steps) if block_methods else None
         keeps = [block_keeps(row, "residual") for row in block_methods]  # what the engine caches (a subtraction)
         total = self.fixed_s
@@ -81,7 +84,7 @@ class LatencyModel:
             for i, (name, row) in enumerate(zip(layers, methods)):
                 if ran is None or ran[i][t]:
                     s += self.attn_delta(name, row[t])
-            total += s
+            total += s / 2 if t < len(collapsed) and collapsed[t] else s
         full = self.fixed_s + steps * self.step_s
         return {"seconds": total, "full_seconds": full, "fraction": total / full if full else 1.0}
 
