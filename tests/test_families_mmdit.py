@@ -23,36 +23,20 @@ from difa.errors import DifaError
 from difa.plan import Plan
 from difa.presets import preset_plan
 from difa.techniques import kind_of, wars
-from difa.tiny import TEXT_TOKENS, build_tiny_pipeline, tiny_call_kwargs
+from difa.tiny import TEXT_TOKENS, tiny_call_kwargs
+from tests.test_families import GUIDANCE, STEPS, generate, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAMILIES = ("sd3", "flux", "cogvideox")
-GUIDANCE = {"sd3": 7.0, "flux": 3.5, "cogvideox": 6.0}
 MODEL_CLASS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel",
                "cogvideox": "CogVideoXTransformer3DModel"}
-STEPS = 6
-INPUTS = ["a red bird", "a blue car"]
+INPUTS = ["a red bird", "a blue car"]  # the prompts generate() uses
 
 
 @pytest.fixture(params=FAMILIES)
 def fam(request) -> str:
     return request.param
-
-
-def tiny(family: str):
-    pipe = build_tiny_pipeline(family, seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def generate(pipe, family: str, steps: int = STEPS) -> torch.Tensor:
-    """Final latents of one seeded generation (two prompts)."""
-    adapter = adapter_for(pipe)
-    out = adapter.call_pipeline(pipe, INPUTS, steps=steps, guidance_scale=GUIDANCE[family],
-                                generator=torch.Generator().manual_seed(3), output_type="latent",
-                                extra=tiny_call_kwargs(family))
-    return adapter.outputs(out)
 
 
 def record(modules):
