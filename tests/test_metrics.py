@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -246,15 +247,28 @@ def test_reference_features_are_cached_by_n_and_source(tmp_path):
 
 
 def test_peak_memory_sees_an_allocation():
-    import gc
+    # A fresh anonymous mapping, written through, is new resident memory whatever the heap holds: a torch tensor
+    # could be served from freed-but-resident heap pages of earlier tests and leave RSS unchanged (seen in CI).
+    import mmap
 
-    gc.collect()  # RSS is process-wide: garbage of earlier tests freed during the block would hide the allocation
+    size = 64 * 2**20
+
+    def touch() -> mmap.mmap:
+        m = mmap.mmap(-1, size)
+        m.write(b"\1" * size)
+        return m
+
     with metrics.PeakMemory("cpu") as base:
         pass
-    with metrics.PeakMemory("cpu") as peak:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
-    del block
-    assert peak.kind == "rss_peak_sampled" and peak.mb > base.mb + 32
+    with metrics.PeakMemory("cpu") as held:  # still mapped when the block ends
+        block = touch()
+    block.close()
+    with metrics.PeakMemory("cpu") as transient:  # unmapped inside the block: only the sampler thread sees it
+        block = touch()
+        time.sleep(10 * metrics.RSS_SAMPLE_S)
+        block.close()
+    assert held.kind == transient.kind == "rss_peak_sampled"
+    assert held.mb > base.mb + 32 and transient.mb > base.mb + 32
 
 
 def naive_bootstrap(values: dict[str, np.ndarray], stat, resamples: int, level: float, seed: int):
