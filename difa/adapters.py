@@ -39,6 +39,9 @@ class Adapter:
     cfg_channels: tuple[int, int] | None = None  # (dim, n): compare only the first n channels along dim for CFG halves
     output_attr: str = "images"  # the pipeline output's field ("frames" for video pipelines)
     guidance_arg: str = "guidance_scale"  # the pipeline's CFG scale argument (SVD: max_guidance_scale)
+    # Per-frame guidance (SVD): (the pipeline's lower-end argument, its default, the output's frame dim); the weight
+    # ramps linearly over the frames from that argument to guidance_arg. None: one scalar weight.
+    guidance_ramp: tuple[str, float, int] | None = None
     # The CFG half the engine keeps when every cross-attention is gated (T-GATE's "CFG dropped"): the one T-GATE's
     # own pipeline runs. SD-XL runs the unconditional half (its pooled text embedding, in temb, differs between halves)
     collapse_to: str = "cond"
@@ -158,6 +161,17 @@ class Adapter:
         """Does the pipeline build a CFG batch at this guidance scale? (never for guidance-distilled families)"""
         return guidance_scale > 1 and self.cfg_layout != NO_CFG
 
+    def guidance(self, scale: float, shape: Sequence[int], call_kwargs: Mapping | None = None) -> float | torch.Tensor:
+        """The weight g in uncond + g * (cond - uncond) as the pipeline applies it to a denoiser output of `shape`:
+        `scale`, or (guidance_ramp) a float32 ramp over the frame dim shaped to broadcast, e.g. SVD's (1, F, 1, 1, 1)
+        = linspace(min_guidance_scale, max_guidance_scale, F)."""
+        if self.guidance_ramp is None:
+            return scale
+        arg, default, dim = self.guidance_ramp
+        low = float((call_kwargs or {}).get(arg, default))
+        ramp = torch.linspace(low, scale, shape[dim])  # float32, as the pipeline makes it before casting
+        return ramp.view([-1 if d == dim else 1 for d in range(len(shape))])
+
     def kept_half(self, batch: int) -> slice:
         """The half of a CFG batch the engine runs when it collapses the batch (collapse_to)."""
         half = batch // 2
@@ -230,7 +244,7 @@ ADAPTERS: dict[str, Adapter] = {a.family: a for a in (
     # temporal layers: batch B*h*w, tokens F. Guidance ramps from min_guidance_scale to max_guidance_scale per frame.
     Adapter("svd", ("UNetSpatioTemporalConditionModel",), "unet", "sample", "uncond_first", "images", patched=False,
             temporal="temporal_transformer_blocks", cfg_channels=(2, 4), output_attr="frames",
-            guidance_arg="max_guidance_scale"),
+            guidance_arg="max_guidance_scale", guidance_ramp=("min_guidance_scale", 1.0, 1)),
     # LattePipeline: latents (B, C, F, h, w), cat([negative, positive]) prompt embeddings. Spatial blocks: batch B*F,
     # tokens (h/2)*(w/2); temporal blocks (self-attention only): batch B*(h/2)*(w/2), tokens F
     Adapter("latte", ("LatteTransformer3DModel",), "transformer", "hidden_states", "uncond_first", "prompts",

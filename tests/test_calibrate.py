@@ -134,8 +134,13 @@ def test_the_loss_is_measured_on_what_the_sampler_reads(family):
     recorded at scheduler.step) with step 1's choices applied vs all full. The last self-attention layer is
     used because PixArt's first one sees identical CFG halves (text enters by cross-attention after it)."""
     pipe = tiny(family)
-    candidate = "asc"  # CFG sharing: guidance multiplies its change of the halves' difference
-    plan = calibrate(pipe, family, 1e6, candidates=[candidate])
+    plan = calibrate(pipe, family, 1e6, candidates=["asc"])  # CFG sharing: guidance multiplies its change
+    assert_loss_is_what_the_sampler_reads(pipe, plan, "asc", lambda: generate(pipe, family, seed=0))
+
+
+def assert_loss_is_what_the_sampler_reads(pipe, plan, candidate: str, run) -> None:
+    """`plan`'s last decision for `candidate` at step 1 equals relative_l1 of the sampler's input at step 1 (recorded
+    at scheduler.step) with step 1's choices up to that layer applied against all full; `run()` generates."""
     step1 = [d for d in plan.calibration["decisions"] if d["step"] == 1]
     last = [d for d in step1 if d["chosen"] == candidate][-1]
     assert "guided" in plan.calibration["loss"]
@@ -150,7 +155,7 @@ def test_the_loss_is_measured_on_what_the_sampler_reads(family):
         pipe.scheduler.step = recording_step
         difa.apply_plan(pipe, plan.with_(methods=tuple(tuple(r) for r in methods)))
         try:
-            generate(pipe, family, seed=0)
+            run()
         finally:
             difa.remove_plan(pipe)
             pipe.scheduler.step = step

@@ -20,6 +20,7 @@ from difa.engine import plan_layers
 from difa.errors import DifaError
 from difa.plan import Plan
 from difa.tiny import build_tiny_pipeline, tiny_call_kwargs
+from tests.test_calibrate import assert_loss_is_what_the_sampler_reads
 from tests.test_merge_techniques import naive_self_attention, naive_tome, run_capturing
 from tests.test_techniques import naive_attention, naive_out
 
@@ -215,6 +216,22 @@ def test_methods_that_do_not_apply_are_refused_and_skipped():
                               candidates=["asc", "ast"])
     assert "guidance-distilled" in plan.calibration["skipped_candidates"]["asc"]
     assert "asc" not in plan.counts()
+
+
+def test_svd_loss_reads_the_per_frame_guidance():
+    """SVD's sampler reads uncond + g_f * (cond - uncond) with g ramping over the frames from min_guidance_scale
+    to max_guidance_scale: the greedy's loss is measured on exactly that (a scalar g would read another tensor)."""
+    pipe = tiny("svd")
+    kw = {**tiny_call_kwargs("svd"), "min_guidance_scale": 1.5}
+    plan = calibrate_pipeline(pipe, INPUTS["svd"], threshold=1e6, steps=STEPS, guidance_scale=GUIDANCE["svd"], seed=3,
+                              call_kwargs=kw, search="greedy", candidates=["asc"], latency_cache=None)
+    adapter = adapter_for(pipe)
+
+    def run():
+        adapter.call_pipeline(pipe, INPUTS["svd"], steps=STEPS, guidance_scale=GUIDANCE["svd"], output_type="latent",
+                              generator=torch.Generator().manual_seed(3), extra=kw)
+
+    assert_loss_is_what_the_sampler_reads(pipe, plan, "asc", run)
 
 
 @pytest.mark.parametrize("family", ["svd", "latte", "lcm_pixart"])

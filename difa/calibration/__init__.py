@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
+from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -325,7 +326,8 @@ def calibrate_pipeline(
                                    "loss_on": loss_on, "dtype": dtype, "torch": torch.__version__})
         on_decided = checkpoint.save
     search = GreedySearch(methods, cands, float(threshold), params, allowed=allowed,
-                          progress=progress, guidance_scale=float(guidance_scale) if guided else None,
+                          progress=progress,
+                          guidance=partial(adapter.guidance, float(guidance_scale), call_kwargs=call_kwargs) if guided else None,
                           channels=sampled_channels(model), resume=resume, on_decided=on_decided)
     metric = [i for i, a in enumerate(allowed) if any(REGISTRY[c].NEEDS_METRIC and c in cands for c in a)]
     engine = Engine(model, adapter, layers, [list(r) for r in methods], params, scheduler=pipe.scheduler,

@@ -30,8 +30,9 @@ class GreedySearch:
     progress: Callable[[int], None] | None = None  # called with the step index after each decided step
     # CFG batches: the loss compares what the sampler consumes, uncond + g * (cond - uncond), not the two halves.
     # Trap: T-GATE and ASC change the halves' difference, which guidance multiplies by g; on the raw output their
-    # error looks g times smaller than it is. None: the raw output (DiTFastAttn's choice).
-    guidance_scale: float | None = None
+    # error looks g times smaller than it is. None: the raw output (DiTFastAttn's choice). Called with the output's
+    # shape, it returns g: a scalar, or a tensor that broadcasts (SVD: a per-frame ramp, Adapter.guidance).
+    guidance: Callable[[Sequence[int]], float | torch.Tensor] | None = None
     channels: int | None = None  # learned-sigma models: the sampler reads only the first `channels` (epsilon)
     decisions: list[dict] = field(default_factory=list)
     # Resuming a killed calibration: step -> (its column of methods, its decision records), replayed without
@@ -42,12 +43,14 @@ class GreedySearch:
     def guided(self, engine, out: torch.Tensor) -> torch.Tensor:
         """The denoiser output (B, C, ...) as the sampler reads it: epsilon channels, CFG halves combined."""
         out = out[:, : self.channels] if self.channels else out
-        if self.guidance_scale is None or engine.cond is None:
+        if self.guidance is None or engine.cond is None:
             return out
         b = out.shape[0]
         cond = out[engine.cond]  # (B/2, ...)
         uncond = out[b // 2 :] if engine.cond.start == 0 else out[: b // 2]
-        return uncond + self.guidance_scale * (cond - uncond)
+        g = self.guidance(cond.shape)
+        g = g.to(cond) if torch.is_tensor(g) else g  # the pipeline casts its ramp to the latents' dtype
+        return uncond + g * (cond - uncond)
 
     def layer_threshold(self, i: int) -> float:
         return self.threshold * (i + 1) / len(self.methods)
