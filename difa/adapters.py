@@ -39,9 +39,12 @@ class Adapter:
     cfg_channels: tuple[int, int] | None = None  # (dim, n): compare only the first n channels along dim for CFG halves
     output_attr: str = "images"  # the pipeline output's field ("frames" for video pipelines)
     guidance_arg: str = "guidance_scale"  # the pipeline's CFG scale argument (SVD: max_guidance_scale)
-    # Per-frame guidance (SVD): (the pipeline's lower-end argument, its default, the output's frame dim); the weight
-    # ramps linearly over the frames from that argument to guidance_arg. None: one scalar weight.
-    guidance_ramp: tuple[str, float, int] | None = None
+    # Video: the frame dim of the pipeline's latents and denoiser output (SVD, CogVideoX (B, F, C, h, w): 1;
+    # Latte (B, C, F, h, w): 2). None: an image family.
+    frame_dim: int | None = None
+    # Per-frame guidance (SVD): (the pipeline's lower-end argument, its default); the weight ramps linearly over the
+    # frames (frame_dim) from that argument to guidance_arg. None: one scalar weight.
+    guidance_ramp: tuple[str, float] | None = None
     # The CFG half the engine keeps when every cross-attention is gated (T-GATE's "CFG dropped"): the one T-GATE's
     # own pipeline runs. SD-XL runs the unconditional half (its pooled text embedding, in temb, differs between halves)
     collapse_to: str = "cond"
@@ -167,7 +170,8 @@ class Adapter:
         = linspace(min_guidance_scale, max_guidance_scale, F)."""
         if self.guidance_ramp is None:
             return scale
-        arg, default, dim = self.guidance_ramp
+        arg, default = self.guidance_ramp
+        dim = self.frame_dim
         low = float((call_kwargs or {}).get(arg, default))
         ramp = torch.linspace(low, scale, shape[dim])  # float32, as the pipeline makes it before casting
         return ramp.view([-1 if d == dim else 1 for d in range(len(shape))])
@@ -244,11 +248,12 @@ ADAPTERS: dict[str, Adapter] = {a.family: a for a in (
     # temporal layers: batch B*h*w, tokens F. Guidance ramps from min_guidance_scale to max_guidance_scale per frame.
     Adapter("svd", ("UNetSpatioTemporalConditionModel",), "unet", "sample", "uncond_first", "images", patched=False,
             temporal="temporal_transformer_blocks", cfg_channels=(2, 4), output_attr="frames",
-            guidance_arg="max_guidance_scale", guidance_ramp=("min_guidance_scale", 1.0, 1)),
+            guidance_arg="max_guidance_scale", frame_dim=1,
+            guidance_ramp=("min_guidance_scale", 1.0)),
     # LattePipeline: latents (B, C, F, h, w), cat([negative, positive]) prompt embeddings. Spatial blocks: batch B*F,
     # tokens (h/2)*(w/2); temporal blocks (self-attention only): batch B*(h/2)*(w/2), tokens F
     Adapter("latte", ("LatteTransformer3DModel",), "transformer", "hidden_states", "uncond_first", "prompts",
-            temporal="temporal_transformer_blocks", output_attr="frames"),
+            temporal="temporal_transformer_blocks", output_attr="frames", frame_dim=2),
     # StableDiffusion3Pipeline (MMDiT): cat([negative, positive]) -> [uncond, cond]. JointTransformerBlock.attn gets the
     # image tokens as hidden_states and the text as encoder_hidden_states, attends over [image | text] and returns
     # (image, text); the block returns (encoder_hidden_states, hidden_states), the last one (None, hidden_states)
@@ -262,7 +267,7 @@ ADAPTERS: dict[str, Adapter] = {a.family: a for a in (
     # CogVideoXPipeline: [uncond, cond]; latents (B, F', C, h, w). CogVideoXBlock.attn1 attends over [text | video] and
     # returns (video, text); blocks are called by keyword only and return (hidden_states, encoder_hidden_states)
     Adapter("cogvideox", ("CogVideoXTransformer3DModel",), "transformer", "hidden_states", "uncond_first", "prompts",
-            output_attr="frames", joint_layers=("attn1",), block_streams=HIDDEN_FIRST, joint_window=True),
+            output_attr="frames", frame_dim=1, joint_layers=("attn1",), block_streams=HIDDEN_FIRST, joint_window=True),
 )}
 
 

@@ -8,7 +8,10 @@ a one-line reason (in a hand-written plan) or skipped with a recorded reason (in
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -16,7 +19,8 @@ import torch
 import difa
 from difa.adapters import adapter_for
 from difa.calibration import calibrate_pipeline, fixed_plan
-from difa.engine import plan_layers
+from difa.calibration.latency import Capture, decode_seconds
+from difa.engine import plan_blocks, plan_layers
 from difa.errors import DifaError
 from difa.plan import Plan
 from difa.tiny import build_tiny_pipeline, tiny_call_kwargs
@@ -232,6 +236,45 @@ def test_svd_loss_reads_the_per_frame_guidance():
                               generator=torch.Generator().manual_seed(3), extra=kw)
 
     assert_loss_is_what_the_sampler_reads(pipe, plan, "asc", run)
+
+
+@pytest.mark.parametrize("family,chunk", [("svd", True), ("svd", False), ("latte", True), ("latte", False),
+                                          ("cogvideox", False)])
+def test_video_decode_is_timed_as_the_pipeline_decodes(family, chunk):
+    """Budget mode adds the decode a pil/np call does to its fixed cost: for video, the pipeline's own decode_latents
+    called exactly as the pipeline calls it (the latents' shape, frame count, decode_chunk_size: the user's, or
+    without one the pipeline's default)."""
+    pipe = tiny(family)
+    adapter = adapter_for(pipe)
+    real = pipe.decode_latents
+    calls = []
+
+    @functools.wraps(real)
+    def recording(*args, **kwargs):
+        bound = inspect.signature(real).bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append({k: tuple(v.shape) if torch.is_tensor(v) else v for k, v in bound.arguments.items()})
+        return real(*args, **kwargs)
+
+    pipe.decode_latents = recording
+    kw = tiny_call_kwargs(family)
+    if not chunk:
+        kw.pop("decode_chunk_size", None)
+    inputs = INPUTS.get(family, ["a red bird", "a blue car"])
+    call = partial(adapter.call_pipeline, pipe, inputs, steps=2, guidance_scale=GUIDANCE[family], extra=kw)
+    _, _, layers = plan_layers(pipe)
+    capture = Capture(adapter.denoiser(pipe), adapter, plan_blocks(pipe), layers)
+    try:
+        final = adapter.outputs(call(generator=torch.Generator().manual_seed(0), output_type="latent"))
+    finally:
+        capture.close()
+    assert not calls  # latent output: the pipeline decodes nothing
+    call(generator=torch.Generator().manual_seed(0), output_type="np")
+    assert len(calls) == 1
+    pipelines = calls.pop()
+    seconds = decode_seconds(pipe, capture, len(inputs), final, kw)
+    assert seconds > 0 and len(calls) == 4  # a warm-up and three timed runs
+    assert all(c == pipelines for c in calls), (calls[0], pipelines)
 
 
 @pytest.mark.parametrize("family", ["svd", "latte", "lcm_pixart"])

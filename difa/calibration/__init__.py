@@ -379,7 +379,7 @@ def calibrate_pipeline(
 
 
 def _latency(pipe, adapter, model, blocks, layers, capture: Capture, params, cands, traj, images: int,
-             latency_batch: int | None, dtype: str, cache) -> LatencyModel:
+             latency_batch: int | None, dtype: str, cache, call_kwargs: Mapping | None = None) -> LatencyModel:
     """The measured cost model at `latency_batch` images per call. Outside the denoiser: the calibration run's own
     remainder (scaled with the batch), plus the VAE decode where calibration skipped it (latent output)."""
     batch = latency_batch or images
@@ -388,7 +388,7 @@ def _latency(pipe, adapter, model, blocks, layers, capture: Capture, params, can
     if traj is not None:
         fixed = max(traj.wall_s - traj.denoiser_s, 0.0) * batch / images
         if adapter.calib_output_type == "latent":
-            fixed += decode_seconds(pipe, capture, batch)
+            fixed += decode_seconds(pipe, capture, batch, traj.final, call_kwargs)
     return measure(model, adapter, blocks, layers, capture, params, cands, fixed, dtype=dtype, cache_dir=cache)
 
 
@@ -435,7 +435,7 @@ def _calibrate_trajectory(pipe: Any, inputs: Sequence, *, threshold: float, budg
     finally:
         capture.close()
     latency = _latency(pipe, adapter, model, blocks, layers, capture, params, [], traj, len(inputs), latency_batch,
-                       dtype, latency_cache)
+                       dtype, latency_cache, call_kwargs)
     table = trajectory.Table(traj)
     allowed = methods
     if max_cache_mb is not None:  # per block, the methods whose residual slots fit the cap (at the latency batch)

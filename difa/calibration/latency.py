@@ -182,7 +182,7 @@ def cache_key(model: torch.nn.Module, capture: Capture, params: Mapping, candida
         "device": str(device), "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else os.uname().machine,
         "dtype": dtype, "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
         "difa": difa.__version__, "model": type(model).__name__, "config": config_hash(model.config),
-        "inputs": shapes(capture.model_in), "params": params, "candidates": sorted(candidates), "model_version": 2,
+        "inputs": shapes(capture.model_in), "params": params, "candidates": sorted(candidates), "model_version": 3,
     }, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -212,16 +212,43 @@ def retile(capture: Capture, scale: float) -> None:
             d[k] = tile(d[k], b, nb)
 
 
-def decode_seconds(pipe: Any, capture: Capture, images: int) -> float:
-    """The VAE decode a pipeline call with output_type="pil" adds, when calibration ran with latent output."""
+def decode_seconds(pipe: Any, capture: Capture, images: int, final: torch.Tensor | None = None,
+                   call_kwargs: Mapping | None = None) -> float:
+    """The VAE decode a pipeline call with output_type="pil" adds, when calibration ran with latent output.
+    Video (adapter.frame_dim): the pipeline's own `decode_latents` on `images` copies of the first video of `final`,
+    the latents the calibration run returned (its frame-chunked or 3-D decode is the pipeline's, not difa's)."""
     vae = getattr(pipe, "vae", None)
     if vae is None or capture.model_in is None:
         return 0.0
+    if capture.adapter.frame_dim is not None:
+        return _video_decode_seconds(pipe, capture.adapter.frame_dim, final, images, call_kwargs or {})
     latents = capture.adapter.latent_input(*capture.model_in)[:1].detach()  # (1, C, H, W)
-    if latents.ndim != 4:  # video: each pipeline decodes frames its own way (not timed: budgets leave it out)
+    if latents.ndim != 4:  # FLUX's packed tokens (1, N, C): the pipeline unpacks them its own way (not timed)
         return 0.0
     latents = latents[:, : getattr(vae.config, "latent_channels", latents.shape[1])].repeat(images, 1, 1, 1)
     return _median_time(lambda: vae.decode(latents / vae.config.scaling_factor), reps=3)
+
+
+# decode_latents' frame-count argument: SVD num_frames, Latte video_length (CogVideoX reads it from the latents)
+_FRAME_ARGS = ("num_frames", "video_length")
+
+
+def _video_decode_seconds(pipe: Any, frame_dim: int, final: torch.Tensor | None, videos: int,
+                          call_kwargs: Mapping) -> float:
+    import inspect
+
+    decode = getattr(pipe, "decode_latents", None)
+    if decode is None or final is None or not torch.is_tensor(final):
+        return 0.0
+    latents = final[:1].detach().repeat(videos, *[1] * (final.ndim - 1))  # (videos, ...) in the pipeline's layout
+    frames = final.shape[frame_dim]
+    params = inspect.signature(decode).parameters
+    kw = {a: frames for a in _FRAME_ARGS if a in params}
+    if "decode_chunk_size" in params:  # what the pipeline's __call__ passes: the user's, else its own default
+        default = inspect.signature(type(pipe).__call__).parameters.get("decode_chunk_size")
+        chunk = call_kwargs.get("decode_chunk_size", default.default if default is not None else None)
+        kw["decode_chunk_size"] = chunk if chunk is not None else frames  # SVD: None means all frames at once
+    return _median_time(lambda: decode(latents, **kw), reps=3)
 
 
 def measure(model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, torch.nn.Module]],
