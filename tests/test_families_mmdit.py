@@ -22,7 +22,7 @@ from difa.engine import plan_blocks, plan_layers
 from difa.errors import DifaError
 from difa.plan import Plan
 from difa.presets import preset_plan
-from difa.techniques import kind_of, wars
+from difa.techniques import REGISTRY, kind_of, wars
 from difa.tiny import TEXT_TOKENS, tiny_call_kwargs
 from tests.test_families import GUIDANCE, STEPS, generate, tiny
 
@@ -180,6 +180,7 @@ def test_methods_that_do_not_apply_are_refused(fam):
         with pytest.raises(DifaError, match="joint") as e:
             Plan.from_dict(d, source="test")
         assert "\n" not in str(e.value), method
+        assert REGISTRY[method].NOT_JOINT in str(e.value)  # the technique's own reason, not a generic one
     if fam != "flux":
         with pytest.raises(DifaError, match="joint"):
             fixed_plan(pipe, lambda i, t: "asc", steps=STEPS, guidance_scale=GUIDANCE[fam])

@@ -1,7 +1,8 @@
 """Technique registry: method name (as written in plans) -> technique module.
 
 Adding a technique is one file with the common skeleton (NAME, LETTER, COLOR, KINDS, AXES, READS_CACHE, NEEDS_METRIC,
-DEFAULT_CANDIDATE, Config, flops, execute or run) plus one entry in TECHNIQUES below.
+DEFAULT_CANDIDATE, Config, flops, execute or run; optional: CANDIDATE_KINDS, SHARES_CFG, READS_OUTPUT,
+READS_RESIDUAL, ON_ONE_HALF, NOT_JOINT) plus one entry in TECHNIQUES below.
 """
 
 import dataclasses
@@ -18,22 +19,6 @@ REGISTRY = {m.NAME: m for m in TECHNIQUES}
 BLOCK = "block"
 
 
-# Why a method that lists no JOINT in its KINDS does not run on a joint (MMDiT) attention layer (README: "MMDiT and
-# joint attention"), as the one phrase `unfit` gives.
-NOT_JOINT = {
-    "tgate": "T-GATE caches cross-attention once it has converged, and joint attention has no separate "
-             "cross-attention (text and image tokens share one softmax and the text stream is updated every step)",
-    "asc": "the CFG halves attend over different text tokens (negative vs positive prompt) inside the joint "
-           "sequence, so sharing one half's attention would erase the text stream's guidance difference",
-    "wars+asc": "it shares attention across the CFG halves, which the joint sequence's text tokens tell apart "
-                "(see 'asc')",
-    "wars": "window attention on joint layers needs the family's joint processor reproduced (techniques/joint.py: "
-            "SD3, CogVideoX and FLUX are), and this family's is not",
-    "tome": "token merging works on a 2-D grid of image tokens; the joint sequence also holds text tokens",
-    "agent": "agent tokens are pooled from a 2-D grid of image tokens; the joint sequence also holds text tokens",
-}
-
-
 def kind_of(layer_name: str, adapter: Any = None) -> str:
     """"attn1" (self-attention), "attn2" (cross-attention) or, given the model's adapter (difa.adapters.Adapter),
     "joint" for a joint-attention family's layers (their names, `attn` / `attn1`, do not say it)."""
@@ -44,18 +29,19 @@ def kind_of(layer_name: str, adapter: Any = None) -> str:
 
 def unfit(method: str, layer: str, adapter: Any = None) -> str | None:
     """Why `method` cannot run on attention layer `layer` of a model with `adapter` (difa.adapters.Adapter), as one
-    phrase; None when it can. The layer's kind (attn1 / attn2 from its name; joint from the adapter: NOT_JOINT says
-    why a method skips joint attention), its token axis (a video model's temporal layers attend across frames: no 2-D
-    grid to merge on) and the family's CFG (a guidance-distilled model has no CFG batch to share attention across)."""
+    phrase; None when it can. The layer's kind (attn1 / attn2 from its name; joint from the adapter: a technique's
+    NOT_JOINT says why it skips joint attention), its token axis (a video model's temporal layers attend across
+    frames: no 2-D grid to merge on) and the family's CFG (a guidance-distilled model has no CFG batch to share
+    attention across)."""
     t = REGISTRY[method]
     kind = kind_of(layer, adapter)
-    if kind == JOINT and kind not in t.KINDS and method in NOT_JOINT:
-        return f"{method!r} does not run on joint (MMDiT) attention such as {layer}: {NOT_JOINT[method]}"
+    if kind == JOINT and kind not in t.KINDS and getattr(t, "NOT_JOINT", None):
+        return f"{method!r} does not run on joint (MMDiT) attention such as {layer}: {t.NOT_JOINT}"
     if kind not in t.KINDS:
         return f"{method!r} applies to {'/'.join(t.KINDS)} layers only, not {kind}"
     if kind == JOINT and method == wars.NAME and not adapter.joint_window:
         return (f"{method!r} does not run on joint (MMDiT) attention of {adapter.family} such as {layer}: "
-                f"{NOT_JOINT[method]}")
+                f"{t.NOT_JOINT}")
     if adapter is None:
         return None
     axis = adapter.axis(layer)

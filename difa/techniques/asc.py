@@ -24,6 +24,10 @@ READS_OUTPUT = False  # returns the layer's last computed output (the step befor
 READS_RESIDUAL = False  # adds the window residual R of an earlier step
 ON_ONE_HALF = "full"  # what it becomes when the engine runs one CFG half (None: itself)
 DEFAULT_CANDIDATE = True
+# Why it does not run on a joint (MMDiT) attention layer, as the one phrase `unfit` gives (README: "MMDiT and
+# joint attention")
+NOT_JOINT = ("the CFG halves attend over different text tokens (negative vs positive prompt) inside the joint "
+             "sequence, so sharing one half's attention would erase the text stream's guidance difference")
 
 
 @dataclass(frozen=True)

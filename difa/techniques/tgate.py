@@ -34,6 +34,10 @@ READS_OUTPUT = True  # returns the layer's last computed output (the step before
 READS_RESIDUAL = False  # adds the window residual R of an earlier step
 ON_ONE_HALF = None  # what it becomes when the engine runs one CFG half (None: itself)
 DEFAULT_CANDIDATE = True
+# Why it does not run on a joint (MMDiT) attention layer, as the one phrase `unfit` gives (README: "MMDiT and
+# joint attention")
+NOT_JOINT = ("T-GATE caches cross-attention once it has converged, and joint attention has no separate "
+             "cross-attention (text and image tokens share one softmax and the text stream is updated every step)")
 
 
 @dataclass(frozen=True)

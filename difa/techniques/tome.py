@@ -35,6 +35,9 @@ READS_OUTPUT = False  # returns the layer's last computed output (the step befor
 READS_RESIDUAL = False  # adds the window residual R of an earlier step
 ON_ONE_HALF = None  # what it becomes when the engine runs one CFG half (None: itself)
 DEFAULT_CANDIDATE = True
+# Why it does not run on a joint (MMDiT) attention layer, as the one phrase `unfit` gives (README: "MMDiT and
+# joint attention")
+NOT_JOINT = ("token merging works on a 2-D grid of image tokens; the joint sequence also holds text tokens")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,10 @@ READS_OUTPUT = False  # returns the layer's last computed output (the step befor
 READS_RESIDUAL = True  # adds the window residual R of an earlier step
 ON_ONE_HALF = None  # what it becomes when the engine runs one CFG half (None: itself)
 DEFAULT_CANDIDATE = True
+# Why it does not run on a joint (MMDiT) attention layer, as the one phrase `unfit` gives (README: "MMDiT and
+# joint attention"): on a family whose joint processor is not reproduced (Adapter.joint_window)
+NOT_JOINT = ("window attention on joint layers needs the family's joint processor reproduced (techniques/joint.py: "
+             "SD3, CogVideoX and FLUX are), and this family's is not")
 DEFAULT_WINDOW = 0.125  # DiTFastAttn: w = N/8 tokens on each side
 
 

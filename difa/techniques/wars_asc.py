@@ -24,6 +24,10 @@ READS_OUTPUT = False  # returns the layer's last computed output (the step befor
 READS_RESIDUAL = True  # adds the window residual R of an earlier step
 ON_ONE_HALF = "wars"  # what it becomes when the engine runs one CFG half (None: itself)
 DEFAULT_CANDIDATE = True
+# Why it does not run on a joint (MMDiT) attention layer, as the one phrase `unfit` gives (README: "MMDiT and
+# joint attention")
+NOT_JOINT = ("it shares attention across the CFG halves, which the joint sequence's text tokens tell apart "
+             "(see 'asc')")
 
 
 @dataclass(frozen=True)
