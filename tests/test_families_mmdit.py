@@ -170,6 +170,46 @@ def test_block_reuse_and_forecast_match_naive_reference(fam):
     assert dropped == (1 if fam == "sd3" else 0)
 
 
+def test_mlp_reuse_matches_naive_hooks_on_joint_blocks(fam):
+    """`mlp_reuse` on every block with a feed-forward `ff` (SD3 / FLUX double-stream: the image stream's; CogVideoX:
+    the joined [text | video] sequence's), at steps 1, 3, 4: against plain forward hooks on those `ff` modules that
+    keep the last computed output and return it at the reuse steps. The text stream's ff_context still runs."""
+    pipe = tiny(fam)
+    ref = generate(pipe, fam)
+    blocks = plan_blocks(pipe)
+    has_ff = [isinstance(getattr(b, "ff", None), torch.nn.Module) for _, b in blocks]
+    assert any(has_ff) and (all(has_ff) or fam == "flux")  # FLUX's single-stream blocks have proj_mlp instead
+    pattern = ["full", "mlp_reuse", "full", "mlp_reuse", "mlp_reuse", "full"]
+    plan = fixed_plan(pipe, lambda i, t: "full", steps=STEPS, guidance_scale=GUIDANCE[fam],
+                      block=lambda j, t: pattern[t] if has_ff[j] else "full")
+    step, cache, handles = [-1], {}, []
+
+    def count(module, args, kwargs):
+        step[0] += 1
+
+    def on_ff(j):
+        def hook(module, args, out):
+            if pattern[step[0]] == "mlp_reuse":
+                return cache[j]
+            cache[j] = out
+            return out
+        return hook
+
+    handles.append(adapter_for(pipe).denoiser(pipe).register_forward_pre_hook(count, with_kwargs=True))
+    handles += [b.ff.register_forward_hook(on_ff(j)) for j, (_, b) in enumerate(blocks) if has_ff[j]]
+    try:
+        expected = generate(pipe, fam)
+    finally:
+        for h in handles:
+            h.remove()
+    assert step[0] == STEPS - 1 and not torch.equal(expected, ref)  # one denoiser call per step; a real change
+    difa.apply_plan(pipe, plan)
+    got = generate(pipe, fam)
+    difa.remove_plan(pipe)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert torch.equal(generate(pipe, fam), ref)
+
+
 def test_methods_that_do_not_apply_are_refused(fam):
     pipe = tiny(fam)
     plan = fixed_plan(pipe, lambda i, t: "full", steps=STEPS, guidance_scale=GUIDANCE[fam])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -14,8 +15,10 @@ import gpu_check  # noqa: E402
 
 
 def test_dry_run_passes_and_prints_one_line_per_check():
+    # the script calls `python`: this interpreter's, also when the venv is not activated
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=REPO_ROOT, capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=300, env={**os.environ, "PATH": path})
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.strip().splitlines()
     assert sum(line.startswith("PASS") for line in lines) == len(gpu_check.DRY_SIZES)
