@@ -104,7 +104,7 @@ def test_bad_search_settings_are_one_line_errors(tmp_path, arg, message):
 
 def test_generate_transfers_a_plan_to_another_step_count_and_refuses_stray_keys(tmp_path, caplog):
     plan_path = tmp_path / "plan.json"
-    calibrate_cli.run(config("calibrate", ["+model=tiny_dit", "budget=0.9", "steps=5", f"out={plan_path}"]))
+    calibrate_cli.run(config("calibrate", ["+model=tiny_dit", "budget=0.95", "steps=5", f"out={plan_path}"]))
     with caplog.at_level("WARNING", logger="difa"):
         images, _ = generate_cli.run(config("generate", [f"plan={plan_path}", "steps=9", "n=1", f"out={tmp_path}"]))
     assert len(images) == 1 and "calibrated at 5 steps and runs at 9" in caplog.text

@@ -183,13 +183,14 @@ def test_predicted_latency_next_to_measured(tmp_path):
     from difa.calibration import calibrate_pipeline
 
     pipe = load_model(model_config("tiny_dit"), "cpu", "float32")
-    plan = calibrate_pipeline(pipe, [1, 2], threshold=0.05, budget=0.9, steps=STEPS, guidance_scale=4.0,
+    # 0.95: the fastest plan at 4 steps is about 0.8 of full, and a loaded machine inflates the fixed costs
+    plan = calibrate_pipeline(pipe, [1, 2], threshold=0.05, budget=0.95, steps=STEPS, guidance_scale=4.0,
                               name="tiny_dit", latency_cache=None)
     path = plan.save(tmp_path / "budget.json")
     table, _ = evaluate_cli.run(config(["+model=tiny_dit", f"plan={path}", "n=2", "batch=2", "fid=false",
                                         f"out={tmp_path / 'e.csv'}"]))
     base, row = table.iloc[0], table.iloc[1]
-    assert base.pred_latency == 1.0 and row.pred_latency == plan.latency["predicted_fraction"] <= 0.9
+    assert base.pred_latency == 1.0 and row.pred_latency == plan.latency["predicted_fraction"] <= 0.95
     assert row.rel_latency > 0
 
 
