@@ -42,6 +42,9 @@ class Adapter:
     # Video: the frame dim of the pipeline's latents and denoiser output (SVD, CogVideoX (B, F, C, h, w): 1;
     # Latte (B, C, F, h, w): 2). None: an image family.
     frame_dim: int | None = None
+    # FLUX: the pipeline's latents are 2x2-packed tokens (B, N, 4C); its `_unpack_latents` restores (B, C, H, W)
+    # before the VAE decode (which also adds the VAE's shift_factor)
+    packed_latents: bool = False
     # Per-frame guidance (SVD): (the pipeline's lower-end argument, its default); the weight ramps linearly over the
     # frames (frame_dim) from that argument to guidance_arg. None: one scalar weight.
     guidance_ramp: tuple[str, float] | None = None
@@ -263,7 +266,7 @@ ADAPTERS: dict[str, Adapter] = {a.family: a for a in (
     # [text | image] (FluxAttention, processor called positionally with image_rotary_emb), single-stream blocks over
     # the joined sequence; both block kinds return (encoder_hidden_states, hidden_states)
     Adapter("flux", ("FluxTransformer2DModel",), "transformer", "hidden_states", NO_CFG, "prompts",
-            joint_layers=("attn",), block_streams=TEXT_FIRST, joint_window=True),
+            joint_layers=("attn",), block_streams=TEXT_FIRST, joint_window=True, packed_latents=True),
     # CogVideoXPipeline: [uncond, cond]; latents (B, F', C, h, w). CogVideoXBlock.attn1 attends over [text | video] and
     # returns (video, text); blocks are called by keyword only and return (hidden_states, encoder_hidden_states)
     Adapter("cogvideox", ("CogVideoXTransformer3DModel",), "transformer", "hidden_states", "uncond_first", "prompts",

@@ -11,6 +11,9 @@ and both calibration searches give a plan that saves, loads and runs."""
 
 from __future__ import annotations
 
+import functools
+from functools import partial
+
 import pytest
 import torch
 
@@ -18,6 +21,7 @@ import difa
 from difa.adapters import adapter_for
 from difa.calibration import calibrate_pipeline, fixed_plan
 from difa.calibration.cost import cache_elements
+from difa.calibration.latency import Capture, decode_seconds
 from difa.engine import plan_blocks, plan_layers
 from difa.errors import DifaError
 from difa.plan import Plan
@@ -208,6 +212,35 @@ def test_mlp_reuse_matches_naive_hooks_on_joint_blocks(fam):
     difa.remove_plan(pipe)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert torch.equal(generate(pipe, fam), ref)
+
+
+def test_flux_decode_is_timed_as_the_pipeline_decodes():
+    """FLUX returns packed latents (B, N, 4C) with output_type="latent": budget mode times the VAE decode on what the
+    pipeline decodes (its own unpacking, scaling and shift), here the same tensor as an np-output call decodes."""
+    pipe = tiny("flux")
+    adapter = adapter_for(pipe)
+    real, seen = pipe.vae.decode, []
+
+    @functools.wraps(real)
+    def recording(z, *args, **kwargs):
+        seen.append(z.clone())
+        return real(z, *args, **kwargs)
+
+    pipe.vae.decode = recording
+    kw = tiny_call_kwargs("flux")
+    call = partial(adapter.call_pipeline, pipe, INPUTS, steps=2, guidance_scale=GUIDANCE["flux"], extra=kw)
+    _, _, layers = plan_layers(pipe)
+    capture = Capture(adapter.denoiser(pipe), adapter, plan_blocks(pipe), layers)
+    try:
+        final = adapter.outputs(call(generator=torch.Generator().manual_seed(0), output_type="latent"))
+    finally:
+        capture.close()
+    assert final.ndim == 3 and not seen  # packed tokens, nothing decoded
+    call(generator=torch.Generator().manual_seed(0), output_type="np")
+    pipelines = seen.pop()  # (2, C, H/8, W/8)
+    assert decode_seconds(pipe, capture, len(INPUTS), final, kw) > 0 and len(seen) == 4  # warm-up + 3 timed
+    for z in seen:
+        assert z.shape == pipelines.shape and torch.equal(z[0], pipelines[0]) and torch.equal(z[1], pipelines[0])
 
 
 def test_methods_that_do_not_apply_are_refused(fam):

@@ -222,11 +222,24 @@ def decode_seconds(pipe: Any, capture: Capture, images: int, final: torch.Tensor
         return 0.0
     if capture.adapter.frame_dim is not None:
         return _video_decode_seconds(pipe, capture.adapter.frame_dim, final, images, call_kwargs or {})
+    if capture.adapter.packed_latents:
+        return _packed_decode_seconds(pipe, final, images, call_kwargs or {})
     latents = capture.adapter.latent_input(*capture.model_in)[:1].detach()  # (1, C, H, W)
-    if latents.ndim != 4:  # FLUX's packed tokens (1, N, C): the pipeline unpacks them its own way (not timed)
-        return 0.0
     latents = latents[:, : getattr(vae.config, "latent_channels", latents.shape[1])].repeat(images, 1, 1, 1)
     return _median_time(lambda: vae.decode(latents / vae.config.scaling_factor), reps=3)
+
+
+def _packed_decode_seconds(pipe: Any, final: torch.Tensor | None, images: int, call_kwargs: Mapping) -> float:
+    """FLUX: its own `_unpack_latents` of `images` copies of the first returned packed latent (1, N, 4C) to
+    (images, C, H/8, W/8), then the VAE decode of (latents / scaling_factor) + shift_factor, as FluxPipeline does."""
+    vae = pipe.vae
+    if final is None or not torch.is_tensor(final) or not hasattr(pipe, "_unpack_latents"):
+        return 0.0
+    side = pipe.default_sample_size * pipe.vae_scale_factor  # the pipeline's height / width when none is given
+    height, width = call_kwargs.get("height") or side, call_kwargs.get("width") or side
+    latents = pipe._unpack_latents(final[:1].detach().repeat(images, 1, 1), height, width, pipe.vae_scale_factor)
+    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+    return _median_time(lambda: vae.decode(latents), reps=3)
 
 
 # decode_latents' frame-count argument: SVD num_frames, Latte video_length (CogVideoX reads it from the latents)
