@@ -238,6 +238,21 @@ def test_svd_loss_reads_the_per_frame_guidance():
     assert_loss_is_what_the_sampler_reads(pipe, plan, "asc", run)
 
 
+def latents_then_decoded(pipe, family: str, inputs, kw):
+    """Two seeded 2-step calls: latent output under a calibration Capture, then np output (which decodes). Returns
+    the latents and the capture."""
+    adapter = adapter_for(pipe)
+    call = partial(adapter.call_pipeline, pipe, inputs, steps=2, guidance_scale=GUIDANCE[family], extra=kw)
+    _, _, layers = plan_layers(pipe)
+    capture = Capture(adapter.denoiser(pipe), adapter, plan_blocks(pipe), layers)
+    try:
+        final = adapter.outputs(call(generator=torch.Generator().manual_seed(0), output_type="latent"))
+    finally:
+        capture.close()
+    call(generator=torch.Generator().manual_seed(0), output_type="np")
+    return final, capture
+
+
 @pytest.mark.parametrize("family,chunk", [("svd", True), ("svd", False), ("latte", True), ("latte", False),
                                           ("cogvideox", False)])
 def test_video_decode_is_timed_as_the_pipeline_decodes(family, chunk):
@@ -245,7 +260,6 @@ def test_video_decode_is_timed_as_the_pipeline_decodes(family, chunk):
     called exactly as the pipeline calls it (the latents' shape, frame count, decode_chunk_size: the user's, or
     without one the pipeline's default)."""
     pipe = tiny(family)
-    adapter = adapter_for(pipe)
     real = pipe.decode_latents
     calls = []
 
@@ -261,16 +275,8 @@ def test_video_decode_is_timed_as_the_pipeline_decodes(family, chunk):
     if not chunk:
         kw.pop("decode_chunk_size", None)
     inputs = INPUTS.get(family, ["a red bird", "a blue car"])
-    call = partial(adapter.call_pipeline, pipe, inputs, steps=2, guidance_scale=GUIDANCE[family], extra=kw)
-    _, _, layers = plan_layers(pipe)
-    capture = Capture(adapter.denoiser(pipe), adapter, plan_blocks(pipe), layers)
-    try:
-        final = adapter.outputs(call(generator=torch.Generator().manual_seed(0), output_type="latent"))
-    finally:
-        capture.close()
-    assert not calls  # latent output: the pipeline decodes nothing
-    call(generator=torch.Generator().manual_seed(0), output_type="np")
-    assert len(calls) == 1
+    final, capture = latents_then_decoded(pipe, family, inputs, kw)
+    assert len(calls) == 1  # the np call decoded once, the latent one not at all
     pipelines = calls.pop()
     seconds = decode_seconds(pipe, capture, len(inputs), final, kw)
     assert seconds > 0 and len(calls) == 4  # a warm-up and three timed runs

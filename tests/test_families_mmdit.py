@@ -12,7 +12,6 @@ and both calibration searches give a plan that saves, loads and runs."""
 from __future__ import annotations
 
 import functools
-from functools import partial
 
 import pytest
 import torch
@@ -21,14 +20,14 @@ import difa
 from difa.adapters import adapter_for
 from difa.calibration import calibrate_pipeline, fixed_plan
 from difa.calibration.cost import cache_elements
-from difa.calibration.latency import Capture, decode_seconds
+from difa.calibration.latency import decode_seconds
 from difa.engine import plan_blocks, plan_layers
 from difa.errors import DifaError
 from difa.plan import Plan
 from difa.presets import preset_plan
 from difa.techniques import REGISTRY, kind_of, wars
 from difa.tiny import TEXT_TOKENS, tiny_call_kwargs
-from tests.test_families import GUIDANCE, STEPS, generate, tiny
+from tests.test_families import GUIDANCE, STEPS, generate, latents_then_decoded, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -218,7 +217,6 @@ def test_flux_decode_is_timed_as_the_pipeline_decodes():
     """FLUX returns packed latents (B, N, 4C) with output_type="latent": budget mode times the VAE decode on what the
     pipeline decodes (its own unpacking, scaling and shift), here the same tensor as an np-output call decodes."""
     pipe = tiny("flux")
-    adapter = adapter_for(pipe)
     real, seen = pipe.vae.decode, []
 
     @functools.wraps(real)
@@ -228,15 +226,8 @@ def test_flux_decode_is_timed_as_the_pipeline_decodes():
 
     pipe.vae.decode = recording
     kw = tiny_call_kwargs("flux")
-    call = partial(adapter.call_pipeline, pipe, INPUTS, steps=2, guidance_scale=GUIDANCE["flux"], extra=kw)
-    _, _, layers = plan_layers(pipe)
-    capture = Capture(adapter.denoiser(pipe), adapter, plan_blocks(pipe), layers)
-    try:
-        final = adapter.outputs(call(generator=torch.Generator().manual_seed(0), output_type="latent"))
-    finally:
-        capture.close()
-    assert final.ndim == 3 and not seen  # packed tokens, nothing decoded
-    call(generator=torch.Generator().manual_seed(0), output_type="np")
+    final, capture = latents_then_decoded(pipe, "flux", INPUTS, kw)
+    assert final.ndim == 3 and len(seen) == 1  # packed tokens; the np call decoded once, the latent one not at all
     pipelines = seen.pop()  # (2, C, H/8, W/8)
     assert decode_seconds(pipe, capture, len(INPUTS), final, kw) > 0 and len(seen) == 4  # warm-up + 3 timed
     for z in seen:
