@@ -350,6 +350,9 @@ SDXL_VAE = dict(TINY_VAE, scaling_factor=0.13025, force_upcast=True)
 # differs in the scheduler (EDM DPM-Solver++, Karras sigmas in [0.002, 80], sigma_data 0.5, so the UNet sees
 # c_noise = log(sigma) / 4 as its timestep and EDM-preconditioned inputs) and in the VAE latent normalisation
 # (per-channel latents_mean / latents_std with scaling_factor 0.5: decode(x * std / 0.5 + mean)).
+# Checked against public copies (no hub here): the model card (EDMDPMSolverMultistepScheduler, 50 steps,
+# guidance 3) and the latent statistics below; the remaining scheduler values are EDM's defaults, not read from
+# its scheduler_config.json.
 PLAYGROUND_SCHEDULER = dict(
     sigma_min=0.002,
     sigma_max=80.0,
