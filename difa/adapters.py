@@ -260,8 +260,9 @@ ADAPTERS: dict[str, Adapter] = {a.family: a for a in (
     # StableDiffusion3Pipeline (MMDiT): cat([negative, positive]) -> [uncond, cond]. JointTransformerBlock.attn gets the
     # image tokens as hidden_states and the text as encoder_hidden_states, attends over [image | text] and returns
     # (image, text); the block returns (encoder_hidden_states, hidden_states), the last one (None, hidden_states)
+    # SD3.5 Medium's dual-attention blocks add attn2: the same processor over the image tokens only (a tensor out)
     Adapter("sd3", ("SD3Transformer2DModel",), "transformer", "hidden_states", "uncond_first", "prompts",
-            joint_layers=("attn",), block_streams=TEXT_FIRST, joint_window=True),
+            joint_layers=("attn", "attn2"), block_streams=TEXT_FIRST, joint_window=True),
     # FluxPipeline: guidance-distilled (guidance_scale is embedded, batch 1). Double-stream blocks attend over
     # [text | image] (FluxAttention, processor called positionally with image_rotary_emb), single-stream blocks over
     # the joined sequence; both block kinds return (encoder_hidden_states, hidden_states)

@@ -34,7 +34,7 @@ from difa.attention.merge import token_grid
 from difa.errors import DifaError
 from difa.plan import (AST, CFG_METHODS, FULL, OUTPUT_READERS, TGATE, WARS, Plan, block_executed, block_keeps,
                        config_hash, executed_cells, output_steps, residual_producers, residual_steps)
-from difa.techniques import REGISTRY, kind_of, unfit
+from difa.techniques import REGISTRY, joint, kind_of, unfit
 from difa.techniques.base import Cell, LayerShape, LayerState
 from difa.techniques.blocks import BlockCell, BlockState, first_tensor
 
@@ -438,11 +438,12 @@ class Engine:
         step = self.step
         if step is None:  # called outside a denoiser forward (e.g. the module used alone)
             return original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        joint_layer = kind_of(self.layers[layer][0], self.adapter) == JOINT
+        text_tokens = self.text_tokens if joint_layer and joint.text_in_sequence(original) else None
         if layer not in self.shapes:
             self.shapes[layer] = _shape(attn, hidden_states, encoder_hidden_states,
                                         self._grid(layer, hidden_states, encoder_hidden_states),
-                                        joint=kind_of(self.layers[layer][0], self.adapter) == JOINT,
-                                        text_tokens=self.text_tokens)
+                                        joint=joint_layer, text_tokens=text_tokens)
         method = self.methods[layer][step]
         if self.collapsed and REGISTRY[method].ON_ONE_HALF:  # one half only: sharing across halves is plain attention
             method = REGISTRY[method].ON_ONE_HALF
@@ -456,7 +457,7 @@ class Engine:
         grid = self._grid(layer, hidden_states, encoder_hidden_states) if REGISTRY[method].NEEDS_METRIC else None
         cell = Cell(attn, self.layers[layer][0], layer, step, state, self.params, original,
                     self._cond_rows(hidden_states.shape[0]), keep_residual, grid, self.collapsed,
-                    kind_of(self.layers[layer][0], self.adapter) == JOINT, self.text_tokens)
+                    joint_layer, text_tokens)
         out = REGISTRY[method].execute(cell, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if method not in OUTPUT_READERS and self.keep_output[layer][step]:
             state.out = _compact(out)
@@ -475,6 +476,7 @@ def _shape(attn, x: torch.Tensor, context: torch.Tensor | None, grid: tuple[int,
     text = 0
     if joint:  # joint attention: every query attends over image and text tokens
         text = context.shape[-2] if context is not None else (text_tokens or 0)  # FLUX single-stream: joined already
+        # (text_tokens None: a joint layer without text, SD3.5's attn2)
         n = n_kv = n + (context.shape[-2] if context is not None else 0)
     return LayerShape(batch=b, n_q=n, n_kv=n_kv, dim=c, inner=attn.inner_dim, heads=attn.heads,
                       downsample=grid[2] if grid else 1, text=text)

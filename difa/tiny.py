@@ -13,6 +13,7 @@ well under a second per call on CPU. Each UPPER_CASE config's comment gives the 
     lcm_sdxl        StableDiffusionXLPipeline     SD-XL UNet + guidance embedding   as sdxl, LCMScheduler, no CFG batch
     lcm_pixart      PixArtAlphaPipeline           PixArtTransformer2DModel          4 blocks, LCMScheduler, no CFG batch
     sd3             StableDiffusion3Pipeline      SD3Transformer2DModel             3 joint (MMDiT) blocks
+    sd35            StableDiffusion3Pipeline      SD3Transformer2DModel             sd3 + attn2 in 2 blocks (family sd3)
     flux            FluxPipeline                  FluxTransformer2DModel            2 double + 3 single stream blocks
     svd             StableVideoDiffusionPipeline  UNetSpatioTemporalConditionModel  spatial + temporal attn1/attn2
     latte           LattePipeline                 LatteTransformer3DModel           2 x (spatial attn1/attn2 + temporal)
@@ -431,6 +432,11 @@ TINY_SD3 = dict(
     pooled_projection_dim=TINY_CLIP_2["projection_dim"] * 2,
     pos_embed_max_size=16,  # up to a 32x32 latent (256 px)
 )
+# SD3.5 Medium (stabilityai/stable-diffusion-3.5-medium, the same pipeline and adapter row): 24 blocks x 24 heads
+# x 64, dual attention (a second, image-only attention attn2) in blocks 0-12, qk_norm "rms_norm" on every
+# attention, pos_embed_max_size 384 (values checked against public copies of its config). Tiny: TINY_SD3 with
+# attn2 in the first two of its three blocks and RMS qk-norm.
+TINY_SD35 = dict(TINY_SD3, dual_attention_layers=(0, 1), qk_norm="rms_norm")
 SD3_VAE = dict(
     TINY_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
     use_post_quant_conv=False,
@@ -493,9 +499,9 @@ def tiny_call_kwargs(family: str, sample_size: int | None = None) -> dict:
     real model's: SVD 576 x 1024 px, Latte 512 px x 16 frames)."""
     kw = pipeline_call_kwargs(family)
     side = (sample_size or TINY_SIDE.get(family, 8)) * VAE_SCALE_FACTOR
-    if family in ("lcm_pixart", "sd3", "flux"):  # PixArt-LCM keeps the real sample_size 128, FLUX has none
+    if family in ("lcm_pixart", "sd3", "sd35", "flux"):  # PixArt-LCM keeps the real sample_size 128, FLUX has none
         kw.update(height=side, width=side)
-    if family in ("sd3", "flux"):
+    if family in ("sd3", "sd35", "flux"):
         kw.update(max_sequence_length=TEXT_TOKENS)  # a short T5 sequence (real defaults: 256 / 512)
     if family in ("svd", "latte"):
         frames = {"svd": "num_frames", "latte": "video_length"}[family]
@@ -695,10 +701,10 @@ def _tiny_lcm_pixart(size: dict) -> PixArtAlphaPipeline:
     )
 
 
-def _tiny_sd3(size: dict) -> StableDiffusion3Pipeline:
+def _tiny_sd3(size: dict, transformer: dict = TINY_SD3) -> StableDiffusion3Pipeline:
     tokenizer, tokenizer_2, tokenizer_3 = _tiny_clip_tokenizer(), _tiny_clip_tokenizer(), _tiny_t5_tokenizer()
     return StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(**{**TINY_SD3, **size}),
+        transformer=SD3Transformer2DModel(**{**transformer, **size}),
         scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
         vae=AutoencoderKL(**SD3_VAE),
         text_encoder=_clip(tokenizer, CLIPTextModelWithProjection, **TINY_CLIP_2),
@@ -708,6 +714,10 @@ def _tiny_sd3(size: dict) -> StableDiffusion3Pipeline:
         text_encoder_3=_t5(tokenizer_3, **TINY_T5_SD3),
         tokenizer_3=tokenizer_3,
     )
+
+
+def _tiny_sd35(size: dict) -> StableDiffusion3Pipeline:
+    return _tiny_sd3(size, TINY_SD35)
 
 
 def _tiny_flux(size: dict) -> FluxPipeline:
@@ -725,7 +735,8 @@ def _tiny_flux(size: dict) -> FluxPipeline:
 
 BUILDERS = {"dit": _tiny_dit, "pixart": _tiny_pixart, "sd": _tiny_sd, "sdxl": _tiny_sdxl,
             "playground_v25": _tiny_playground_v25, "lcm_sdxl": _tiny_lcm_sdxl, "lcm_pixart": _tiny_lcm_pixart,
-            "svd": _tiny_svd, "latte": _tiny_latte, "cogvideox": _tiny_cogvideox, "sd3": _tiny_sd3, "flux": _tiny_flux}
+            "svd": _tiny_svd, "latte": _tiny_latte, "cogvideox": _tiny_cogvideox, "sd3": _tiny_sd3,
+            "sd35": _tiny_sd35, "flux": _tiny_flux}
 FAMILIES = tuple(BUILDERS)
 _NO_CLEANING = {"clean_caption": False}  # caption cleaning needs bs4 + ftfy
 CALL_KWARGS = {"pixart": {**_NO_CLEANING, "use_resolution_binning": False}, "latte": _NO_CLEANING,

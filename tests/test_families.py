@@ -36,7 +36,7 @@ NO_CFG = ("lcm_sdxl", "lcm_pixart")
 STEPS = 6
 INPUTS = {"svd": ["synthetic:0", "synthetic:1"]}
 GUIDANCE = {"sdxl": 5.0, "playground_v25": 3.0, "lcm_sdxl": 8.0, "lcm_pixart": 0.0, "svd": 3.0, "latte": 7.5,
-            "sd3": 7.0, "flux": 3.5, "cogvideox": 6.0}  # the last three: tests/test_families_mmdit.py
+            "sd3": 7.0, "sd35": 4.5, "flux": 3.5, "cogvideox": 6.0}  # the last four: tests/test_families_mmdit.py
 BARE = {"lcm_pixart": "pixart", "playground_v25": "sdxl"}  # a bare denoiser has no scheduler to tell them apart
 ATOL = 2e-5
 

@@ -31,8 +31,9 @@ from tests.test_families import GUIDANCE, STEPS, generate, latents_then_decoded,
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ("sd3", "flux", "cogvideox")
-MODEL_CLASS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel",
+FAMILIES = ("sd3", "sd35", "flux", "cogvideox")  # sd35: SD3.5 Medium's structure (attn2 blocks), family sd3
+SD3 = ("sd3", "sd35")
+MODEL_CLASS = {"sd3": "SD3Transformer2DModel", "sd35": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel",
                "cogvideox": "CogVideoXTransformer3DModel"}
 INPUTS = ["a red bird", "a blue car"]  # the prompts generate() uses
 
@@ -40,6 +41,11 @@ INPUTS = ["a red bird", "a blue car"]  # the prompts generate() uses
 @pytest.fixture(params=FAMILIES)
 def fam(request) -> str:
     return request.param
+
+
+def family_of(fam: str) -> str:
+    """The adapter family of a tiny model name."""
+    return "sd3" if fam in SD3 else fam
 
 
 def record(modules):
@@ -56,14 +62,15 @@ def record(modules):
 def test_adapter_rows_are_found(fam):
     pipe = tiny(fam)
     adapter = adapter_for(pipe)
-    assert adapter.family == fam
-    assert adapter_for(adapter.denoiser(pipe)).family == fam
+    assert adapter.family == family_of(fam)
+    assert adapter_for(adapter.denoiser(pipe)).family == family_of(fam)
     assert (adapter.cfg_layout == "none") == (fam == "flux")
     model, layers = adapter.denoiser(pipe), plan_layers(pipe)[2]
     assert type(model).__name__ == MODEL_CLASS[fam]
-    assert len(layers) == {"sd3": 3, "flux": 5, "cogvideox": 2}[fam]
+    assert len(layers) == {"sd3": 3, "sd35": 5, "flux": 5, "cogvideox": 2}[fam]  # sd35: + attn2 in 2 blocks
     assert {kind_of(n, adapter) for n, _ in layers} == {"joint"}  # the kind comes from the architecture
-    assert [n.rsplit(".", 1)[0] for n, _ in layers] == [n for n, _ in plan_blocks(pipe)]
+    # every block holds joint layers, in execution order (SD3.5's dual-attention blocks: attn, then attn2)
+    assert list(dict.fromkeys(n.rsplit(".", 1)[0] for n, _ in layers)) == [n for n, _ in plan_blocks(pipe)]
 
 
 def test_all_full_plan_is_bit_exact_and_undo_is_exact(fam):
@@ -125,14 +132,15 @@ def test_ast_reuses_both_parts_of_the_joint_output(fam):
                 before = outs[t - 1] if isinstance(outs[t - 1], tuple) else (outs[t - 1],)
                 assert not torch.equal(parts[0], before[0])
         tuples += isinstance(outs[0], tuple)
-    assert tuples == {"sd3": 3, "flux": 2, "cogvideox": 2}[fam]  # FLUX's single-stream layers return a tensor
+    # FLUX's single-stream layers and SD3.5's attn2 (image tokens only) return a tensor
+    assert tuples == {"sd3": 3, "sd35": 3, "flux": 2, "cogvideox": 2}[fam]
 
 
 def _streams(family: str, args, kwargs, output):
     """(hidden, text) of a block call's inputs and of its output (text None: SD3's last block drops it)."""
     x = args[0] if args else kwargs["hidden_states"]
     e = args[1] if len(args) > 1 else kwargs["encoder_hidden_states"]
-    out_hidden, out_text = (output[1], output[0]) if family in ("sd3", "flux") else (output[0], output[1])
+    out_hidden, out_text = (output[1], output[0]) if family in (*SD3, "flux") else (output[0], output[1])
     return (x, e), (out_hidden, out_text)
 
 
@@ -170,7 +178,7 @@ def test_block_reuse_and_forecast_match_naive_reference(fam):
                 torch.testing.assert_close(outs[s][k], e, atol=1e-6, rtol=1e-5,
                                            msg=f"{fam} {name} stream {k} step {s} ({pattern[s]})")
             assert not torch.equal(outs[3][k], ins[3][k] + r[1])  # forecast is not reuse
-    assert dropped == (1 if fam == "sd3" else 0)
+    assert dropped == (1 if fam in SD3 else 0)
 
 
 def test_mlp_reuse_matches_naive_hooks_on_joint_blocks(fam):
@@ -260,7 +268,7 @@ def test_calibrate_and_run_a_plan(fam, search, tmp_path):
     plan = calibrate_pipeline(pipe, INPUTS, threshold=0.2, steps=STEPS, guidance_scale=GUIDANCE[fam], seed=0,
                               call_kwargs=tiny_call_kwargs(fam), search=search, latency_cache=None)
     loaded = difa.load_plan(plan.save(tmp_path / "p.json"))
-    assert loaded.model.family == fam
+    assert loaded.model.family == family_of(fam)
     cells = [m for row in (loaded.blocks if search == "trajectory" else loaded.methods) for m in row]
     assert set(cells) - {"full"}, "the search planned nothing"  # random weights: cheap methods pass threshold 0.2
     if search == "greedy":  # what cannot run on joint attention is skipped, with the reason recorded
@@ -278,8 +286,9 @@ def test_calibrate_and_run_a_plan(fam, search, tmp_path):
 def naive_joint_attention(attn, x, e, w=None, image_first=True, rotary=None):
     """Joint attention written out, explicit scores: SD3 ([image | text], the text through add_*_proj) or CogVideoX
     ([text | video], one set of projections on the joined sequence). With `w`, image query i sees the image keys
-    |i - j| <= w and every text key, text queries see everything. (B, H, L, D) in the model's token order."""
-    b, n, t = x.shape[0], x.shape[1], e.shape[1]
+    |i - j| <= w and every text key, text queries see everything. (B, H, L, D) in the model's token order. SD3.5's
+    attn2 (e None): the image tokens alone."""
+    b, n, t = x.shape[0], x.shape[1], (0 if e is None else e.shape[1])
 
     def heads(y):
         return y.reshape(b, y.shape[1], attn.heads, -1).transpose(1, 2)
@@ -287,7 +296,10 @@ def naive_joint_attention(attn, x, e, w=None, image_first=True, rotary=None):
     def norm(f, y):
         return y if f is None else f(y)
 
-    if image_first:
+    if e is None:
+        q, k, v = norm(attn.norm_q, heads(attn.to_q(x))), norm(attn.norm_k, heads(attn.to_k(x))), heads(attn.to_v(x))
+        image = torch.ones(n, dtype=torch.bool)
+    elif image_first:
         q = torch.cat([norm(attn.norm_q, heads(attn.to_q(x))), norm(attn.norm_added_q, heads(attn.add_q_proj(e)))], 2)
         k = torch.cat([norm(attn.norm_k, heads(attn.to_k(x))), norm(attn.norm_added_k, heads(attn.add_k_proj(e)))], 2)
         v = torch.cat([heads(attn.to_v(x)), heads(attn.add_v_proj(e))], 2)
@@ -345,10 +357,13 @@ def naive_flux_out(attn, o, e):
     return attn.to_out[0](y[:, t:]), attn.to_add_out(y[:, :t])
 
 
-def naive_joint_out(attn, o, n, image_first=True):
+def naive_joint_out(attn, o, n, image_first=True, text=True):
     """(image, text) from the joint attention output o (B, H, L, D). SD3: to_out on the image, to_add_out on the text
-    (none in its last block, context_pre_only); CogVideoX: to_out on the joined sequence."""
+    (none in its last block, context_pre_only); CogVideoX: to_out on the joined sequence. No text (SD3.5's attn2):
+    (to_out of the image,)."""
     y = o.transpose(1, 2).flatten(2)
+    if not text:
+        return (attn.to_out[0](y),)
     if not image_first:
         y = attn.to_out[0](y)
         return y[:, -n:], y[:, :-n]
@@ -371,7 +386,7 @@ def tiny_cogvideox_rope():
     return pipe
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "cogvideox", "cogvideox+rope"])
+@pytest.mark.parametrize("family", ["sd3", "sd35", "flux", "cogvideox", "cogvideox+rope"])
 def test_joint_window_attention_matches_naive_reference(family):
     """wars on the joint layers (window 1 token per side over the image / video tokens, text attending fully): step 0
     full (bit-exact with the stock processor while it caches R = O_full - O_window), then O_window + R of the last
@@ -382,7 +397,7 @@ def test_joint_window_attention_matches_naive_reference(family):
     rope = family.endswith("+rope")
     family = family.split("+")[0]
     pipe = tiny_cogvideox_rope() if rope else tiny(family)
-    image_first = family == "sd3"
+    image_first = family in SD3
     pattern = ["full", "wars", "wars", "ast", "full", "wars"]
     plan = fixed_plan(pipe, lambda i, t: pattern[t], steps=STEPS, guidance_scale=GUIDANCE[family], window=1)
     layers = plan_layers(pipe)[2]
@@ -397,7 +412,9 @@ def test_joint_window_attention_matches_naive_reference(family):
         difa.remove_plan(pipe)
     for i, seen in enumerate(calls):  # the cost model: joint tokens, the text ones attended fully under the window
         shape, kw = engine.shapes[i], seen[0][1]
-        text = kw["encoder_hidden_states"].shape[1] if kw.get("encoder_hidden_states") is not None else TEXT_TOKENS
+        joined = family == "flux"  # a layer without encoder_hidden_states: FLUX single-stream, or SD3.5's attn2
+        text = (kw["encoder_hidden_states"].shape[1] if kw.get("encoder_hidden_states") is not None
+                else TEXT_TOKENS if joined else 0)
         n = shape.n_q - text
         assert shape.text == text and shape.n_q == shape.n_kv == kw["hidden_states"].shape[1] + (
             0 if kw.get("encoder_hidden_states") is None else text)
@@ -408,26 +425,35 @@ def test_joint_window_attention_matches_naive_reference(family):
         check_flux_window(layers, calls, FluxAttnProcessor())
         return
     stock = JointAttnProcessor2_0() if image_first else CogVideoXAttnProcessor2_0()
+    textless = 0
     for (name, attn), seen in zip(layers, calls):
-        xs = [(kw["hidden_states"], kw["encoder_hidden_states"]) for _, kw, _ in seen]
+        xs = [(kw["hidden_states"], kw.get("encoder_hidden_states")) for _, kw, _ in seen]
         rotary = seen[0][1].get("image_rotary_emb")
         assert (rotary is not None) == rope  # the tiny CogVideoX is 2b-like: no RoPE unless asked
-        outs = [o for _, _, o in seen]
+        outs = [o if isinstance(o, tuple) else (o,) for _, _, o in seen]  # SD3.5's attn2: one tensor
+        has_text = xs[0][1] is not None
+        textless += not has_text
         n = xs[0][0].shape[1]
         kw = {"image_rotary_emb": rotary} if rope else {}
-        assert all(torch.equal(a, b) for a, b in zip(outs[0], stock(attn, *xs[0], **kw))), name  # full + caching R
+        ref = stock(attn, *xs[0], **kw)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        assert len(ref) == len(outs[0]) and all(torch.equal(a, b) for a, b in zip(outs[0], ref)), name  # full + R
 
         def joint(s, w=None, attn=attn, xs=xs, rotary=rotary):
             return naive_joint_attention(attn, *xs[s], w=w, image_first=image_first, rotary=rotary)
         r = {s: joint(s) - joint(s, 1) for s in (0, 4)}
-        expected = {s: naive_joint_out(attn, joint(s, 1) + r[last], n, image_first)
+        expected = {s: naive_joint_out(attn, joint(s, 1) + r[last], n, image_first, has_text)
                     for s, last in ((1, 0), (2, 0), (5, 4))}
         expected[3] = outs[2]
         for s, e in expected.items():
+            assert len(outs[s]) == len(e), f"{name} step {s}"
             for part, got, want in zip(("image", "text"), outs[s], e):
+                if got is None and want is None:  # SD3's last block: no text out
+                    continue
                 torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=f"{name} step {s} {part}")
-        full1 = naive_joint_out(attn, joint(1), n, image_first)
+        full1 = naive_joint_out(attn, joint(1), n, image_first, has_text)
         assert (outs[1][0] - full1[0]).abs().max() > 1e-4  # the window changed something
+    assert textless == (2 if family == "sd35" else 0)  # SD3.5's attn2 layers were checked too
 
 
 def check_flux_window(layers, calls, stock):
@@ -463,7 +489,7 @@ def test_cli_calibrates_and_generates_every_tiny_family(fam, tmp_path):
     plan_path = tmp_path / "plan.json"
     plan, _ = calibrate_cli.run(config("calibrate", [f"+model=tiny_{fam}", "threshold=0.05", "steps=4", "n_calib=2",
                                                      f"out={plan_path}"]))
-    assert plan.model.family == fam and plan_path.is_file()
+    assert plan.model.family == family_of(fam) and plan_path.is_file()
     images, out = generate_cli.run(config("generate", [f"plan={plan_path}", "n=2", f"out={tmp_path / 'out'}"]))
     assert len(images) == 2 and (out / "grid.png").is_file()
     assert (out / ("000.gif" if fam == "cogvideox" else "000.png")).is_file()
@@ -481,4 +507,4 @@ def test_hub_configs_load_through_from_pretrained(fam, tmp_path):
                  "threshold=0.05"]
     overrides += [f"++model.call_kwargs.{k}={v}" for k, v in tiny_call_kwargs(fam).items()]  # tiny sizes
     plan, _ = calibrate_cli.run(config("calibrate", overrides))
-    assert plan.model.name == fam and plan.model.family == fam and plan.inference_steps == 3
+    assert plan.model.name == fam and plan.model.family == family_of(fam) and plan.inference_steps == 3

@@ -32,6 +32,7 @@ from difa.adapters import NO_CFG, TEMPORAL
 from difa.plan import FULL, block_keeps, config_hash, executed_cells
 from difa.techniques import REGISTRY, kind_of, unfit
 from difa.techniques.base import Cell, LayerState
+from difa.techniques.joint import text_in_sequence
 
 CACHE_DIR = Path("runs/cache/latency")
 REPS = 5  # timed repetitions per unit (after one warm-up); the median is kept
@@ -326,6 +327,8 @@ def time_attention(attn, name: str, i: int, inputs: tuple, methods: Sequence[str
     joint = kind_of(name, adapter) == "joint"
     text = capture.model_in[1].get("encoder_hidden_states") if capture.model_in is not None else None
     text_tokens = int(text.shape[1]) if torch.is_tensor(text) and text.ndim == 3 else None
+    if not (joint and text_in_sequence(original)):  # the text is not inside this layer's sequence (SD3.5's attn2)
+        text_tokens = None
     with torch.no_grad():
         keep = not unfit("wars", name, adapter) and mask is None and any(m in methods for m in ("wars", "wars+asc"))
         try:  # fills the window residual a `wars` call reads

@@ -3,7 +3,8 @@ processors (so a `full` step that also caches the window residual stays bit-exac
 attention core of a joint layer (`wars`):
 
 - SD3's `JointAttnProcessor2_0`: sequence [image | text], separate projections for the text (add_q_proj, ...),
-  output (image, text) with to_out / to_add_out (none in the last block: context_pre_only).
+  output (image, text) with to_out / to_add_out (none in the last block: context_pre_only). SD3.5 Medium's second
+  attention (attn2, in its dual-attention blocks) runs the same processor without text: image tokens only, one output.
 - CogVideoX's `CogVideoXAttnProcessor2_0`: sequence [text | video], one set of projections on the joined sequence,
   RoPE on the video part where the model uses it (5b; the 2b passes None), one to_out, output (video, text).
 - FLUX's `FluxAttnProcessor` (default attention backend): [text | image] with RoPE on the whole sequence; a
@@ -21,6 +22,13 @@ from difa.errors import DifaError
 
 PROCESSORS = {"JointAttnProcessor2_0": "sd3", "CogVideoXAttnProcessor2_0": "cogvideox", "FluxAttnProcessor": "flux"}
 IMAGE_FIRST = {"sd3": True, "cogvideox": False, "flux": False}  # token order of the joint sequence
+
+
+def text_in_sequence(processor: Any) -> bool:
+    """Whether a joint layer called without encoder_hidden_states gets the text inside its one sequence (FLUX's
+    single-stream layers: the denoiser's text length tells it apart) rather than no text at all (SD3.5's second
+    attention, attn2: JointAttnProcessor2_0 over the image tokens only)."""
+    return PROCESSORS.get(type(processor).__name__) == "flux"
 
 
 def check(cell: Any, method: str) -> bool:
