@@ -325,10 +325,10 @@ def calibrate_pipeline(
                                    "threshold": threshold, "candidates": cands, "params": params,
                                    "loss_on": loss_on, "dtype": dtype, "torch": torch.__version__})
         on_decided = checkpoint.save
-    search = GreedySearch(methods, cands, float(threshold), params, allowed=allowed,
-                          progress=progress,
-                          guidance=partial(adapter.guidance, float(guidance_scale), call_kwargs=call_kwargs) if guided else None,
-                          channels=sampled_channels(model), resume=resume, on_decided=on_decided)
+    # what the sampler's guidance multiplies by: the scale, or SVD's per-frame ramp (Adapter.guidance)
+    guidance = partial(adapter.guidance, float(guidance_scale), call_kwargs=call_kwargs) if guided else None
+    search = GreedySearch(methods, cands, float(threshold), params, allowed=allowed, progress=progress,
+                          guidance=guidance, channels=sampled_channels(model), resume=resume, on_decided=on_decided)
     metric = [i for i, a in enumerate(allowed) if any(REGISTRY[c].NEEDS_METRIC and c in cands for c in a)]
     engine = Engine(model, adapter, layers, [list(r) for r in methods], params, scheduler=pipe.scheduler,
                     calibrating=True, on_step=search.on_step, inference_steps=steps, metric_layers=metric)

@@ -17,6 +17,7 @@ FLOPs (calibration/cost.py) stay for reporting.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import statistics
@@ -249,8 +250,6 @@ _FRAME_ARGS = ("num_frames", "video_length")
 
 def _video_decode_seconds(pipe: Any, frame_dim: int, final: torch.Tensor | None, videos: int,
                           call_kwargs: Mapping) -> float:
-    import inspect
-
     decode = getattr(pipe, "decode_latents", None)
     if decode is None or final is None or not torch.is_tensor(final):
         return 0.0
