@@ -24,7 +24,7 @@ import torch
 import difa
 from difa.calibration import calibrate_pipeline
 from difa.cli.common import call_kwargs, load_model, model_config, take_inputs
-from difa.engine import remove_plan
+from difa.apply import remove_plan
 
 
 def timed_call(pipe, m, adapter, inputs, steps, guidance) -> float:

@@ -83,7 +83,7 @@ def main() -> None:
 
 
 def _fraction(pipe, plan) -> float:
-    from difa.calibration.cost import plan_flops
+    from difa.cost import plan_flops
     from difa.techniques.base import LayerShape
 
     model = pipe.transformer

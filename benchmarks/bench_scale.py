@@ -43,9 +43,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from difa.calibration import fixed_plan, latency  # noqa: E402
-from difa.calibration.cost import collapsed_steps, method_flops  # noqa: E402
+from difa.cost import collapsed_steps, method_flops  # noqa: E402
 from difa.calibration.latency import Capture, measure  # noqa: E402
-from difa.engine import _shape, apply_plan, plan_blocks, plan_layers, remove_plan  # noqa: E402
+from difa.calls import shape as _shape  # noqa: E402
+from difa.apply import apply_plan, plan_blocks, plan_layers, remove_plan  # noqa: E402
 
 CPU_LARGE = 16384  # from this many tokens the CPU run is cut down (see main)
 CPU_LARGE_PLANS = ("all-full", "wars", "ast", "reuse", "forecast")

@@ -7,7 +7,7 @@
 """
 
 from difa.calibration import calibrate_pipeline, retime_plan
-from difa.engine import apply_plan, remove_plan
+from difa.apply import apply_plan, remove_plan
 from difa.errors import DifaError
 from difa.plan import Plan, load_plan
 

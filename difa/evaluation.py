@@ -1,7 +1,9 @@
 """Evaluation as a library: a plan (or a diffusers hook) next to the uncompressed model on the same seeds, one
 row per method: FID, class accuracy, fidelity to the baseline images, attention FLOPs, counted MACs, latency
 (measured, and the plan's prediction) and peak memory. Batches of the methods are interleaved, so machine noise
-hits both alike. `difa/cli/evaluate.py` is the thin Hydra CLI over it (`python -m difa.evaluate`)."""
+hits both alike. One whole run (check, load, build the plan or peer, generate, score): `evaluate`, in
+difa/evaluation_run.py and re-exported here. `difa/cli/evaluate.py` is the thin Hydra CLI over it
+(`python -m difa.evaluate`)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import torch
 from difa import metrics
 from difa.adapters import Adapter
 from difa.data import FMNIST_CLASSES, captions
-from difa.engine import Engine, apply_plan, remove_plan
+from difa.engine import Engine
+from difa.apply import apply_plan, remove_plan
 from difa.peers import CacheDit, DiffusersHook
 from difa.plan import Plan
 
@@ -89,14 +92,19 @@ def applied(pipe, method: Method):
             remove_plan(pipe)
 
 
+def call(pipe, adapter: Adapter, inputs: list, *, seed: int, steps: int, guidance: float, extra: dict):
+    """One pipeline call at the run's settings, tensors out ("pt"), seeded by a CPU generator like every method's."""
+    return adapter.call_pipeline(pipe, inputs, steps=steps, guidance_scale=guidance, output_type="pt",
+                                 generator=torch.Generator(device="cpu").manual_seed(seed), extra=extra)
+
+
 def generate_batch(pipe, adapter: Adapter, method: Method, inputs: list, seed: int, steps: int, guidance: float,
                    extra: dict, device: str) -> tuple[torch.Tensor, float, float]:
     """One timed pipeline call with the method's plan applied: images (B, 3, H, W) in [0, 1], seconds, peak MB."""
     with applied(pipe, method):
         with metrics.PeakMemory(device) as mem:
             t0 = time.perf_counter()
-            out = adapter.call_pipeline(pipe, inputs, steps=steps, guidance_scale=guidance, output_type="pt",
-                                        generator=torch.Generator(device="cpu").manual_seed(seed), extra=extra)
+            out = call(pipe, adapter, inputs, seed=seed, steps=steps, guidance=guidance, extra=extra)
             images = torch.as_tensor(adapter.outputs(out)).float().cpu()  # .cpu() waits for queued CUDA kernels
             images = images.flatten(0, images.ndim - 4)  # videos (B, F, 3, H, W): every frame an image
             seconds = time.perf_counter() - t0
@@ -111,8 +119,7 @@ def count_flops(pipe, adapter: Adapter, method: Method, inputs: list, steps: int
 
     names = {n for n, _ in adapter.planned_layers(adapter.denoiser(pipe))}
     with applied(pipe, method), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        adapter.call_pipeline(pipe, inputs[:1], steps=steps, guidance_scale=guidance, output_type="pt",
-                              generator=torch.Generator(device="cpu").manual_seed(0), extra=extra)
+        call(pipe, adapter, inputs[:1], seed=0, steps=steps, guidance=guidance, extra=extra)
     counts = fc.get_flop_counts()
     attn = sum(sum(ops.values()) for key, ops in counts.items() if key.split(".", 1)[-1] in names)
     method.counted = (float(fc.get_total_flops()), float(attn))
@@ -122,7 +129,7 @@ def flops_fraction(plan: Plan, engine: Engine) -> float:
     """Attention FLOPs of the plan relative to full attention: the plan's record, else from the shapes just run."""
     if "fraction" in plan.flops:
         return float(plan.flops["fraction"])
-    from difa.calibration.cost import plan_flops
+    from difa.cost import plan_flops
 
     shapes = [engine.shapes.get(i) for i in range(len(plan.layers))]
     if any(s is None for s in shapes):
@@ -288,3 +295,13 @@ def report(table, model: str, n: int, steps: int, guidance: float, mem: str, not
         f"written to {out}",
     ]
     return "\n".join(lines)
+
+
+def __getattr__(name: str):
+    """`evaluate` and its result `Evaluation` are re-exported from difa.evaluation_run, which imports this module
+    (so they are looked up on first use rather than imported at the top: either module may be imported first)."""
+    if name in ("evaluate", "Evaluation"):
+        from difa import evaluation_run
+
+        return getattr(evaluation_run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,40 +29,24 @@ from typing import Any, Mapping, Sequence
 
 from difa.errors import DifaError
 from difa.techniques import REGISTRY as _REGISTRY  # (technique files never import the plan)
+from difa.techniques.protocol import FULL  # noqa: F401  (the reference method, as plans write it)
+from difa.cells import block_executed, executed_cells  # noqa: F401  (re-exported: the rules live in difa.cells)
 
 SCHEMA = "difa.plan"
 VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 
-FULL = "full"
-WARS = "wars"
-AST = "ast"
-ASC = "asc"
-WARS_ASC = "wars+asc"
-TOME = "tome"
-AGENT = "agent"
-TGATE = "tgate"
-# Derived from the technique files: methods that need the two CFG halves in one batch,
-CFG_METHODS = frozenset(n for n, t in _REGISTRY.items() if getattr(t, "SHARES_CFG", False))
-# that add the window-attention residual cached at an earlier step,
-RESIDUAL_METHODS = frozenset(n for n, t in _REGISTRY.items() if getattr(t, "READS_RESIDUAL", False))
-# and that return a cached module output instead of computing one.
-OUTPUT_READERS = frozenset(n for n, t in _REGISTRY.items() if getattr(t, "READS_OUTPUT", False))
-# Which methods compute the window residual R that a later `wars` reads (the `residual_from` of the `wars`
-# technique parameters): "full" (difa) or "full+asc" (DiTFastAttn: an `asc` step is "full attention + CFG
-# sharing", computes R on the conditional half and gives it to both halves; DESIGN.md §7).
-RESIDUAL_RULES = {"full": frozenset({FULL}), "full+asc": frozenset({FULL, ASC})}
+# Derived from the technique descriptions (difa.techniques.protocol): methods that need the two CFG halves in one
+# batch. (A plan names methods only as data: nothing here knows what any method does.)
+CFG_METHODS = frozenset(n for n, t in _REGISTRY.items() if t.shares_cfg)
 
 
-def residual_producers(techniques: Mapping[str, Mapping[str, Any]]) -> frozenset[str]:
-    rule = dict(techniques.get(WARS, {}) or {}).get("residual_from", "full")
-    if rule not in RESIDUAL_RULES:
-        raise DifaError(f"wars residual_from {rule!r} is unknown; use one of {', '.join(RESIDUAL_RULES)}")
-    return RESIDUAL_RULES[rule]
+def cfg_methods() -> frozenset[str]:
+    """Methods that need the two CFG halves in one batch, among the techniques registered now."""
+    return frozenset(n for n, t in _REGISTRY.items() if t.shares_cfg)
 
 
 CFG_LAYOUTS = ("cond_first", "uncond_first", "none")  # none: guidance-distilled, no CFG batch
-BLOCK = "block"  # the kind of a block cell (a whole transformer block)
 
 
 def known_methods() -> frozenset[str]:
@@ -282,9 +266,9 @@ def load_plan(path: str | os.PathLike) -> Plan:
 
 
 def validate(plan: Plan) -> None:
-    """Raise DifaError (one line) if the plan is not executable as written."""
+    """Raise DifaError (one line) if the plan is not executable as written (the rules: difa.cells)."""
     from difa.adapters import ADAPTERS
-    from difa.techniques import REGISTRY, unfit
+    from difa.cells import cell_problem
 
     adapter = ADAPTERS.get(plan.model.family)  # its family's facts (token axes, CFG); None: a family difa lacks
 
@@ -304,128 +288,26 @@ def validate(plan: Plan) -> None:
     block_ran = block_executed(plan.model.blocks, plan.blocks, plan.steps)
     for name, row, ran in zip(plan.model.blocks, plan.blocks, block_ran):
         for step, m in enumerate(row):
-            if m not in known or BLOCK not in REGISTRY[m].KINDS:
-                options = sorted(k for k in known if BLOCK in REGISTRY[k].KINDS)
+            if m not in known or not _REGISTRY[m].is_block:
+                options = sorted(k for k in known if _REGISTRY[k].is_block)
                 raise DifaError(f"plan block cell ({name}, step {step}) has method {m!r}, which is not a block method; "
                                 f"use one of {', '.join(options)}")
-            if not ran[step]:
-                if m != FULL:
-                    raise DifaError(f"plan block cell ({name}, step {step}) is {m!r} but a block around it is skipped at "
-                                    "that step, so it never runs (moot); write 'full' there")
-                continue
-            needs = getattr(REGISTRY[m], "NEEDS", None)  # what an earlier step of the block must have computed
-            if needs is not None and not any(needs in _computes(REGISTRY[x]) for x, r in zip(row[:step], ran) if r):
-                raise DifaError(f"plan block cell ({name}, step {step}) is {m!r}, which reuses the block's {needs} from an "
-                                f"earlier step, but no earlier step computes it; use 'full' there")
-    executed = attention_executed(plan)
-    producers = residual_producers(plan.techniques)
-    for name, row, ran in zip(plan.model.layers, plan.methods, executed):
+            why = cell_problem(m, step, runs=ran[step], earlier=[x for x, r in zip(row[:step], ran) if r],
+                               params=plan.techniques)
+            if why is not None:
+                raise DifaError(f"plan block cell ({name}, step {step}) is {m!r}, {why}")
+    for name, row, ran in zip(plan.model.layers, plan.methods, attention_executed(plan)):
         if len(row) != plan.steps:
             raise DifaError(f"plan row for {name} has {len(row)} steps, expected {plan.steps}; recalibrate to get a consistent plan")
         for step, m in enumerate(row):
             if m not in known:
                 raise DifaError(f"plan cell ({name}, step {step}) has unknown method {m!r}; known methods: {', '.join(sorted(known))}")
-            if not ran[step]:
-                if m != FULL:
-                    raise DifaError(f"plan cell ({name}, step {step}) is {m!r} but its block is skipped at that step, so "
-                                    "the attention never runs (moot); write 'full' there")
-                continue
-            if step == 0 and REGISTRY[m].READS_CACHE:
-                raise DifaError(f"plan cell ({name}, step 0) is {m!r}, which reuses an earlier step; nothing is cached at step 0")
-            why = unfit(m, name, adapter)
+            why = cell_problem(m, step, runs=ran[step], earlier=[x for x, r in zip(row[:step], ran) if r],
+                               params=plan.techniques, layer=name, adapter=adapter, cfg_enabled=plan.cfg_enabled)
             if why is not None:
-                raise DifaError(f"plan cell ({name}, step {step}): {why}; use 'full' there")
-            done = [x for x, r in zip(row[:step], ran[:step]) if r]
-            if m in RESIDUAL_METHODS and not producers & set(done):
-                raise DifaError(f"plan cell ({name}, step {step}) is {m!r}, which needs a computed "
-                                f"{' or '.join(sorted(map(repr, producers)))} step of the layer before it")
-            if REGISTRY[m].READS_CACHE and not done:
-                raise DifaError(f"plan cell ({name}, step {step}) is {m!r}, which reuses an earlier output, but the layer "
-                                "has not run before (its block was skipped); use 'full' there")
-            if m in CFG_METHODS and not plan.cfg_enabled:
-                raise DifaError(f"plan cell ({name}, step {step}) uses {m!r} (CFG sharing) but the plan has CFG off; use guidance_scale > 1 or drop {m!r}")
-
-
-def _computes(technique) -> tuple[str, ...]:
-    return getattr(technique, "COMPUTES", ())
+                raise DifaError(f"plan cell ({name}, step {step}) is {m!r}, {why}")
 
 
 def attention_executed(plan: Plan) -> list[list[bool]]:
     """[layer][step]: the attention layer really runs (its block is not skipped by a block cell at that step)."""
     return executed_cells(plan.model.layers, plan.model.blocks, plan.blocks, plan.steps)
-
-
-def executed_cells(layers: Sequence[str], block_names: Sequence[str], block_rows: Sequence[Sequence[str]],
-                   steps: int) -> list[list[bool]]:
-    """[layer][step]: the attention layer runs, i.e. no block containing it (its transformer block, or a UNet
-    DeepCache unit around it) skips at that step."""
-    return _not_skipped(layers, block_names, block_rows, steps)
-
-
-def block_executed(block_names: Sequence[str], block_rows: Sequence[Sequence[str]], steps: int) -> list[list[bool]]:
-    """[block][step]: the block's own cell runs, i.e. no block containing it skips at that step (nested UNet units:
-    a resnet inside a skipped down block never runs; its cell is moot)."""
-    return _not_skipped(block_names, block_names, block_rows, steps)
-
-
-def _not_skipped(names: Sequence[str], block_names: Sequence[str], block_rows: Sequence[Sequence[str]],
-                 steps: int) -> list[list[bool]]:
-    from difa.techniques import REGISTRY
-
-    out = []
-    for name in names:
-        around = [j for j, b in enumerate(block_names) if name.startswith(b + ".")] if block_rows else []
-        out.append([not any(REGISTRY[block_rows[j][t]].SKIPS_ATTENTION for j in around) for t in range(steps)])
-    return out
-
-
-def block_keeps(row: Sequence[str], what: str, ran: Sequence[bool] | None = None) -> list[bool]:
-    """[step]: this cell of a block row computes `what` ("residual", "ff" or "output") and a later cell reads it:
-    only the last NEEDS_POINTS computing steps before a reader keep it (a `forecast` reads two, `reuse` one), since
-    caching costs time (a residual is an (B, N, C) subtraction at every keeping step; the latency model charges it).
-    `ran`: the row's cells that run (block_executed); a moot cell computes nothing."""
-    from difa.techniques import REGISTRY
-
-    keep = [False] * len(row)
-    for s, m in enumerate(row):
-        if getattr(REGISTRY[m], "NEEDS", None) != what:
-            continue
-        makers = [t for t in range(s) if what in getattr(REGISTRY[row[t]], "COMPUTES", ()) and (ran is None or ran[t])]
-        for t in makers[-getattr(REGISTRY[m], "NEEDS_POINTS", 1):]:
-            keep[t] = True
-    return keep
-
-
-def residual_steps(methods: Sequence[Sequence[str]], executed: Sequence[Sequence[bool]] | None = None,
-                   producers: frozenset[str] = RESIDUAL_RULES["full"]) -> list[list[bool]]:
-    """[layer][step]: this `full` cell (or a cell of another residual producer) must cache the window residual,
-    because a `wars` cell of the same layer follows before the next producer. Derived from the plan, never
-    tracked by hand. Cells that do not run (`executed` False: their block is skipped) are passed over."""
-    out = []
-    for i, row in enumerate(methods):
-        keep, needed = [False] * len(row), False
-        for t in range(len(row) - 1, -1, -1):  # scan backwards: is a residual reader ahead?
-            if executed is not None and not executed[i][t]:
-                continue
-            if row[t] in producers:
-                keep[t], needed = needed, False
-            elif row[t] in RESIDUAL_METHODS:
-                needed = True
-        out.append(keep)
-    return out
-
-
-def output_steps(methods: Sequence[Sequence[str]], executed: Sequence[Sequence[bool]] | None = None) -> list[list[bool]]:
-    """[layer][step]: this computed cell's output must be cached, because the next step of the layer that runs
-    reuses it (`ast`, `tgate`)."""
-    out = []
-    for i, row in enumerate(methods):
-        ran = executed[i] if executed is not None else [True] * len(row)
-        keep = [False] * len(row)
-        for t, m in enumerate(row):
-            if not ran[t] or m in OUTPUT_READERS:
-                continue
-            nxt = next((u for u in range(t + 1, len(row)) if ran[u]), None)
-            keep[t] = nxt is not None and row[nxt] in OUTPUT_READERS
-        out.append(keep)
-    return out

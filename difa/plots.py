@@ -18,8 +18,8 @@ from difa.metrics import save_atomic
 from difa.plan import Plan, load_plan
 from difa.techniques import TECHNIQUES
 
-# One fixed colour per method (each technique file's COLOR), so that heatmaps of different plans read alike.
-METHOD_COLORS = {t.NAME: t.COLOR for t in TECHNIQUES if getattr(t, "COLOR", None)}
+# One fixed colour per method (each technique's description: Technique.color), so that heatmaps of different plans read alike.
+METHOD_COLORS = {t.name: t.color for t in TECHNIQUES}
 MOOT = "skipped (block)"  # attention cells of a block skipped at that step: they do not run
 MOOT_COLOR = "#ffffff"  # white: nothing runs there
 EXTRA_COLORS = ("#7f7f7f", "#843c39", "#7b4173", "#3182bd")  # a method without a COLOR (none today)
@@ -46,7 +46,7 @@ def method_colors(methods: Sequence[str]) -> dict[str, str]:
     from difa.techniques import REGISTRY
 
     extra = iter(EXTRA_COLORS * (1 + len(methods) // len(EXTRA_COLORS)))
-    fixed = {**METHOD_COLORS, **{n: t.COLOR for n, t in REGISTRY.items() if getattr(t, "COLOR", None)}}
+    fixed = {**METHOD_COLORS, **{n: t.color for n, t in REGISTRY.items()}}
     return {m: MOOT_COLOR if m == MOOT else fixed[m] if m in fixed else next(extra) for m in methods}
 
 

@@ -21,10 +21,13 @@ from typing import Any, Callable, Mapping
 
 from difa.adapters import adapter_for
 from difa.calibration import DITFASTATTN_CANDIDATES, calibrate_pipeline, denoiser_calls, fixed_plan
-from difa.engine import plan_layers
+from difa.apply import plan_layers
 from difa.errors import DifaError
-from difa.plan import AGENT, AST, FULL, TGATE, TOME, Plan
+from difa.plan import Plan
 from difa.techniques import agent, deepcache, kind_of, tome, unfit
+from difa.techniques.protocol import FULL
+
+AGENT, AST, TGATE, TOME = "agent", "ast", "tgate", "tome"  # (presets name the methods they schedule)
 
 
 # T-GATE's published settings per family (its README and main.py): gate_step, sp_interval, fi_interval, warm_up.

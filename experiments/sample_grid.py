@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from difa.adapters import get_adapter  # noqa: E402
 from difa.cli.common import call_kwargs, load_model, model_config, report_errors  # noqa: E402
 from difa.data import FMNIST_CLASSES  # noqa: E402
-from difa.engine import apply_plan, remove_plan  # noqa: E402
+from difa.apply import apply_plan, remove_plan  # noqa: E402
 from difa.plan import load_plan  # noqa: E402
 
 

@@ -11,7 +11,7 @@ import torch
 import difa
 from difa.adapters import adapter_for
 from difa.calibration import fixed_plan
-from difa.engine import plan_blocks
+from difa.apply import plan_blocks
 from difa.errors import DifaError
 from difa.plan import Plan, load_plan
 from tests.conftest import GUIDANCE, STEPS, generate, tiny

@@ -8,7 +8,7 @@ import torch
 from diffusers import DiTPipeline, PixArtAlphaPipeline
 
 from difa.cli.common import model_config
-from difa.engine import plan_layers
+from difa.apply import plan_layers
 from difa.models import bundled_dir, load_pipeline, pipeline_call_kwargs
 from difa.zoo import FMNISTClassifier, load_minilm
 from omegaconf import OmegaConf

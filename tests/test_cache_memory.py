@@ -1,4 +1,4 @@
-"""Cache memory: the accounting of what a plan keeps across steps (difa.calibration.cost.cache_elements) equals
+"""Cache memory: the accounting of what a plan keeps across steps (difa.cost.cache_elements) equals
 the bytes the engine actually holds after a generation, tensor by tensor (Engine.cache_bytes / peak_cache_bytes)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 
 import difa
 from difa.calibration import fixed_plan
-from difa.calibration.cost import cache_elements
+from difa.cost import cache_elements
 from tests.conftest import GUIDANCE, STEPS, generate, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,7 @@ import torch
 
 import difa
 from difa.calibration import calibrate_pipeline
-from difa.calibration.cost import order_candidates, plan_flops
+from difa.cost import order_candidates, plan_flops
 from difa.calibration.loss import relative_l1
 from difa.errors import DifaError
 from difa.models import pipeline_call_kwargs

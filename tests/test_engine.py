@@ -7,7 +7,8 @@ import torch
 
 import difa
 from difa.calibration import fixed_plan
-from difa.engine import ENGINE_ATTR, PlanProcessor
+from difa.calls import PlanProcessor
+from difa.engine import ENGINE_ATTR
 from difa.errors import DifaError
 from tests.conftest import GUIDANCE, STEPS, generate, tiny
 
@@ -54,8 +55,8 @@ def test_caches_reset_between_generations(family):
 
     def inspect(module, args, kwargs):  # runs after the engine's own pre-hook
         if not seen:
-            seen.append([(s.out, s.residual, s.gated) for s in engine.states] +
-                        [(b.residuals or None, b.ff, b.output) for b in engine.block_states])
+            seen.append([[v or None if isinstance(v, list) else v for v in s.slots.values()]
+                         for s in (*engine.states, *engine.block_states)])
 
     model = pipe.unet if family == "sd" else pipe.transformer
     handle = model.register_forward_pre_hook(inspect, with_kwargs=True)

@@ -20,7 +20,7 @@ import difa
 from difa.adapters import adapter_for
 from difa.calibration import calibrate_pipeline, fixed_plan
 from difa.calibration.latency import Capture, decode_seconds
-from difa.engine import plan_blocks, plan_layers
+from difa.apply import plan_blocks, plan_layers
 from difa.errors import DifaError
 from difa.plan import Plan
 from difa.tiny import build_tiny_pipeline, tiny_call_kwargs

@@ -19,9 +19,9 @@ import torch
 import difa
 from difa.adapters import adapter_for
 from difa.calibration import calibrate_pipeline, fixed_plan
-from difa.calibration.cost import cache_elements
+from difa.cost import cache_elements
 from difa.calibration.latency import decode_seconds
-from difa.engine import plan_blocks, plan_layers
+from difa.apply import plan_blocks, plan_layers
 from difa.errors import DifaError
 from difa.plan import Plan
 from difa.presets import preset_plan
@@ -252,7 +252,7 @@ def test_methods_that_do_not_apply_are_refused(fam):
         with pytest.raises(DifaError, match="joint") as e:
             Plan.from_dict(d, source="test")
         assert "\n" not in str(e.value), method
-        assert REGISTRY[method].NOT_JOINT in str(e.value)  # the technique's own reason, not a generic one
+        assert REGISTRY[method].not_joint in str(e.value)  # the technique's own reason, not a generic one
     if fam != "flux":
         with pytest.raises(DifaError, match="joint"):
             fixed_plan(pipe, lambda i, t: "asc", steps=STEPS, guidance_scale=GUIDANCE[fam])

@@ -1,4 +1,4 @@
-"""The cost model (difa.calibration.cost, techniques' flops()) against torch.utils.flop_counter.FlopCounterMode.
+"""The cost model (difa.cost, techniques' flops()) against torch.utils.flop_counter.FlopCounterMode.
 
 What each counts. FlopCounterMode counts 2 FLOPs per multiply-add of the matmul-like aten ops it knows (mm,
 addmm, bmm, baddbmm, convolutions, the CUDA SDPA kernels) and nothing else (softmax, norms, elementwise ops are
@@ -26,9 +26,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from difa.attention import band_pairs, window_attention, window_tokens
 from difa.attention.window import default_block
 from difa.calibration import fixed_plan
-from difa.calibration.cost import plan_flops
-from difa.engine import apply_plan, remove_plan
-from difa.plan import RESIDUAL_METHODS, WARS_ASC, residual_steps
+from difa.cost import plan_flops
+from difa.apply import apply_plan, remove_plan
+from difa.cells import keeps
+from difa.techniques import REGISTRY
+from difa.techniques.wars import WINDOW_RESIDUAL
+
+WARS_ASC = "wars+asc"
+RESIDUAL_METHODS = {n for n, t in REGISTRY.items() if WINDOW_RESIDUAL in t.reads}
 from difa.techniques import full, kind_of, wars
 from tests.conftest import GUIDANCE, STEPS, generate, tiny
 
@@ -128,7 +133,7 @@ def test_window_attention_is_the_band_plus_the_cpu_block_overhead(family, patter
     """Counted = cost model + (computed - band) pairs of every window-attention call, exactly."""
     got, model, plan, shapes = run_plan(family, pattern)
     excess = 0.0
-    for row, keep, shape in zip(plan.methods, residual_steps(plan.methods), shapes):
+    for row, keep, shape in zip(plan.methods, [keeps(r, WINDOW_RESIDUAL, {}) for r in plan.methods], shapes):
         n, w = shape.n_kv, window_tokens(wars.DEFAULT_WINDOW, shape.n_kv)
         extra_pairs = blocked_pairs(n, w) - band_pairs(n, w)
         for m, k in zip(row, keep):

@@ -15,8 +15,8 @@ from difa import presets
 from difa.adapters import adapter_for
 from difa.attention.merge import merge, partition, token_grid, unmerge, bipartite_match
 from difa.calibration import fixed_plan
-from difa.calibration.cost import method_flops
-from difa.engine import plan_layers
+from difa.cost import method_flops
+from difa.apply import plan_layers
 from difa.errors import DifaError
 from difa.techniques.base import LayerShape
 from tests.conftest import GUIDANCE, STEPS, generate, tiny

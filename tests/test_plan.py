@@ -7,7 +7,10 @@ import json
 import pytest
 
 from difa.errors import DifaError
-from difa.plan import ModelIdentity, Plan, load_plan, output_steps, residual_steps
+from difa.cells import keeps
+from difa.plan import ModelIdentity, Plan, load_plan
+from difa.techniques.base import OUT
+from difa.techniques.wars import WINDOW_RESIDUAL
 
 IDENTITY = ModelIdentity("DiTTransformer2DModel", "abc123", ("b.0.attn1", "b.1.attn1"), "tiny", "dit")
 
@@ -90,9 +93,9 @@ def test_pickle_is_never_read(tmp_path):
 
 def test_cache_needs_are_derived_from_the_plan():
     rows = [["full", "wars", "ast", "full", "asc", "full", "wars+asc"]]
-    assert residual_steps(rows) == [[True, False, False, False, False, True, False]]
-    assert output_steps(rows) == [[False, True, False, False, False, False, False]]
-    assert residual_steps([["full", "ast", "ast"]]) == [[False, False, False]]
+    assert [keeps(r, WINDOW_RESIDUAL, {}) for r in rows] == [[True, False, False, False, False, True, False]]
+    assert [keeps(r, OUT, {}) for r in rows] == [[False, True, False, False, False, False, False]]
+    assert keeps(["full", "ast", "ast"], WINDOW_RESIDUAL, {}) == [False, False, False]
 
 
 def _edit(d: dict, path: str, value):

@@ -12,8 +12,8 @@ import torch
 
 import difa
 from difa.calibration import fixed_plan
-from difa.engine import plan_blocks
-from difa.techniques import REGISTRY, letters
+from difa.apply import plan_blocks
+from difa.techniques import letters, register, unregister
 from tests.conftest import GUIDANCE, STEPS, generate, tiny
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -27,8 +27,9 @@ def half_reuse(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("half_reuse", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    monkeypatch.setitem(REGISTRY, module.NAME, module)  # the one registry line
-    return module
+    register(module.TECHNIQUE)  # the one registry line
+    yield module
+    unregister(module.NAME)
 
 
 def test_the_readme_example_technique_runs_everywhere(half_reuse):
@@ -43,6 +44,14 @@ def test_the_readme_example_technique_runs_everywhere(half_reuse):
     got = generate(pipe, "dit")
     difa.remove_plan(pipe)
 
+    expected = naive_scaled_reuse(pipe, blocks, 0.5)
+    assert not torch.equal(expected, ref)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def naive_scaled_reuse(pipe, blocks, factor: float) -> torch.Tensor:
+    """The naive reference, written with plain forward hooks: at odd steps every block returns its input plus
+    `factor` times its residual (output - input) of the last computed step."""
     step, last = [-1], {}
     handles = [pipe.transformer.register_forward_pre_hook(lambda m, a: step.__setitem__(0, step[0] + 1))]
 
@@ -50,14 +59,14 @@ def test_the_readme_example_technique_runs_everywhere(half_reuse):
         def h(module, args, kwargs, out):
             x = args[0] if args else kwargs["hidden_states"]
             if step[0] % 2:
-                return x + 0.5 * last[j]
+                return x + factor * last[j]
             last[j] = out - x
             return out
         return h
 
     handles += [b.register_forward_hook(hook(j), with_kwargs=True) for j, b in enumerate(blocks)]
-    expected = generate(pipe, "dit")
-    for h in handles:
-        h.remove()
-    assert not torch.equal(expected, ref)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    try:
+        return generate(pipe, "dit")
+    finally:
+        for h in handles:
+            h.remove()

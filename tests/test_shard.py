@@ -14,7 +14,7 @@ import torch
 from difa import shard
 from difa.calibration import fixed_plan
 from difa.cli.common import REPO_ROOT
-from difa.engine import apply_plan, remove_plan
+from difa.apply import apply_plan, remove_plan
 from difa.errors import DifaError
 from difa.models import pipeline_call_kwargs
 from tests.conftest import GUIDANCE, tiny
@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent(f"""
     import torch
     torch.set_num_threads(1)
     from difa.calibration import fixed_plan
-    from difa.engine import apply_plan
+    from difa.apply import apply_plan
     from difa.models import pipeline_call_kwargs
     from difa.shard import generate_sharded, make_jobs, pipeline_generate, process_state
     from tests.conftest import tiny

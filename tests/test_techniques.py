@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import difa
 from difa.calibration import fixed_plan
-from difa.engine import plan_layers
+from difa.apply import plan_layers
 from tests.conftest import GUIDANCE, STEPS, generate, tiny
 
 ATOL = 2e-5  # float32: blocked/fused attention vs the explicit softmax below

@@ -11,7 +11,7 @@ A plan's seconds per generation are then predicted as
 where `fixed` is what the pipeline spends outside the denoiser (scheduler, VAE, text encoder), measured on the
 calibration run. Results are cached under runs/cache/latency/, keyed by device, dtype, threads, versions,
 model config and input shapes (the remainder outside the denoiser included: the first measurement stands).
-FLOPs (calibration/cost.py) stay for reporting.
+FLOPs (difa/cost.py) stay for reporting.
 """
 
 from __future__ import annotations
@@ -30,10 +30,13 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from difa.adapters import NO_CFG, TEMPORAL
-from difa.plan import FULL, block_keeps, config_hash, executed_cells
-from difa.techniques import REGISTRY, kind_of, unfit
+from difa.cells import executed_cells, keeps, writes
+from difa.plan import config_hash
+from difa.techniques import REGISTRY, kind_of, slots, unfit
 from difa.techniques.base import Cell, LayerState
+from difa.techniques.blocks import RESIDUAL
 from difa.techniques.joint import text_in_sequence
+from difa.techniques.protocol import FULL, LAYER, BlockTimes
 
 CACHE_DIR = Path("runs/cache/latency")
 REPS = 5  # timed repetitions per unit (after one warm-up); the median is kept
@@ -45,22 +48,19 @@ class LatencyModel:
     fixed_s: float  # the rest of a generation: scheduler, VAE decode, text encoder
     block_s: tuple[float, ...]  # per block: the whole block, computed
     ff_s: tuple[float, ...]  # per block: its feed-forward module (what `mlp_reuse` saves)
-    skip_s: tuple[float, ...]  # per block: a `reuse` / `forecast` cell (an add, or a first-order extrapolation)
-    keep_s: tuple[float, ...] = ()  # per block: caching the residual (output - input) at a computed step
+    skip_s: tuple[float, ...]  # per block: a skipped block's stand-in (the dearest registered estimator, plus the add)
+    keep_s: tuple[float, ...] = ()  # per block: caching the residual slot (output - input) at a computed step
     attn_s: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # layer -> method -> one call
     forwards: int = 0  # denoiser forwards this measurement cost (0 when read from the cache)
 
     def block_cost(self, j: int, method: str) -> float:
-        if method == FULL:
-            return self.block_s[j]
-        if REGISTRY[method].SKIPS_ATTENTION:
-            return self.skip_s[j]
-        return self.block_s[j] - self.ff_s[j]  # mlp_reuse: attention runs, the feed-forward does not
+        """One cell of block j, from the measured parts its technique declares (Technique.block_cost)."""
+        return REGISTRY[method].block_cost(BlockTimes(self.block_s[j], self.ff_s[j], self.skip_s[j]))
 
     def row_seconds(self, j: int, row: Sequence[str]) -> float:
         """Block j's seconds over a generation with cells `row`: its cells, plus the residuals it caches."""
-        keeps = sum(block_keeps(row, "residual")) if self.keep_s else 0
-        return sum(self.block_cost(j, m) for m in row) + keeps * (self.keep_s[j] if self.keep_s else 0.0)
+        kept = sum(keeps(row, RESIDUAL, {})) if self.keep_s else 0
+        return sum(self.block_cost(j, m) for m in row) + kept * (self.keep_s[j] if self.keep_s else 0.0)
 
     def attn_delta(self, layer: str, method: str) -> float:
         t = self.attn_s.get(layer, {})
@@ -75,13 +75,13 @@ class LatencyModel:
         T-GATE'd) are charged half their time: time follows the batch at the sizes where T-GATE matters
         (benchmarks/bench_scale.py, PixArt at 1024 tokens: FLOPs 0.618, measured 0.615)."""
         ran = executed_cells(layers, self.block_names, block_methods, steps) if block_methods else None
-        keeps = [block_keeps(row, "residual") for row in block_methods]  # what the engine caches (a subtraction)
+        kept = [keeps(row, RESIDUAL, {}) for row in block_methods]  # what the engine caches (a subtraction)
         total = self.fixed_s
         for t in range(steps):
             s = self.step_s
             for j, row in enumerate(block_methods):
                 s -= self.block_s[j] - self.block_cost(j, row[t])
-                if self.keep_s and keeps[j][t]:
+                if self.keep_s and kept[j][t]:
                     s += self.keep_s[j]
             for i, (name, row) in enumerate(zip(layers, methods)):
                 if ran is None or ran[i][t]:
@@ -291,13 +291,14 @@ def measure(model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, to
             ff_s.append(0.0)
         x = b_args[0] if b_args else b_kwargs["hidden_states"]
         r0, r1 = torch.randn_like(x), torch.randn_like(x)
-        skip_s.append(_median_time(lambda: x + (r1 + (r1 - r0) * 0.5)))  # the dearer of reuse / forecast
+        skip_s.append(max([_median_time(lambda: x + t.estimate([(0, r0), (1, r1)][-t.points:], 2, t.cfg(params)))
+                           for t in REGISTRY.values() if t.searchable] or [0.0]))  # the dearest stand-in
         keep_s.append(_median_time(lambda: r1 - x))  # the residual a computed step caches for a later skip
     inside = sum(block_s)
     if inside > step_s:  # blocks timed alone add up to more than the denoiser (noise, warm caches): rescale them
         block_s, ff_s = [t * step_s / inside for t in block_s], [t * step_s / inside for t in ff_s]
     attn_s = {}
-    attention = [c for c in candidates if c in REGISTRY and "block" not in REGISTRY[c].KINDS]
+    attention = [c for c in candidates if c in REGISTRY and not REGISTRY[c].is_block]
     for i, (name, attn) in enumerate(layers):
         if i in capture.attn_in:
             attn_s[name] = time_attention(attn, name, i, capture.attn_in[i], attention, params, adapter, capture)
@@ -310,7 +311,7 @@ def measure(model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, to
 
 def time_attention(attn, name: str, i: int, inputs: tuple, methods: Sequence[str], params: Mapping, adapter: Any,
                    capture: Capture) -> dict[str, float]:
-    """One attention call per method on the captured input; caches a method reads are filled by a `full` call."""
+    """One attention call per method on the captured input; the slots a method reads are filled by a `full` call."""
     args, kwargs = inputs
     x = args[0] if args else kwargs["hidden_states"]  # (B, N, C)
     context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
@@ -320,8 +321,9 @@ def time_attention(attn, name: str, i: int, inputs: tuple, methods: Sequence[str
     cond = adapter.cond_slice(b) if b % 2 == 0 and adapter.cfg_layout != NO_CFG else None
     state = LayerState()
     block_in = capture.block_in.get(capture.block_of.get(name.rsplit(".", 1)[0], -1))
-    if block_in is not None:
-        state.metric = block_in[0][0] if block_in[0] else block_in[1].get("hidden_states")
+    if block_in is not None:  # the slots the engine fills with the block's input (ToMe's metric)
+        for slot in (n for n, s in slots().items() if s.level == LAYER and s.source == "block_input"):
+            state.slots[slot] = block_in[0][0] if block_in[0] else block_in[1].get("hidden_states")
     out: dict[str, float] = {}
     joint = kind_of(name, adapter) == "joint"
     text = capture.model_in[1].get("encoder_hidden_states") if capture.model_in is not None else None
@@ -329,17 +331,22 @@ def time_attention(attn, name: str, i: int, inputs: tuple, methods: Sequence[str
     if not (joint and text_in_sequence(original)):  # the text is not inside this layer's sequence (SD3.5's attn2)
         text_tokens = None
     with torch.no_grad():
-        keep = not unfit("wars", name, adapter) and mask is None and any(m in methods for m in ("wars", "wars+asc"))
-        try:  # fills the window residual a `wars` call reads
-            state.out = REGISTRY[FULL].execute(Cell(attn, name, i, 1, state, params, original, cond, keep, joint=joint,
-                                                    text_tokens=text_tokens), x, context, mask)
+        full = REGISTRY[FULL]
+        # what the methods read that `full` computes inside attention (the window residual), where they can run
+        keep = frozenset(slot for m in methods if not unfit(m, name, adapter) for slot in REGISTRY[m].reads
+                         if slot in writes(FULL, params) and slots()[slot].source == "technique") if mask is None else frozenset()
+        outputs = [n for n, s in slots().items() if s.level == LAYER and s.source == "output"]
+        try:
+            o = full.execute(Cell(attn, name, i, 1, state, params, original, cond, keep, joint=joint,
+                                  text_tokens=text_tokens), x, context, mask)
         except Exception:
-            state.out = REGISTRY[FULL].execute(Cell(attn, name, i, 1, state, params, original, cond, False, joint=joint,
-                                                    text_tokens=text_tokens), x, context, mask)
+            o = full.execute(Cell(attn, name, i, 1, state, params, original, cond, frozenset(), joint=joint,
+                                  text_tokens=text_tokens), x, context, mask)
+        state.slots.update({slot: o for slot in outputs})
     for m in [FULL, *methods]:
         if unfit(m, name, adapter):
             continue
-        cell = Cell(attn, name, i, 1, state, params, original, cond, False, capture.grid(x, context, name), False, joint,
+        cell = Cell(attn, name, i, 1, state, params, original, cond, frozenset(), capture.grid(x, context, name), False, joint,
                     text_tokens)
         try:
             out[m] = _median_time(lambda: REGISTRY[m].execute(cell, x, context, mask))

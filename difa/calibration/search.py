@@ -3,11 +3,13 @@ saved, and whole-plan checks of the final output. About 10x fewer model forwards
 
 1. **Record** one all-full generation on the calibration inputs (S denoiser forwards), keeping every block's
    residual contribution r[j][s] = output - input on a fixed sample of tokens, and the final output.
-2. **Error table.** Skipping block j at step s while its last computed steps are s0 < s1 leaves an error
-   |r̂ - r[j][s]| / |output[j][s]| (sum-normalized L1 on the sampled tokens), with r̂ = r1 (`reuse`) or the
-   first-order forecast r1 + (r1 - r0)(s - s1)/(s1 - s0) (`forecast`). The table is exact for the recorded
-   trajectory and captures staleness (how far back s1 is), which one-shot "skip one cell" sensitivities miss
-   (DESIGN.md §5). Each cell takes the better of the two methods.
+2. **Error table.** Skipping block j at step s while its last computed steps are ... s0 < s1 leaves an error
+   |r̂ - r[j][s]| / |output[j][s]| (sum-normalized L1 on the sampled tokens), where r̂ is each candidate
+   technique's own estimator (`Technique.estimate`, the function the engine runs) on the recorded residuals of
+   the last `points` computed steps (r1 for `reuse`; r1 + (r1 - r0)(s - s1)/(s1 - s0) for a first-order
+   `forecast`). The table is exact for the recorded trajectory and captures staleness (how far back s1 is), which
+   one-shot "skip one cell" sensitivities miss (DESIGN.md §5). Each cell takes its best method (ties: the
+   candidates' order).
 3. **Greedy by error per second.** Starting from all-full, repeatedly skip the cell with the least added error
    per predicted second saved (the measured latency model), recomputing only the changed block's row. This gives
    a nested sequence of plans from fast to slow, with a predicted latency and a table error for each.
@@ -24,14 +26,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from difa.calibration.latency import LatencyModel
-from difa.plan import FULL
-
-REUSE, FORECAST = "reuse", "forecast"
+from difa.techniques import REGISTRY
+from difa.techniques.protocol import FULL
 MAX_TOKENS = 512  # tokens sampled per block for the error table (memory: blocks x steps x batch x 512 x C)
 
 
@@ -60,19 +61,21 @@ class Trajectory:
 
 @dataclass
 class Table:
-    """Cell errors of one recorded trajectory, memoized."""
+    """Cell errors of one recorded trajectory, memoized. `params`: the plan's technique table (each estimator gets
+    its technique's Config)."""
 
     traj: Trajectory
     memo: dict = field(default_factory=dict)
+    params: Mapping[str, Mapping] = field(default_factory=dict)
 
     def error(self, j: int, s: int, history: Sequence[int], method: str) -> float:
-        s1 = history[-1]
-        s0 = history[-2] if method == FORECAST and len(history) > 1 else None
-        key = (j, s, s1, s0)
+        t = REGISTRY[method]
+        used = tuple(history[-t.points:])  # the computed steps its estimator reads
+        key = (j, s, method, used)
         if key not in self.memo:
-            r, r1 = self.traj.residual[j][s], self.traj.residual[j][s1]
-            guess = r1 if s0 is None else r1 + (r1 - self.traj.residual[j][s0]) * ((s - s1) / (s1 - s0))
-            self.memo[key] = float((guess - r).abs().sum()) / self.traj.scale[j][s]
+            points = [(u, self.traj.residual[j][u]) for u in used]
+            guess = t.estimate(points, s, t.cfg(self.params))  # (B, n, C) on the sampled tokens
+            self.memo[key] = float((guess - self.traj.residual[j][s]).abs().sum()) / self.traj.scale[j][s]
         return self.memo[key]
 
     def row(self, j: int, steps: int, skipped: set[int], methods: Sequence[str]) -> tuple[float, list[str], int]:
@@ -213,28 +216,29 @@ def per_block(methods: Sequence[str] | Sequence[Sequence[str]], n_blocks: int) -
 def cache_slots(table: Table, steps: int, methods: Sequence[str], slot_bytes: Sequence[int],
                 cap_bytes: float) -> list[tuple[str, ...]]:
     """Per block, the methods a plan may use so that its block caches fit in `cap_bytes` whatever cells the search
-    skips: a block that skips holds 1 residual if it only reuses, 2 if it forecasts (slot_bytes[j] each).
-    From the every-second-step schedule's table errors: first one slot (reuse) to the blocks cheapest to skip, then
-    a second slot (forecast) to the blocks where forecasting removes the most error, while the cap allows. A block
-    left without a slot is never skipped."""
+    skips: a block whose methods read at most p residual points holds p residuals (slot_bytes[j] each; `reuse` 1, a
+    first-order `forecast` 2). From the every-second-step schedule's table errors: first the fewest-point methods
+    to the blocks cheapest to skip, then each dearer level of points to the blocks where it removes the most error,
+    while the cap allows. A block left without a method is never skipped."""
     n = len(slot_bytes)
     odd = set(range(1, steps, 2))
-    reuse = [table.row(j, steps, odd, [REUSE])[0] if REUSE in methods else float("inf") for j in range(n)]
+    levels = sorted({REGISTRY[m].points for m in methods})
+    at = {p: [m for m in methods if REGISTRY[m].points <= p] for p in levels}  # the methods a block of p slots may use
     best = [table.row(j, steps, odd, list(methods))[0] for j in range(n)]
-    allowed: list[list[str]] = [[] for _ in range(n)]
+    held = [0] * n  # residual slots granted per block
     left = float(cap_bytes)
-    one = REUSE if REUSE in methods else FORECAST  # forecast-only candidates: one slot is not enough, see below
-    for j in sorted(range(n), key=lambda j: best[j]):  # cheapest to skip first
-        need = slot_bytes[j] * (1 if one == REUSE else 2)
-        if need <= left:
-            allowed[j] = [one] if one == REUSE else [FORECAST]
-            left -= need
-    if FORECAST in methods and REUSE in methods:
-        for j in sorted((j for j in range(n) if allowed[j]), key=lambda j: best[j] - reuse[j]):  # most gain first
-            if slot_bytes[j] <= left:
-                allowed[j].append(FORECAST)
-                left -= slot_bytes[j]
-    return [tuple(m for m in methods if m in a) for a in allowed]
+    for k, p in enumerate(levels):
+        if k == 0:
+            order = sorted(range(n), key=lambda j: best[j])  # cheapest to skip first
+        else:
+            below = [table.row(j, steps, odd, at[levels[k - 1]])[0] if held[j] else float("inf") for j in range(n)]
+            order = sorted((j for j in range(n) if held[j]), key=lambda j: best[j] - below[j])  # most gain first
+        for j in order:
+            need = slot_bytes[j] * (p - held[j])
+            if need <= left:
+                held[j] = p
+                left -= need
+    return [tuple(m for m in methods if held[j] and REGISTRY[m].points <= held[j]) for j in range(n)]
 
 
 def alternating(n_blocks: int, steps: int) -> list[set[int]]:

@@ -77,7 +77,7 @@ def cache_mb(plan: Plan) -> tuple[float, int] | None:
     """(MB the plan's caches hold across steps, batch rows) at the calibration's shapes and dtype, or None."""
     import torch
 
-    from difa.calibration.cost import cache_elements
+    from difa.cost import cache_elements
     from difa.techniques.base import LayerShape
 
     shapes = [LayerShape(**d) for d in plan.flops.get("shapes", [])]

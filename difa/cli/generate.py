@@ -17,7 +17,7 @@ from difa.cli.common import (CONF_DIR, call_kwargs, check_class_inputs, check_kn
                              check_settings, hook_from_cfg, is_preset, load_model, model_config, preset_from_cfg,
                              plan_model_config, prepare_hook,
                              report_errors, take_inputs, transfer)
-from difa.engine import apply_plan, remove_plan
+from difa.apply import apply_plan, remove_plan
 from difa.errors import DifaError
 from difa.peers import is_hook
 from difa.plan import CFG_METHODS, Plan, load_plan

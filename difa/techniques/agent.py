@@ -17,22 +17,9 @@ from difa.attention.merge import agent_attention, max_merge, merge, rank_sources
 from difa.errors import DifaError
 from difa.techniques import tome
 from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, project_out, project_qkv, projection_flops
+from difa.techniques.protocol import Technique
 
 NAME = "agent"
-LETTER = "G"  # one character per cell in the calibration summary
-COLOR = "#8c564b"  # its colour in plan heatmaps (difa.plots), the same in every plot
-KINDS = ("attn1",)
-AXES = ("spatial",)  # merges tokens on the 2-D grid: not across frames
-READS_CACHE = False
-NEEDS_METRIC = True
-SHARES_CFG = False  # needs the two CFG halves in one batch
-READS_OUTPUT = False  # returns the layer's last computed output (the step before must keep it)
-READS_RESIDUAL = False  # adds the window residual R of an earlier step
-ON_ONE_HALF = None  # what it becomes when the engine runs one CFG half (None: itself)
-DEFAULT_CANDIDATE = True
-# Why it does not run on a joint (MMDiT) attention layer, as the one phrase `unfit` gives (README: "MMDiT and
-# joint attention")
-NOT_JOINT = ("agent tokens are pooled from a 2-D grid of image tokens; the joint sequence also holds text tokens")
 
 
 @dataclass(frozen=True)
@@ -100,3 +87,9 @@ def execute(cell: Cell, hidden_states, encoder_hidden_states=None, attention_mas
         a = attn.norm_q(a)
     o = agent_attention(q, k, v, a, cfg.k_scale2, cfg.k_shortcut, cfg.fp32)  # (B, H, N', D)
     return unmerge(project_out(attn, o, xm, q.dtype), m)  # (B, N, C)
+
+
+TECHNIQUE = Technique(
+    NAME, "G", "#8c564b", config=Config, execute=execute, flops=flops, check_config=check_config, **tome.MERGING,
+    not_joint="agent tokens are pooled from a 2-D grid of image tokens; the joint sequence also holds text tokens",
+    doc="agent attention on merged tokens (AgentSD)")

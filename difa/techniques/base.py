@@ -1,41 +1,48 @@
-"""What every technique receives, and the projections they share.
+"""What every attention technique receives, and the projections they share.
 
-A technique file has one shape: NAME, KINDS (the attention kinds it applies to: "attn1" self-, "attn2"
-cross-attention, "joint" MMDiT attention over text and image tokens at once, whose output may be a tuple),
-READS_CACHE (it reuses something an earlier step computed, so it cannot run at step 0),
-NEEDS_METRIC (it needs the transformer block's input, e.g. ToMe's similarity metric), a frozen `Config`,
-`flops(shape, params)` for the cost model and `execute(cell, hidden_states, encoder_hidden_states,
-attention_mask, **kw)` returning the attention module's output. Techniques know nothing about the model
-family; the engine builds the `Cell`.
+A technique file declares a `protocol.Technique` and an `execute(cell, hidden_states, encoder_hidden_states,
+attention_mask, **kw)` returning the attention module's output. Techniques know nothing about the model family;
+the engine builds the `Cell`. The layer-level slots every family has are declared here: OUT (the engine caches a
+cell's output where a later cell reads it) and METRIC (the engine hands the layer its block's input).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
 
 from difa.errors import DifaError
+from difa.techniques.protocol import LAYER, Slot
+
+OUT = "out"
+METRIC = "metric"
+# (B, N, C) the layer's last computed module output, after to_out; a joint layer's may be a tuple
+OUT_SLOT = Slot(OUT, LAYER, "output", lambda s, cfg: s.batch * s.n_q * s.dim,
+                doc="the layer's last computed output (after to_out, before the block's adaLN gate)")
+# (B, N, C) the input of the layer's transformer block in this forward (ToMe's similarity metric)
+METRIC_SLOT = Slot(METRIC, LAYER, "block_input", lambda s, cfg: s.batch * s.n_q * s.dim, fit_batch=False,
+                   per_forward=True, doc="the layer's block input in this forward")
 
 
 @dataclass
 class LayerState:
-    """Per-layer caches for one generation; the engine calls reset() when a generation starts."""
+    """Per-layer caches for one generation, slot -> value; the engine calls reset() when a generation starts."""
 
-    out: Any = None  # (B, N, C) last computed module output, after to_out (`ast`, `tgate`); joint: maybe a tuple
-    residual: torch.Tensor | None = None  # (B, H, N, D) O_full - O_window at the last full step (for `wars`)
-    gated: torch.Tensor | None = None  # (B, N, C) `out` averaged over the CFG halves (`tgate`); None when stale
-    metric: torch.Tensor | None = None  # (B, N, C) input of the layer's transformer block in this forward (ToMe)
+    slots: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, slot: str) -> Any:
+        return self.slots.get(slot)
 
     def reset(self) -> None:
-        self.out = self.residual = self.gated = self.metric = None
+        self.slots = {}
 
-    def snapshot(self) -> tuple:
-        return (self.out, self.residual, self.gated)
+    def snapshot(self) -> dict[str, Any]:
+        return dict(self.slots)
 
-    def restore(self, snap: tuple) -> None:
-        self.out, self.residual, self.gated = snap
+    def restore(self, snap: dict[str, Any]) -> None:
+        self.slots = dict(snap)
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ class Cell:
     params: Mapping[str, Mapping[str, Any]]  # technique name -> config dict (from the plan)
     original: Callable  # the processor the module had before the plan was applied
     cond: slice | None = None  # batch slice of the conditional CFG half; None when the batch is not a CFG batch
-    keep_residual: bool = False  # a `wars` cell follows before the next `full` one: cache R now
+    keep: frozenset = frozenset()  # slots this cell writes that a later cell reads: cache them now
     grid: tuple[int, int, int] | None = None  # (h, w, downsample) of the layer's token grid, from the adapter
     collapsed: bool = False  # the engine runs one CFG half only (every cross-attention gated): halves are equal
     joint: bool = False  # a joint (MMDiT) layer: hidden_states are the image tokens, encoder_hidden_states the text

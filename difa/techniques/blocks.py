@@ -1,35 +1,62 @@
-"""What every block technique receives: the per-block state and the `BlockCell` handed over by the engine.
+"""What every block technique receives: the per-block state and the `BlockCell` handed over by the engine, and the
+block-level slots the engine knows how to fill.
 
-A block technique file has the attention techniques' shape plus three facts: SKIPS_ATTENTION (the block's
-attention layers do not run at such a step, so their plan cells are moot), NEEDS (what an earlier step of the
-block must have computed: "residual", "ff" or "output"), COMPUTES (what this method computes and may cache), and
-`run(cell, x, compute)` returning the block's output; `compute()` runs the block as it is.
+A block technique declares a `protocol.Technique` with kinds (BLOCK,) and `run(cell, x, compute)` returning the
+block's output; `compute()` runs the block as it is. A technique that skips the block and stands in for its
+residual contribution declares `estimate(points, step, config)` (the search scores it on the recorded
+trajectory) and runs `stand_in` below.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
+
+from difa.errors import DifaError
+from difa.techniques.protocol import BLOCK, Slot
+
+RESIDUAL = "residual"
+OUTPUT = "output"
+FF = "ff"
+
+
+def _tokens(s: Any, cfg: bool) -> int:
+    return s.batch * s.n_q * s.dim  # (B, N, C) at the block's attention layer's shape
+
+
+# (B, N, C) output - input at the block's last computed steps, as a list of (step, residual) points
+RESIDUAL_SLOT = Slot(RESIDUAL, BLOCK, "residual", _tokens, doc="the block's residual contribution (output - input)")
+# the block's whole output at its last computed step, as returned (a tensor or a tuple): shapes unknown
+OUTPUT_SLOT = Slot(OUTPUT, BLOCK, "output", lambda s, cfg: None, fit_batch=False, doc="the block's whole output")
+# (B, N, C) the block's feed-forward module output at its last computed step (before the adaLN gate)
+FF_SLOT = Slot(FF, BLOCK, "submodule:ff", _tokens, doc="the block's feed-forward output")
 
 
 @dataclass
 class BlockState:
-    """Per-block caches for one generation; the engine calls reset() when a generation starts."""
+    """Per-block caches for one generation, slot -> value (RESIDUAL: a list of (step, tensor) points); the engine
+    calls reset() when a generation starts."""
 
-    residuals: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # last `points` (step, out - in), (B, N, C)
-    ff: torch.Tensor | None = None  # (B, N, C) the feed-forward module's output at its last computed step
-    output: Any = None  # the block's whole output at its last computed step, as returned (a tensor or a tuple)
-    points: int = 2  # residuals its readers need at most (`reuse` 1, a first-order `forecast` 2)
+    slots: dict[str, Any] = field(default_factory=dict)
+    points: int = 2  # residual points its readers need at most (`reuse` 1, a first-order `forecast` 2)
+
+    def get(self, slot: str) -> Any:
+        return self.slots.get(slot)
 
     def reset(self) -> None:
-        self.residuals = []
-        self.ff = None
-        self.output = None
+        self.slots = {}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, list) else v for k, v in self.slots.items()}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        self.slots = {k: list(v) if isinstance(v, list) else v for k, v in snap.items()}
 
     def push(self, step: int, residual: torch.Tensor) -> None:
-        self.residuals = [*self.residuals, (step, residual)][-self.points:]  # older ones are never read
+        points = self.slots.get(RESIDUAL, [])
+        self.slots[RESIDUAL] = [*points, (step, residual)][-self.points:]  # older ones are never read
 
 
 @dataclass
@@ -40,19 +67,36 @@ class BlockCell:
     block: int
     step: int
     state: BlockState
-    keep_residual: bool  # a later cell of this block reuses or forecasts the residual: cache it now
-    keep_ff: bool  # a later cell reuses the feed-forward output: cache it now (done by the engine's ff wrapper)
-    keep_output: bool = False  # a later cell returns the whole output (`deepcache`): cache it now
+    keep: frozenset = frozenset()  # slots this cell computes that a later cell of the block reads: cache them now
+    config: Any = None  # the running technique's Config, from the plan's technique table
+    params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # the plan's whole technique table
 
 
 def computed(cell: BlockCell, x: torch.Tensor, compute: Callable[[], Any]) -> Any:
     """Run the block; cache its residual contribution (output - input) or its output when a later step reads it."""
     out = compute()  # (B, N, C) for a transformer block; a UNet unit may return a tuple
-    if cell.keep_residual:
+    if RESIDUAL in cell.keep:
         cell.state.push(cell.step, out - x)
-    if cell.keep_output:
-        cell.state.output = out
+    if OUTPUT in cell.keep:
+        cell.state.slots[OUTPUT] = out
     return out
+
+
+def residual_points(cell: BlockCell, x: torch.Tensor, method: str) -> list[tuple[int, torch.Tensor]]:
+    """The block's cached (step, residual) points, checked against the input's shape."""
+    res = cell.state.get(RESIDUAL)
+    if not res:
+        raise DifaError(f"{cell.name} step {cell.step}: {method!r} has no earlier residual; an earlier step must "
+                        "compute the block")
+    if res[-1][1].shape != x.shape:
+        raise DifaError(f"{cell.name} step {cell.step}: the cached residual has shape {tuple(res[-1][1].shape)} but the "
+                        f"input has {tuple(x.shape)}; keep the batch and size fixed within a generation")
+    return res
+
+
+def stand_in(cell: BlockCell, x: torch.Tensor, estimate: Callable, points: int, method: str) -> torch.Tensor:
+    """A skipped block: its input plus the estimated residual contribution from the cached points."""
+    return x + estimate(residual_points(cell, x, method)[-points:], cell.step, cell.config)  # (B, N, C)
 
 
 def first_tensor(obj: Any) -> torch.Tensor | None:

@@ -15,38 +15,19 @@ gate) must be computed, as tgate's DeepCache pipeline does by restarting DeepCac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from difa.errors import DifaError
-from difa.techniques.blocks import BlockCell, first_tensor
+from difa.techniques.blocks import OUTPUT, OUTPUT_SLOT, BlockCell, first_tensor
+from difa.techniques.protocol import BLOCK, Technique, skipped_block
 
 NAME = "deepcache"
-LETTER = "D"
-COLOR = "#393b79"  # its colour in plan heatmaps (difa.plots), the same in every plot
-KINDS = ("block",)
-AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
-READS_CACHE = True
-NEEDS_METRIC = False
-SKIPS_ATTENTION = True  # the unit does not run: everything inside it is moot
-NEEDS = "output"
-COMPUTES = ()
-DEFAULT_CANDIDATE = False  # a fixed schedule (preset); the trajectory search plans transformer blocks only
-
-
-@dataclass(frozen=True)
-class Config:
-    pass
-
-
-def flops(shape, params: Mapping[str, Mapping]) -> float:
-    return 0.0
 
 
 def run(cell: BlockCell, x: torch.Tensor, compute: Callable[[], Any]) -> Any:
-    out = cell.state.output
+    out = cell.state.get(OUTPUT)
     if out is None:
         raise DifaError(f"{cell.name} step {cell.step}: {NAME!r} has no earlier output; an earlier step must run the unit")
     cached = first_tensor(out)
@@ -80,3 +61,8 @@ def schedule(coords: Sequence[tuple[str, int, int]], steps: int, cache_interval:
     units, `deepcache` for the deep ones between (cells inside a cached unit are made moot by the plan)."""
     fresh = fresh or (lambda t: t % cache_interval == 0)
     return [["full" if fresh(t) or not deep(c, cache_branch_id) else NAME for t in range(steps)] for c in coords]
+
+
+# candidate=False: a fixed schedule (preset); the trajectory search plans transformer blocks only
+TECHNIQUE = Technique(NAME, "D", "#393b79", (BLOCK,), run=run, reads=(OUTPUT,), skips_block=True,
+                      block_cost=skipped_block, slots=(OUTPUT_SLOT,), doc="a UNet unit returns its cached output")

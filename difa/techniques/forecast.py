@@ -7,35 +7,15 @@ at the same latency."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable
 
 import torch
 
-from difa.techniques import reuse
-from difa.techniques.blocks import BlockCell
+from difa.techniques.blocks import RESIDUAL, BlockCell, stand_in
+from difa.techniques.protocol import BLOCK, Technique, skipped_block
 
 NAME = "forecast"
-LETTER = "P"  # predict
-COLOR = "#bcbd22"  # its colour in plan heatmaps (difa.plots), the same in every plot
-KINDS = ("block",)
-AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
-READS_CACHE = True
-NEEDS_METRIC = False
-SKIPS_ATTENTION = True
-NEEDS = "residual"
-NEEDS_POINTS = 2  # the last two computed residuals (r0, r1)
-COMPUTES = ()
-DEFAULT_CANDIDATE = True
-
-
-@dataclass(frozen=True)
-class Config:
-    pass
-
-
-def flops(shape, params: Mapping[str, Mapping]) -> float:
-    return 0.0
+POINTS = 2  # the last two computed residuals (r0, r1)
 
 
 def extrapolate(points: list[tuple[int, torch.Tensor]], step: int) -> torch.Tensor:
@@ -46,5 +26,14 @@ def extrapolate(points: list[tuple[int, torch.Tensor]], step: int) -> torch.Tens
     return r1 + (r1 - r0) * ((step - s1) / (s1 - s0))
 
 
+def estimate(points: list[tuple[int, torch.Tensor]], step: int, config: Any) -> torch.Tensor:
+    return extrapolate(points, step)
+
+
 def run(cell: BlockCell, x: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    return x + extrapolate(reuse.last_residual(cell, x), cell.step)  # (B, N, C)
+    return stand_in(cell, x, estimate, POINTS, NAME)  # (B, N, C)
+
+
+TECHNIQUE = Technique(NAME, "P", "#bcbd22", (BLOCK,), run=run, estimate=estimate, reads=(RESIDUAL,), points=POINTS,
+                      skips_block=True, block_cost=skipped_block, candidate=True,
+                      doc="skip the block, extrapolate its residual to first order")

@@ -4,45 +4,25 @@ Costs one addition; the block's attention and feed-forward do not run."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable
 
 import torch
 
-from difa.errors import DifaError
-from difa.techniques.blocks import BlockCell
+from difa.techniques.blocks import RESIDUAL, RESIDUAL_SLOT, BlockCell, stand_in
+from difa.techniques.protocol import BLOCK, Technique, skipped_block
 
 NAME = "reuse"
-LETTER = "R"
-COLOR = "#17becf"  # its colour in plan heatmaps (difa.plots), the same in every plot
-KINDS = ("block",)
-AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
-READS_CACHE = True
-NEEDS_METRIC = False
-SKIPS_ATTENTION = True
-NEEDS = "residual"
-COMPUTES = ()
-DEFAULT_CANDIDATE = True
 
 
-@dataclass(frozen=True)
-class Config:
-    pass
-
-
-def flops(shape, params: Mapping[str, Mapping]) -> float:
-    return 0.0
-
-
-def last_residual(cell: BlockCell, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    res = cell.state.residuals
-    if not res:
-        raise DifaError(f"{cell.name} step {cell.step}: {NAME!r} has no earlier residual; an earlier step must compute the block")
-    if res[-1][1].shape != x.shape:
-        raise DifaError(f"{cell.name} step {cell.step}: the cached residual has shape {tuple(res[-1][1].shape)} but the "
-                        f"input has {tuple(x.shape)}; keep the batch and size fixed within a generation")
-    return res
+def estimate(points: list[tuple[int, torch.Tensor]], step: int, config: Any) -> torch.Tensor:
+    """The last computed residual, as it is."""
+    return points[-1][1]
 
 
 def run(cell: BlockCell, x: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    return x + last_residual(cell, x)[-1][1]  # (B, N, C)
+    return stand_in(cell, x, estimate, 1, NAME)  # (B, N, C)
+
+
+TECHNIQUE = Technique(NAME, "R", "#17becf", (BLOCK,), run=run, estimate=estimate, reads=(RESIDUAL,),
+                      skips_block=True, block_cost=skipped_block, candidate=True, slots=(RESIDUAL_SLOT,),
+                      doc="skip the block, add its last residual")

@@ -21,23 +21,10 @@ import torch
 
 from difa.attention.merge import Match, bipartite_match, max_merge, merge, partition, unmerge
 from difa.errors import DifaError
-from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, projection_flops
+from difa.techniques.base import METRIC, OUT, Cell, LayerShape, check_plain, core_flops, projection_flops
+from difa.techniques.protocol import SPATIAL, Technique
 
 NAME = "tome"
-LETTER = "M"  # one character per cell in the calibration summary
-COLOR = "#d62728"  # its colour in plan heatmaps (difa.plots), the same in every plot
-KINDS = ("attn1",)
-AXES = ("spatial",)  # merges tokens on the 2-D grid: not across frames
-READS_CACHE = False
-NEEDS_METRIC = True
-SHARES_CFG = False  # needs the two CFG halves in one batch
-READS_OUTPUT = False  # returns the layer's last computed output (the step before must keep it)
-READS_RESIDUAL = False  # adds the window residual R of an earlier step
-ON_ONE_HALF = None  # what it becomes when the engine runs one CFG half (None: itself)
-DEFAULT_CANDIDATE = True
-# Why it does not run on a joint (MMDiT) attention layer, as the one phrase `unfit` gives (README: "MMDiT and
-# joint attention")
-NOT_JOINT = ("token merging works on a 2-D grid of image tokens; the joint sequence also holds text tokens")
 
 
 @dataclass(frozen=True)
@@ -98,7 +85,7 @@ def partition_for(cfg, cell: Cell, x: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def metric(cell: Cell, x: torch.Tensor) -> torch.Tensor:
-    m = cell.state.metric  # the block input (tomesd measures similarity there), (B, N, C')
+    m = cell.state.get(METRIC)  # the block input (tomesd measures similarity there), (B, N, C')
     return x if m is None or m.shape[:2] != x.shape[:2] else m
 
 
@@ -141,3 +128,12 @@ def execute(cell: Cell, hidden_states, encoder_hidden_states=None, attention_mas
         return cell.original(cell.attn, hidden_states, None, None, *args, **kwargs)
     out = cell.original(cell.attn, merge(hidden_states, m), None, None, *args, **kwargs)  # (B, N - r, C)
     return unmerge(out, m)  # (B, N, C)
+
+
+# What every token-merging technique declares (agent attention merges as ToMe does): self-attention on the 2-D grid
+# (not across frames), the block input held as the similarity metric
+MERGING = dict(kinds=("attn1",), axes=(SPATIAL,), writes=(OUT,), holds=(METRIC,), candidate=True)
+TECHNIQUE = Technique(
+    NAME, "M", "#d62728", config=Config, execute=execute, flops=flops, check_config=check_config, **MERGING,
+    not_joint="token merging works on a 2-D grid of image tokens; the joint sequence also holds text tokens",
+    doc="token merging (ToMe for SD)")

@@ -14,41 +14,47 @@ import torch
 
 from difa.attention import band_pairs, joint_window_attention, window_attention, window_tokens
 from difa.errors import DifaError
-from difa.techniques.base import Cell, LayerShape, check_plain, core_flops, project_out, project_qkv, projection_flops
+from difa.techniques.base import OUT, Cell, LayerShape, check_plain, core_flops, project_out, project_qkv, projection_flops
+from difa.techniques.protocol import LAYER, Slot, Technique
 
 NAME = "wars"
-LETTER = "W"  # one character per cell in the calibration summary
-COLOR = "#1f77b4"  # its colour in plan heatmaps (difa.plots), the same in every plot
-KINDS = ("attn1", "joint")  # joint (Adapter.joint_window): image tokens windowed, text attending fully
-AXES = ("spatial", "temporal")  # token axes it runs on: within a frame, across frames (video)
-READS_CACHE = True
-NEEDS_METRIC = False
-SHARES_CFG = False  # needs the two CFG halves in one batch
-READS_OUTPUT = False  # returns the layer's last computed output (the step before must keep it)
-READS_RESIDUAL = True  # adds the window residual R of an earlier step
-ON_ONE_HALF = None  # what it becomes when the engine runs one CFG half (None: itself)
-DEFAULT_CANDIDATE = True
-# Why it does not run on a joint (MMDiT) attention layer, as the one phrase `unfit` gives (README: "MMDiT and
-# joint attention"): on a family whose joint processor is not reproduced (Adapter.joint_window)
-NOT_JOINT = ("window attention on joint layers needs the family's joint processor reproduced (techniques/joint.py: "
-             "SD3, CogVideoX and FLUX are), and this family's is not")
 DEFAULT_WINDOW = 0.125  # DiTFastAttn: w = N/8 tokens on each side
+WINDOW_RESIDUAL = "window_residual"
+# (B, H, N, D) R = O_full - O_window at the layer's last residual-computing step (before to_out)
+WINDOW_RESIDUAL_SLOT = Slot(
+    WINDOW_RESIDUAL, LAYER, "technique", lambda s, cfg: s.batch * s.n_q * s.inner, doc="the window residual",
+    # one window attention at the writing step; a writer that shares CFG computes it on the conditional half only
+    write_flops=lambda writer, shape, params: (core_flops(shape, window_pairs(shape, params))
+                                               * (0.5 if writer.shares_cfg else 1.0)))
+# Which steps compute R (Config.residual_from): "full" (difa) or "full+asc" (DiTFastAttn: an `asc` step is "full
+# attention + CFG sharing", computes R on the conditional half and gives it to both halves; DESIGN.md §7). The
+# methods named here declare it themselves (their `extra_writes`): this is the set of legal values.
+RESIDUAL_RULES = ("full", "full+asc")
 
 
 @dataclass(frozen=True)
 class Config:
     window: float | int = DEFAULT_WINDOW
-    # which steps compute R: "full" (difa's default) or "full+asc" (DiTFastAttn's rule; see plan.RESIDUAL_RULES)
+    # which steps compute R: "full" (difa's default) or "full+asc" (DiTFastAttn's rule; see RESIDUAL_RULES)
     residual_from: str = "full"
 
 
 def check_config(params: Mapping[str, Mapping]) -> None:
-    """A one-line error for a bad window (residual_from: difa.plan.residual_producers)."""
+    """One-line errors for a bad window or residual rule."""
     cfg = Config(**params.get(NAME, {}))
     try:
         window_tokens(cfg.window, 16)
     except ValueError as e:
         raise DifaError(f"techniques.{NAME}.{e}") from None
+    residual_from(params)
+
+
+def residual_from(params: Mapping[str, Mapping]) -> str:
+    """The residual rule of a plan's technique table (checked)."""
+    rule = dict(params.get(NAME, {}) or {}).get("residual_from", "full")
+    if rule not in RESIDUAL_RULES:
+        raise DifaError(f"wars residual_from {rule!r} is unknown; use one of {', '.join(RESIDUAL_RULES)}")
+    return rule
 
 
 def window_pairs(shape: LayerShape, params: Mapping[str, Mapping]) -> int:
@@ -81,7 +87,7 @@ def joint_output(cell: Cell, hidden_states, encoder_hidden_states, method: str, 
     from difa.techniques import joint
 
     image_first = joint.check(cell, method)
-    residual = cell.state.residual
+    residual = cell.state.get(WINDOW_RESIDUAL)
     if residual is None:
         raise DifaError(f"{cell.name} step {cell.step}: {method!r} needs a residual from an earlier 'full' step; "
                         "fix the plan")
@@ -114,5 +120,13 @@ def execute(cell: Cell, hidden_states, encoder_hidden_states=None, attention_mas
         return joint_output(cell, hidden_states, encoder_hidden_states, NAME, rotary)
     if encoder_hidden_states is not None:
         raise DifaError(f"{cell.name}: {NAME!r} applies to self-attention only; set this layer to 'full'")
-    return windowed_output(cell, hidden_states, cell.state.residual, NAME)
+    return windowed_output(cell, hidden_states, cell.state.get(WINDOW_RESIDUAL), NAME)
 
+
+TECHNIQUE = Technique(
+    NAME, "W", "#1f77b4", ("attn1", "joint"), config=Config, execute=execute, flops=flops, check_config=check_config,
+    reads=(WINDOW_RESIDUAL,), writes=(OUT,), candidate=True, slots=(WINDOW_RESIDUAL_SLOT,), joint_reproduced=True,
+    # joint (Adapter.joint_window): image tokens windowed, text attending fully
+    not_joint=("window attention on joint layers needs the family's joint processor reproduced (techniques/joint.py: "
+               "SD3, CogVideoX and FLUX are), and this family's is not"),
+    doc="window attention + the residual cached at the last full step")

@@ -1,0 +1,113 @@
+"""The default calibration driver: records one all-full generation with the engine's block observer, measures the
+latency model, and runs the trajectory search (calibration/search.py) on it; returns a Plan."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import torch
+
+from difa.apply import plan_blocks, plan_layers
+from difa.calibration import search
+from difa.calibration.latency import Capture
+from difa.calibration.timing import latency_model, latency_record, shape_of
+from difa.cells import executed_cells
+from difa.cost import plan_flops
+from difa.engine import Engine
+from difa.errors import DifaError
+from difa.planning import denoiser_calls, model_identity, technique_params
+from difa.plan import Plan
+from difa.techniques import REGISTRY
+from difa.techniques.protocol import FULL
+
+
+def calibrate_trajectory(pipe: Any, inputs: Sequence, *, threshold: float, budget: float | None, steps: int,
+                          guidance_scale: float, seed: int, candidates: Sequence[str], window, call_kwargs, name: str,
+                          techniques, dtype: str, latency_cache, latency_batch: int | None,
+                          max_cache_mb: float | None = None) -> Plan:
+    methods = [c for c in candidates if REGISTRY[c].searchable]
+    if not methods:
+        raise DifaError(f"search=trajectory plans block cells: add reuse and/or forecast to candidates (got "
+                        f"{', '.join(candidates) or 'none'}), or use search=greedy for attention-only candidates")
+    adapter, model, layers = plan_layers(pipe)
+    blocks = plan_blocks(pipe)
+    if not blocks:
+        raise DifaError(f"found no transformer blocks in {type(model).__name__}; use search=greedy")
+    calls = denoiser_calls(pipe.scheduler, steps)
+    params = technique_params(window, techniques)
+    attention = [[FULL] * calls for _ in layers]
+    forwards = [0]
+
+    def run(rows, on_block=None) -> torch.Tensor:
+        engine = Engine(model, adapter, layers, attention, params, scheduler=pipe.scheduler, inference_steps=steps,
+                        blocks=blocks, block_methods=rows, on_block=on_block)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        with engine:
+            out = adapter.call_pipeline(pipe, inputs, steps=steps, guidance_scale=guidance_scale, generator=generator,
+                                        output_type=adapter.calib_output_type, extra=call_kwargs)
+        forwards[0] += engine.forwards
+        return adapter.outputs(out)
+
+    t0 = time.perf_counter()
+    full_rows = [[FULL] * calls for _ in blocks]
+    capture = Capture(model, adapter, blocks, layers)
+    try:
+        traj = search.record(lambda on_block: run(full_rows, on_block), model, len(blocks))
+    finally:
+        capture.close()
+    latency = latency_model(pipe, adapter, model, blocks, layers, capture, params, [], traj, len(inputs), latency_batch,
+                       dtype, latency_cache, call_kwargs)
+    table = search.Table(traj, params=params)
+    allowed = methods
+    if max_cache_mb is not None:  # per block, the methods whose residual slots fit the cap (at the latency batch)
+        slot_bytes = [_slot_bytes(capture, j) for j in range(len(blocks))]
+        allowed = search.cache_slots(table, calls, methods, slot_bytes, max_cache_mb * 2**20)
+    chosen, seq, checks = search.search(
+        table, latency, len(blocks), calls, allowed, lambda rows: search.final_error(run(rows), traj.final),
+        budget=budget, threshold=None if budget is not None else threshold)
+    wall = time.perf_counter() - t0
+    rows = tuple(tuple(r) for r in chosen.rows)
+    executed = executed_cells([n for n, _ in layers], [n for n, _ in blocks], rows, calls)
+    shapes = [shape_of(capture, i, layers) for i in range(len(layers))] if capture.attn_in else []
+    flops = plan_flops(attention, shapes, params, [n for n, _ in layers], adapter.runs_cfg(guidance_scale), executed) if shapes else {}
+    if shapes:
+        flops["shapes"] = [s.to_dict() for s in shapes]  # also what the cache accounting reads
+    return Plan(
+        model=model_identity(model, layers, name, adapter.family, blocks),
+        scheduler=type(pipe.scheduler).__name__,
+        steps=calls,
+        num_inference_steps=steps,
+        methods=tuple(tuple(r) for r in attention),
+        cfg_enabled=adapter.runs_cfg(guidance_scale),
+        cfg_layout=adapter.cfg_layout,
+        guidance_scale=float(guidance_scale),
+        techniques=params,
+        blocks=rows,
+        calibration={
+            "search": "trajectory",
+            "threshold": None if budget is not None else float(threshold),
+            "budget": budget,
+            "inputs": list(inputs),
+            "seed": seed,
+            "candidates": methods,
+            "loss": "relative L1 (sum |a-b| / sum |b|) of the final output against the all-full generation",
+            "table_error": round(chosen.table_error, 5),
+            "measured_error": None if chosen.measured is None else round(chosen.measured, 5),
+            "checks": checks,
+            **({} if max_cache_mb is None else {"max_cache_mb": max_cache_mb, "allowed_per_block": {
+                n: list(a) for (n, _), a in zip(blocks, allowed)}}),
+            "sequence": [[round(c.predicted, 4), round(c.table_error, 5)] for c in seq],
+            "wall_time_s": round(wall, 3),
+            "forwards": forwards[0] + latency.forwards,
+        },
+        flops=flops,
+        latency=latency_record(latency, [n for n, _ in layers], attention, rows, calls, latency_batch or len(inputs)),
+    )
+
+
+def _slot_bytes(capture: Capture, j: int) -> int:
+    """Bytes of one residual of block j (its input's size) at the captured (latency) batch."""
+    args, kwargs = capture.block_in[j]
+    x = args[0] if args else kwargs["hidden_states"]
+    return x.numel() * x.element_size()
