@@ -140,6 +140,7 @@ class Engine:
         self._handles: list[Any] = []
         self._installed = False
         self._block_cells: dict[int, BlockCell] = {}  # block index -> its cell in the forward in progress
+        self._shape_hooks: dict[int, Any] = {}  # layer -> the pre-hook recording its shapes (layers left stock)
         self._configs = {name: t.cfg(params) for name, t in REGISTRY.items() if t.is_block}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -152,6 +153,29 @@ class Engine:
         subs += [REGISTRY[m].replaces for m in row if REGISTRY[m].replaces]
         return list(dict.fromkeys(subs))
 
+    def _needs_processor(self, i: int) -> bool:
+        """Layer i's processor must be the engine's: a cell other than `full`, a slot kept, or a search deciding
+        its cells as it goes. Elsewhere the stock processor stays, and costs nothing extra (profile: README)."""
+        return (self.on_step is not None or self.calibrating or any(m != FULL for m in self.methods[i])
+                or any(self.cell_keep[i]))
+
+    def _record_shape(self, i: int, module, args, kwargs) -> None:
+        """A stock layer's shapes at its first call inside a denoiser forward (the cost model's input); then the
+        hook removes itself."""
+        if self.step is None or i in self.shapes:
+            return None
+        x = args[0] if args else kwargs.get("hidden_states")
+        context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+        if torch.is_tensor(x):
+            self.shapes[i] = self._layer_shape(i, module, x, context, module.processor)
+            self._shape_hooks.pop(i).remove()
+        return None
+
+    def _layer_shape(self, i: int, attn, x: torch.Tensor, context: Any, processor: Any) -> LayerShape:
+        joint_layer = i in self.joint_layers
+        text_tokens = self.text_tokens if joint_layer and joint.text_in_sequence(processor) else None
+        return shape(attn, x, context, self._grid(i, x, context), joint=joint_layer, text_tokens=text_tokens)
+
     def install(self) -> "Engine":
         if self._installed:
             return self
@@ -159,7 +183,11 @@ class Engine:
         if old is not None:
             old.remove()
         for i, (_, attn) in enumerate(self.layers):
-            attn.set_processor(plan_processor(self, i, attn.processor))
+            if self._needs_processor(i):
+                attn.set_processor(plan_processor(self, i, attn.processor))
+            else:  # the stock processor runs every cell: only its shapes are recorded, at its first call
+                self._shape_hooks[i] = attn.register_forward_pre_hook(functools.partial(self._record_shape, i),
+                                                                       with_kwargs=True)
         self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         if self.collapse_cfg:
             self._handles.append(self.model.register_forward_hook(functools.partial(collapse.post_forward, self)))
@@ -194,9 +222,10 @@ class Engine:
             for module in (block, *block.children()):
                 if _ours(vars(module).get("forward"), self):
                     del module.forward
-        for h in self._handles:
+        for h in [*self._handles, *self._shape_hooks.values()]:
             h.remove()
         self._handles.clear()
+        self._shape_hooks.clear()
         if self.scheduler is not None and "set_timesteps" in vars(self.scheduler):
             del self.scheduler.set_timesteps
         if getattr(self.model, ENGINE_ATTR, None) is self:
@@ -341,6 +370,8 @@ class Engine:
         x = args[0] if args else kwargs.get("hidden_states")
         if step is None or not torch.is_tensor(x):  # outside a denoiser forward
             return original(*args, **kwargs)
+        if self.on_block is None and self.block_methods[j][step] == FULL and not self.block_cell_keep[j][step]:
+            return original(*args, **kwargs)  # a computed cell that caches nothing: the block as it is
         compute = lambda: original(*args, **kwargs)  # noqa: E731
         streams = self.adapter.block_streams
         if streams is not None:
@@ -394,9 +425,7 @@ class Engine:
         joint_layer = layer in self.joint_layers
         text_tokens = self.text_tokens if joint_layer and joint.text_in_sequence(original) else None
         if layer not in self.shapes:
-            self.shapes[layer] = shape(attn, hidden_states, encoder_hidden_states,
-                                        self._grid(layer, hidden_states, encoder_hidden_states),
-                                        joint=joint_layer, text_tokens=text_tokens)
+            self.shapes[layer] = self._layer_shape(layer, attn, hidden_states, encoder_hidden_states, original)
         method = self.methods[layer][step]
         if self.collapsed and REGISTRY[method].on_one_half:  # one half only: sharing across halves is plain attention
             method = REGISTRY[method].on_one_half

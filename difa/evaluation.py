@@ -230,7 +230,7 @@ def score(methods: list[Method], labels: torch.Tensor, *, fid_ref: np.ndarray | 
                "macs": total / total0, "gmacs_per_image": total / 2e9, "s_per_image": s_img,
                **latency_spread(m.batch_seconds, methods[0].batch_seconds),
                # the plan's measured cost model (calibration), next to the measured rel_latency
-               "pred_latency": 1.0 if not m.compressed else predicted_latency(m.plan),
+               "pred_latency": 1.0 if not m.compressed else predicted_latency(m.plan, batch),
                "peak_mem_mb": m.peak_mb, "cache_mb": math.nan if m.hook is not None else m.cache_mb}
         if fid_ref is not None:
             cached = feature_cache if m is methods[0] and feature_cache is not None else None
@@ -260,10 +260,16 @@ def latency_spread(seconds: list[float], base_seconds: list[float]) -> dict[str,
             "timed_batches": len(ratios)}
 
 
-def predicted_latency(plan: Plan | None) -> float:
+def predicted_latency(plan: Plan | None, batch: int | None = None) -> float:
+    """The plan's predicted fraction of full latency at `batch` images per call (its latency record's curve over
+    the timed batches: calibration.timing.predicted_at); None: at the batch it was timed at."""
     if plan is None or "predicted_fraction" not in plan.latency:
         return math.nan
-    return float(plan.latency["predicted_fraction"])
+    if batch is None:
+        return float(plan.latency["predicted_fraction"])
+    from difa.calibration.timing import predicted_at
+
+    return float(predicted_at(plan.latency, batch)["fraction"])
 
 
 def compact(table):

@@ -196,6 +196,8 @@ def evaluate(*, model: Mapping[str, Any], pipe: Any = None, load: Callable[[], A
     rows, image_rows = evaluation.score(methods, labels, fid_ref=fid_ref, net=net, classifier=classifier_net,
                                         batch=batch, feature_cache=feature_cache)
 
+    if plan is not None and plan.latency:
+        notes.append(latency_note(plan, batch))
     mem = metrics.PeakMemory(device).kind
     table = pd.DataFrame(rows, columns=COLUMNS).dropna(axis=1, how="all")
     record = table.assign(model=model["name"], plan=spec, n=n, ref_n=ref_n if fid_ref is not None else None,
@@ -250,3 +252,16 @@ def prepare_peer(hook: Any, pipe: Any, adapter: Any, inputs: list, *, steps: int
     c = hook.calibration
     return (f"{hook.label} calibrated on {c['images']} image(s) in one batch: {c['forwards']} denoiser forwards, "
             f"{c['seconds']:.2f} s (not in the latency)")
+
+
+def latency_note(plan: Plan, batch: int) -> str:
+    """pred_latency is the plan's prediction at this run's batch; say which batches it was timed at, and warn when
+    this batch lies outside them (the prediction is then extrapolated)."""
+    from difa.calibration.timing import predicted_at
+
+    at = predicted_at(plan.latency, batch)
+    timed = ", ".join(map(str, at["timed"]))
+    if at["inside"]:
+        return f"pred_latency: the plan's prediction at batch {batch}, between the batches it was timed at ({timed})"
+    return (f"warning: batch {batch} lies outside the batches the plan's latency was timed at ({timed}); pred_latency "
+            f"is extrapolated (recalibrate with latency_batch={batch} to time it)")

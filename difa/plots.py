@@ -140,6 +140,28 @@ def plan_heatmap(plan: Plan | str | os.PathLike, path: str | os.PathLike, *, tit
     return _save(fig, path)
 
 
+def front_plot(plans: Sequence[Plan], path: str | os.PathLike) -> Path:
+    """A calibrated front (difa.calibration.calibrate_front): each budget's plan at its predicted latency against its
+    measured final-output error on the calibration inputs, labelled with its budget."""
+    from matplotlib.figure import Figure
+
+    _format(Path(path))
+    x = [p.latency.get("predicted_fraction", math.nan) for p in plans]
+    y = [p.calibration.get("measured_error", math.nan) for p in plans]
+    fig = Figure(figsize=(5, 3.6))
+    ax = fig.subplots()
+    ax.plot(x, y, "o-", color=METHOD_COLORS.get("forecast", "#333333"))
+    for p, xi, yi in zip(plans, x, y):
+        kept = p.calibration.get("kept_from_budget")
+        ax.annotate(f"{p.calibration.get('budget')}" + (f" (= {kept})" if kept is not None else ""), (xi, yi),
+                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("predicted latency (fraction of full)")
+    ax.set_ylabel("final-output relative L1 (calibration inputs)")
+    ax.set_title(f"{plans[0].model.name or plans[0].model.cls}: one plan per budget, one recorded trajectory", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def pareto_front(x: Sequence[float], y: Sequence[float], *, maximize_y: bool = False) -> np.ndarray:
     """Boolean mask of the points that no other point beats on both axes (x lower-is-better; y as given).
     NaN points are never on the front."""

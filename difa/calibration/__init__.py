@@ -15,7 +15,7 @@ from difa.adapters import adapter_for
 from difa.attention import window_tokens
 from difa.calibration.greedy import calibrate_greedy
 from difa.calibration.latency import CACHE_DIR
-from difa.calibration.trajectory import calibrate_trajectory
+from difa.calibration.trajectory import calibrate_goals
 from difa.errors import DifaError
 from difa.plan import Plan
 from difa.planning import (attention_row, block_rows, denoiser_calls, fixed_plan, model_identity,  # noqa: F401
@@ -33,7 +33,7 @@ SEARCHES = ("trajectory", "greedy")
 # What the trajectory search plans: block methods with an estimator (Technique.estimate) that its error table
 # scores. mlp_reuse and deepcache (no estimator) are for fixed plans.
 BLOCK_CANDIDATES = tuple(n for n, t in REGISTRY.items() if t.searchable)
-__all__ = ["calibrate_pipeline", "check_budget", "check_candidates", "attention_row", "block_rows", "denoiser_calls",
+__all__ = ["calibrate_pipeline", "calibrate_front", "check_budget", "check_budgets", "check_candidates", "attention_row", "block_rows", "denoiser_calls",
            "fixed_plan", "model_identity", "retime_plan", "technique_params", "DEFAULT_CANDIDATES",
            "DITFASTATTN_CANDIDATES", "BLOCK_CANDIDATES", "LOSS_ON", "SEARCHES", "CACHE_DIR"]
 
@@ -55,6 +55,22 @@ def check_budget(budget: Any) -> float | None:
     if not (0 < b <= 1):  # NaN fails this too
         raise DifaError(f"budget must be a fraction of the full latency in (0, 1], got {budget!r}; try budget=0.5")
     return b
+
+
+def check_budgets(budgets: Any) -> list[float]:
+    """A list of budgets (a front), each checked, ascending, without repeats."""
+    if isinstance(budgets, (str, bytes)) or not isinstance(budgets, Sequence) or not budgets:
+        raise DifaError(f"budgets must be a non-empty list of fractions in (0, 1], got {budgets!r}; try "
+                        "budget=[0.4,0.5,0.6]")
+    return sorted({check_budget(b) for b in budgets})
+
+
+def calibrate_front(pipe: Any, inputs: Sequence, *, budgets: Sequence[float], **kwargs: Any) -> list[Plan]:
+    """One plan per budget from one recorded trajectory (search=trajectory), ascending; their measured errors on the
+    calibration inputs are non-increasing in the budget (see calibration/trajectory.py). `kwargs`: as
+    calibrate_pipeline's (threshold is not used)."""
+    kwargs.setdefault("threshold", 0.0)
+    return calibrate_pipeline(pipe, inputs, budgets=budgets, **kwargs)
 
 
 def calibrate_pipeline(
@@ -79,8 +95,9 @@ def calibrate_pipeline(
     latency_batch: int | None = None,
     max_cache_mb: float | None = None,
     checkpoint: Any = None,  # greedy: a calibration.checkpoint.Checkpoint to resume from and write to
-) -> Plan:
-    """Calibrate `pipe` on `inputs` (class ids or prompts) -> Plan.
+    budgets: Sequence[float] | None = None,  # (calibrate_front's: one plan per budget)
+) -> Any:
+    """Calibrate `pipe` on `inputs` (class ids or prompts) -> Plan (a list of them with `budgets`: calibrate_front).
 
     search="trajectory" (default): block cells (`reuse` / `forecast` among `candidates`) from one recorded
     generation. threshold: the fastest plan whose final-output relative L1 on the calibration inputs is <= δ;
@@ -104,6 +121,8 @@ def calibrate_pipeline(
     if search not in SEARCHES:
         raise DifaError(f"unknown search {search!r}; use one of {', '.join(SEARCHES)}")
     budget = check_budget(budget)
+    if budgets is not None:
+        budget = budgets = check_budgets(budgets)
     if latency_batch is not None and (isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1):
         raise DifaError(f"latency_batch must be a positive integer (images per pipeline call) or null, got {latency_batch!r}")
     if max_cache_mb is not None and (isinstance(max_cache_mb, bool) or not isinstance(max_cache_mb, (int, float))
@@ -125,11 +144,12 @@ def calibrate_pipeline(
         raise DifaError(str(e)) from None
     cands = check_candidates(candidates)
     if search == "trajectory":
-        return calibrate_trajectory(pipe, inputs, threshold=float(threshold), budget=budget, steps=steps,
-                                     guidance_scale=guidance_scale, seed=seed, candidates=cands, window=window,
-                                     call_kwargs=call_kwargs, name=name, techniques=techniques, dtype=dtype,
-                                     latency_cache=latency_cache, latency_batch=latency_batch,
-                                     max_cache_mb=max_cache_mb)
+        plans = calibrate_goals(pipe, inputs, threshold=float(threshold),
+                                budgets=budgets if budgets is not None else None if budget is None else [budget],
+                                steps=steps, guidance_scale=guidance_scale, seed=seed, candidates=cands, window=window,
+                                call_kwargs=call_kwargs, name=name, techniques=techniques, dtype=dtype,
+                                latency_cache=latency_cache, latency_batch=latency_batch, max_cache_mb=max_cache_mb)
+        return plans if budgets is not None else plans[0]
     return calibrate_greedy(pipe, inputs, threshold=threshold, steps=steps, guidance_scale=guidance_scale, seed=seed,
                             candidates=candidates, cands=cands, window=window, call_kwargs=call_kwargs, name=name,
                             progress=progress, techniques=techniques, loss_on=loss_on, dtype=dtype,

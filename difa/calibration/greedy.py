@@ -21,7 +21,7 @@ from difa.apply import plan_blocks, plan_layers
 from difa.calibration.latency import Capture
 from difa.calibration.loss import relative_l1
 from difa.cost import plan_flops
-from difa.calibration.timing import latency_model, latency_record, sampled_channels
+from difa.calibration.timing import latency_curve, latency_record, sampled_channels
 from difa.engine import Engine
 from difa.errors import DifaError
 from difa.plan import Plan
@@ -161,7 +161,7 @@ def calibrate_greedy(pipe: Any, inputs: Sequence, *, threshold: float, steps: in
     finally:
         capture.close()
     wall = time.perf_counter() - t0
-    latency = latency_model(pipe, adapter, model, blocks, layers, capture, params, cands, None, len(inputs), latency_batch,
+    latency, curve = latency_curve(pipe, adapter, model, blocks, layers, capture, params, cands, None, len(inputs), latency_batch,
                        dtype, latency_cache)
     shapes = [engine.shapes[i] for i in range(len(layers))]
     flops = plan_flops(methods, shapes, params, [n for n, _ in layers], cfg_on)
@@ -192,7 +192,7 @@ def calibrate_greedy(pipe: Any, inputs: Sequence, *, threshold: float, steps: in
         },
         flops=flops,
         latency=latency_record(latency, [n for n, _ in layers], methods, (), calls, latency_batch or len(inputs),
-                                cfg_on),
+                               cfg_on, curve=curve),
     )
 
 

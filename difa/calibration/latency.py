@@ -52,6 +52,7 @@ class LatencyModel:
     keep_s: tuple[float, ...] = ()  # per block: caching the residual slot (output - input) at a computed step
     attn_s: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # layer -> method -> one call
     forwards: int = 0  # denoiser forwards this measurement cost (0 when read from the cache)
+    images: int = 0  # images per pipeline call it was timed at (0: not recorded, a cache written before)
 
     def block_cost(self, j: int, method: str) -> float:
         """One cell of block j, from the measured parts its technique declares (Technique.block_cost)."""
@@ -267,7 +268,7 @@ def _video_decode_seconds(pipe: Any, frame_dim: int, final: torch.Tensor | None,
 def measure(model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, torch.nn.Module]],
             layers: Sequence[tuple[str, torch.nn.Module]], capture: Capture, params: Mapping[str, Mapping],
             candidates: Sequence[str], fixed_s: float, *, dtype: str = "float32",
-            cache_dir: Path | None = CACHE_DIR) -> LatencyModel:
+            cache_dir: Path | None = CACHE_DIR, images: int = 0) -> LatencyModel:
     """Time the denoiser, its blocks, feed-forwards and attention candidates on the captured inputs."""
     key = cache_key(model, capture, params, candidates, dtype)
     path = cache_dir / f"{key}.json" if cache_dir is not None else None
@@ -303,7 +304,7 @@ def measure(model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, to
         if i in capture.attn_in:
             attn_s[name] = time_attention(attn, name, i, capture.attn_in[i], attention, params, adapter, capture)
     model_ = LatencyModel(step_s, fixed_s, tuple(block_s), tuple(ff_s), tuple(skip_s), tuple(keep_s), attn_s,
-                          forwards=REPS + 1, block_names=tuple(n for n, _ in blocks))
+                          forwards=REPS + 1, images=images, block_names=tuple(n for n, _ in blocks))
     if path is not None:
         _write_atomic(path, json.dumps({k: v for k, v in model_.to_dict().items() if k != "forwards"}))
     return model_

@@ -11,7 +11,7 @@ import torch
 from difa.apply import plan_blocks, plan_layers
 from difa.calibration import search
 from difa.calibration.latency import Capture
-from difa.calibration.timing import latency_model, latency_record, shape_of
+from difa.calibration.timing import latency_curve, latency_record, shape_of
 from difa.cells import executed_cells
 from difa.cost import plan_flops
 from difa.engine import Engine
@@ -22,10 +22,15 @@ from difa.techniques import REGISTRY
 from difa.techniques.protocol import FULL
 
 
-def calibrate_trajectory(pipe: Any, inputs: Sequence, *, threshold: float, budget: float | None, steps: int,
-                          guidance_scale: float, seed: int, candidates: Sequence[str], window, call_kwargs, name: str,
-                          techniques, dtype: str, latency_cache, latency_batch: int | None,
-                          max_cache_mb: float | None = None) -> Plan:
+def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: Sequence[float] | None, steps: int,
+                    guidance_scale: float, seed: int, candidates: Sequence[str], window, call_kwargs, name: str,
+                    techniques, dtype: str, latency_cache, latency_batch: int | None,
+                    max_cache_mb: float | None = None) -> list[Plan]:
+    """One recorded trajectory, one latency model and one error table; then one plan per budget (ascending), or one
+    plan for `threshold` (budgets None). A front's measured errors are non-increasing in the budget: where the search
+    at a larger budget checks worse than the plan of a smaller budget, that smaller budget's plan (which fits the
+    larger budget too) is kept, and the plan records `kept_from_budget`. Check generations of identical plans run
+    once."""
     methods = [c for c in candidates if REGISTRY[c].searchable]
     if not methods:
         raise DifaError(f"search=trajectory plans block cells: add reuse and/or forecast to candidates (got "
@@ -56,54 +61,77 @@ def calibrate_trajectory(pipe: Any, inputs: Sequence, *, threshold: float, budge
         traj = search.record(lambda on_block: run(full_rows, on_block), model, len(blocks))
     finally:
         capture.close()
-    latency = latency_model(pipe, adapter, model, blocks, layers, capture, params, [], traj, len(inputs), latency_batch,
-                       dtype, latency_cache, call_kwargs)
+    latency, curve = latency_curve(pipe, adapter, model, blocks, layers, capture, params, [], traj, len(inputs),
+                                   latency_batch, dtype, latency_cache, call_kwargs)
     table = search.Table(traj, params=params)
     allowed = methods
     if max_cache_mb is not None:  # per block, the methods whose residual slots fit the cap (at the latency batch)
         slot_bytes = [_slot_bytes(capture, j) for j in range(len(blocks))]
         allowed = search.cache_slots(table, calls, methods, slot_bytes, max_cache_mb * 2**20)
-    chosen, seq, checks = search.search(
-        table, latency, len(blocks), calls, allowed, lambda rows: search.final_error(run(rows), traj.final),
-        budget=budget, threshold=None if budget is not None else threshold)
+    measured: dict[tuple, float] = {}
+
+    def check(rows) -> float:  # one check generation per distinct plan, however many budgets propose it
+        key = tuple(map(tuple, rows))
+        if key not in measured:
+            measured[key] = search.final_error(run(rows), traj.final)
+        return measured[key]
+
+    found = []  # (budget, chosen, seq, checks, kept_from)
+    for b in (sorted(set(budgets)) if budgets is not None else [None]):
+        chosen, seq, checks = search.search(table, latency, len(blocks), calls, allowed, check, budget=b,
+                                            threshold=None if b is not None else threshold)
+        kept_from = None
+        if found and found[-1][1].measured is not None and chosen.measured is not None \
+                and found[-1][1].measured < chosen.measured:
+            kept_from = found[-1][4] if found[-1][4] is not None else found[-1][0]
+            chosen = found[-1][1]  # a smaller budget's plan: less error, and within this budget too
+        found.append((b, chosen, seq, checks, kept_from))
     wall = time.perf_counter() - t0
-    rows = tuple(tuple(r) for r in chosen.rows)
-    executed = executed_cells([n for n, _ in layers], [n for n, _ in blocks], rows, calls)
     shapes = [shape_of(capture, i, layers) for i in range(len(layers))] if capture.attn_in else []
-    flops = plan_flops(attention, shapes, params, [n for n, _ in layers], adapter.runs_cfg(guidance_scale), executed) if shapes else {}
-    if shapes:
-        flops["shapes"] = [s.to_dict() for s in shapes]  # also what the cache accounting reads
-    return Plan(
-        model=model_identity(model, layers, name, adapter.family, blocks),
-        scheduler=type(pipe.scheduler).__name__,
-        steps=calls,
-        num_inference_steps=steps,
-        methods=tuple(tuple(r) for r in attention),
-        cfg_enabled=adapter.runs_cfg(guidance_scale),
-        cfg_layout=adapter.cfg_layout,
-        guidance_scale=float(guidance_scale),
-        techniques=params,
-        blocks=rows,
-        calibration={
-            "search": "trajectory",
-            "threshold": None if budget is not None else float(threshold),
-            "budget": budget,
-            "inputs": list(inputs),
-            "seed": seed,
-            "candidates": methods,
-            "loss": "relative L1 (sum |a-b| / sum |b|) of the final output against the all-full generation",
-            "table_error": round(chosen.table_error, 5),
-            "measured_error": None if chosen.measured is None else round(chosen.measured, 5),
-            "checks": checks,
-            **({} if max_cache_mb is None else {"max_cache_mb": max_cache_mb, "allowed_per_block": {
-                n: list(a) for (n, _), a in zip(blocks, allowed)}}),
-            "sequence": [[round(c.predicted, 4), round(c.table_error, 5)] for c in seq],
-            "wall_time_s": round(wall, 3),
-            "forwards": forwards[0] + latency.forwards,
-        },
-        flops=flops,
-        latency=latency_record(latency, [n for n, _ in layers], attention, rows, calls, latency_batch or len(inputs)),
-    )
+    front = {"budgets": [b for b, *_ in found]} if budgets is not None and len(found) > 1 else {}
+    plans = []
+    for b, chosen, seq, checks, kept_from in found:
+        rows = tuple(tuple(r) for r in chosen.rows)
+        executed = executed_cells([n for n, _ in layers], [n for n, _ in blocks], rows, calls)
+        flops = plan_flops(attention, shapes, params, [n for n, _ in layers], adapter.runs_cfg(guidance_scale),
+                           executed) if shapes else {}
+        if shapes:
+            flops["shapes"] = [s.to_dict() for s in shapes]  # also what the cache accounting reads
+        plans.append(Plan(
+            model=model_identity(model, layers, name, adapter.family, blocks),
+            scheduler=type(pipe.scheduler).__name__,
+            steps=calls,
+            num_inference_steps=steps,
+            methods=tuple(tuple(r) for r in attention),
+            cfg_enabled=adapter.runs_cfg(guidance_scale),
+            cfg_layout=adapter.cfg_layout,
+            guidance_scale=float(guidance_scale),
+            techniques=params,
+            blocks=rows,
+            calibration={
+                "search": "trajectory",
+                "threshold": None if b is not None else float(threshold),
+                "budget": b,
+                "inputs": list(inputs),
+                "seed": seed,
+                "candidates": methods,
+                "loss": "relative L1 (sum |a-b| / sum |b|) of the final output against the all-full generation",
+                "table_error": round(chosen.table_error, 5),
+                "measured_error": None if chosen.measured is None else round(chosen.measured, 5),
+                "checks": checks,
+                **({} if kept_from is None else {"kept_from_budget": kept_from}),
+                **({} if max_cache_mb is None else {"max_cache_mb": max_cache_mb, "allowed_per_block": {
+                    n: list(a) for (n, _), a in zip(blocks, allowed)}}),
+                "sequence": [[round(c.predicted, 4), round(c.table_error, 5)] for c in seq],
+                **({"front": front} if front else {}),
+                "wall_time_s": round(wall, 3),
+                "forwards": forwards[0] + latency.forwards,
+            },
+            flops=flops,
+            latency=latency_record(latency, [n for n, _ in layers], attention, rows, calls,
+                                   latency_batch or len(inputs), curve=curve),
+        ))
+    return plans
 
 
 def _slot_bytes(capture: Capture, j: int) -> int:

@@ -8,10 +8,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from difa.calibration import DEFAULT_CANDIDATES, calibrate_pipeline, check_budget, technique_params
+from difa.calibration import (DEFAULT_CANDIDATES, calibrate_front, calibrate_pipeline, check_budget, check_budgets,
+                              technique_params)
 from difa.calibration.checkpoint import Checkpoint
 from difa.cli.common import (CONF_DIR, call_kwargs, check_class_inputs, check_known_keys, check_settings, load_model,
                              model_config, reject_unplussed_model, report_errors, take_inputs)
+from difa.errors import DifaError
 from difa.files import check_target, target_lock
 from difa.plan import Plan, attention_executed, block_executed
 from difa.techniques import changed_params, check_params, letters
@@ -26,6 +28,8 @@ def resolve_model(cfg: DictConfig) -> DictConfig:
 def run(cfg: DictConfig) -> tuple[Plan, Path]:
     check_known_keys(cfg, "calibrate")
     check_settings(cfg)
+    if OmegaConf.is_list(cfg.get("budget")):  # budget=[0.3,0.4,...]: a whole front from one calibration
+        return run_front(cfg)
     budget = check_budget(cfg.get("budget"))  # one-line errors before the model loads
     techniques = OmegaConf.to_container(cfg.get("techniques") or OmegaConf.create({}), resolve=True)
     check_params(techniques)
@@ -62,6 +66,66 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
         checkpoint.clear()
     print(summary(plan, out) + f"\nheatmap    {heatmap}")
     return plan, out
+
+
+def run_front(cfg: DictConfig) -> tuple[list[Plan], Path]:
+    """One plan per budget from one recorded trajectory, written as <out dir>/<model>_b<budget>_s<steps>.json with
+    its heatmap, and the front's plot (<model>_front_s<steps>.png); `out` names the directory (default plans/)."""
+    from difa.plots import front_plot, plan_heatmap
+
+    budgets = check_budgets(list(cfg.budget))
+    if str(cfg.get("search", "trajectory")) != "trajectory":
+        raise DifaError("a list of budgets needs search=trajectory (the greedy works with a threshold only)")
+    techniques = OmegaConf.to_container(cfg.get("techniques") or OmegaConf.create({}), resolve=True)
+    check_params(techniques)
+    techniques = changed_params(techniques)
+    technique_params(cfg.window, techniques)
+    m = resolve_model(cfg)
+    steps = int(cfg.steps if cfg.steps is not None else m.steps)
+    guidance = float(cfg.guidance_scale if cfg.guidance_scale is not None else m.guidance_scale)
+    inputs = take_inputs(m.inputs, cfg.n_calib if cfg.n_calib is not None else m.get("n_calib"))
+    folder = Path(cfg.out) if cfg.out else Path("plans")
+    if folder.suffix == ".json":
+        raise DifaError(f"with a list of budgets out= names a directory for one plan per budget, not {folder}; "
+                        "e.g. out=plans/front")
+    outs = [folder / f"{m.name}_b{b}_s{steps}.json" for b in budgets]
+    figure = folder / f"{m.name}_front_s{steps}.png"
+    for path in (*outs, *(o.with_suffix(".png") for o in outs), figure):
+        check_target(path, "a plan of the front")  # before any model forward
+    with target_lock(figure):
+        pipe = load_model(m, cfg.device, cfg.dtype)
+        check_class_inputs(pipe, inputs)
+        plans = calibrate_front(
+            pipe, inputs, budgets=budgets, threshold=cfg.threshold, steps=steps, guidance_scale=guidance,
+            seed=int(cfg.seed), candidates=list(cfg.candidates) if cfg.get("candidates") is not None else DEFAULT_CANDIDATES,
+            window=cfg.window, call_kwargs=call_kwargs(m), name=m.name, dtype=str(cfg.dtype),
+            latency_batch=cfg.get("latency_batch"), techniques=techniques, max_cache_mb=cfg.get("max_cache_mb"))
+        extra = {"model_config": OmegaConf.to_container(m, resolve=True), "device": cfg.device, "dtype": cfg.dtype,
+                 "weights_mb": round(weights_mb(pipe), 3)}
+        plans = [p.with_(calibration={**p.calibration, **extra}) for p in plans]
+        for plan, out in zip(plans, outs):
+            plan_heatmap(plan, out.with_suffix(".png"))
+            plan.save(out)
+        front_plot(plans, figure)
+    print(front_summary(plans, outs, figure))
+    return plans, folder
+
+
+def front_summary(plans: list[Plan], outs: list[Path], figure: Path) -> str:
+    """One screen: a line per budget (predicted latency, checked error, skipped block cells, file)."""
+    c = plans[0].calibration
+    lines = [f"difa front: {len(plans)} plans of {plans[0].model.name or plans[0].model.cls} from one recorded "
+             f"trajectory ({c['forwards']} model forwards, {c['wall_time_s']:.1f} s wall, {len(c['inputs'])} inputs, "
+             f"seed {c['seed']})",
+             f"{'budget':>6} {'predicted':>9} {'error':>8} {'skipped':>7}  plan"]
+    for plan, out in zip(plans, outs):
+        p = plan.calibration
+        kept = f"  (= budget {p['kept_from_budget']}'s plan: less error)" if p.get("kept_from_budget") else ""
+        skipped = sum(m != "full" for row in plan.blocks for m in row)
+        lines.append(f"{p['budget']:>6} {plan.latency['predicted_fraction']:>9.3f} {p['measured_error']:>8.4f} "
+                     f"{skipped:>7}  {out}{kept}")
+    lines.append(f"error: final-output relative L1 on the calibration inputs (checked); front plot {figure}")
+    return "\n".join(lines)
 
 
 def weights_mb(pipe) -> float:
@@ -103,7 +167,9 @@ def summary(plan: Plan, path: Path) -> str:
     if plan.latency:
         lat = plan.latency
         lines.append(f"latency    {100 * lat['predicted_fraction']:.1f}% of full predicted ({lat['predicted_s']:.3g} of "
-                     f"{lat['full_s']:.3g} s per call of {lat.get('batch') or len(c['inputs'])} images, measured cost model)")
+                     f"{lat['full_s']:.3g} s per call of {lat.get('batch') or len(c['inputs'])} images, measured cost model"
+                     + (f"; timed at {', '.join(lat['by_batch'])} images per call, generate / evaluate print it at "
+                        "the batch they run" if lat.get("by_batch") else "") + ")")
     if c.get("measured_error") is not None:
         lines.append(f"error      final-output relative L1 {c['measured_error']:.4f} on the calibration inputs (checked)")
     if plan.flops:

@@ -78,6 +78,8 @@ def run(cfg: DictConfig) -> tuple[list, Path]:
     images = save_outputs(images, out)
     print(f"{len(images)} {'videos' if adapter.output_attr == 'frames' else 'images'} ({m.name}, {steps} steps, guidance {guidance}, plan {cfg.plan}) in {wall:.2f} s "
           f"({wall / len(images):.3f} s/{'video' if adapter.output_attr == 'frames' else 'image'}) -> {out}/")
+    if plan is not None and plan.latency:
+        print(latency_line(plan, len(inputs), wall))
     return images, out
 
 
@@ -134,3 +136,18 @@ def _argv(argv: list[str]):
 def main() -> None:
     with _argv(plus_model(sys.argv)):  # both spellings accepted; the process-wide sys.argv is left as it was
         _hydra_main()
+
+
+def latency_line(plan: Plan, batch: int, wall: float) -> str:
+    """The plan's predicted seconds for this call (its latency curve at this batch) against the measured ones, and a
+    warning when the batch lies outside the batches its latency was timed at."""
+    from difa.calibration.timing import predicted_at
+
+    at = predicted_at(plan.latency, batch)
+    line = (f"latency    predicted {at['predicted_s']:.3g} s ({at['fraction']:.3f} of full) at batch {batch}, measured "
+            f"{wall:.3g} s ({wall / at['predicted_s']:.2f}x the prediction; one call: first-call and machine noise "
+            "included, python -m difa.evaluate times side by side)")
+    if not at["inside"]:
+        line += (f"\nwarning    batch {batch} lies outside the batches the plan was timed at "
+                 f"({', '.join(map(str, at['timed']))}); the prediction is extrapolated")
+    return line

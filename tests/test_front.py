@@ -1,0 +1,101 @@
+"""A whole front from one calibration: `calibrate_front` / `python -m difa.calibrate budget=[...]` records one
+trajectory and writes one plan per budget, each checked on the final output, with measured errors non-increasing
+in the budget."""
+
+from __future__ import annotations
+
+import pytest
+
+import difa
+from difa.calibration import calibrate_front, search
+from difa.cli import calibrate as calibrate_cli
+from difa.errors import DifaError
+from difa.models import pipeline_call_kwargs
+from tests.conftest import GUIDANCE, INPUTS, STEPS, generate, tiny
+from tests.test_cli import config
+from tests.test_search import reachable
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def front(pipe, tmp_path, budgets, **kw):
+    return calibrate_front(pipe, INPUTS["dit"], budgets=budgets, steps=STEPS, guidance_scale=GUIDANCE["dit"], seed=3,
+                           call_kwargs=pipeline_call_kwargs("dit"), latency_cache=tmp_path / "lat", **kw)
+
+
+def test_one_trajectory_gives_one_plan_per_budget_each_checked(tmp_path):
+    pipe = tiny("dit")
+    budgets = [reachable(pipe, "dit", tmp_path, share) for share in (0.9, 0.2, 0.5)]
+    calls = {"record": 0}
+    original = search.record
+
+    def counting(*a, **k):
+        calls["record"] += 1
+        return original(*a, **k)
+
+    search.record, saved = counting, search.record
+    try:
+        plans = front(pipe, tmp_path, budgets)
+    finally:
+        search.record = saved
+    assert calls["record"] == 1  # one recorded trajectory for the whole front
+    assert [p.calibration["budget"] for p in plans] == sorted(budgets)
+    errors = [p.calibration["measured_error"] for p in plans]
+    assert all(a >= b for a, b in zip(errors, errors[1:]))  # non-increasing in the budget
+    for p, b in zip(plans, sorted(budgets)):
+        assert p.latency["predicted_fraction"] <= b + 5e-5
+        assert p.calibration["front"]["budgets"] == sorted(budgets)
+    ref = generate(pipe, "dit", seed=3)  # the recorded error is what the plan does
+    difa.apply_plan(pipe, plans[0])
+    got = generate(pipe, "dit", seed=3)
+    difa.remove_plan(pipe)
+    assert search.final_error(got, ref) == pytest.approx(plans[0].calibration["measured_error"], abs=1e-5)
+
+
+def test_a_larger_budget_never_gets_a_worse_plan(tmp_path, monkeypatch):
+    """Where the search at a larger budget checks worse than a smaller budget's plan, the smaller budget's plan is
+    kept. The search is made to propose an every-block-skipped plan at the largest budget, which checks far worse."""
+    pipe = tiny("dit")
+    budgets = [reachable(pipe, "dit", tmp_path, share) for share in (0.3, 0.95)]
+    real = search.search
+
+    def worse_at_the_top(table, latency, n, steps, methods, check, *, budget=None, threshold=None):
+        if budget != max(budgets):
+            return real(table, latency, n, steps, methods, check, budget=budget, threshold=threshold)
+        rows = [["full"] + ["reuse"] * (steps - 1) for _ in range(n)]
+        c = search.Candidate(rows, 0.0, 0.0)
+        c.measured = check(rows)
+        return c, [c], []
+
+    monkeypatch.setattr(search, "search", worse_at_the_top)
+    low, high = front(pipe, tmp_path, budgets)
+    assert high.blocks == low.blocks and high.calibration["kept_from_budget"] == min(budgets)
+    assert high.calibration["measured_error"] == low.calibration["measured_error"]
+    monkeypatch.setattr(search, "search", real)
+    low2, high2 = front(pipe, tmp_path, budgets)
+    assert "kept_from_budget" not in high2.calibration
+
+
+def test_the_cli_writes_a_front_on_one_screen(tmp_path, capsys):
+    out = tmp_path / "front"
+    plans, folder = calibrate_cli.run(config("calibrate", ["+model=tiny_dit", "budget=[0.9,0.95]", f"steps={STEPS}",
+                                                            "n_calib=2", f"out={out}"]))
+    text = capsys.readouterr().out.strip().splitlines()
+    assert len(plans) == 2 and folder == out and len(text) <= 24
+    for p in plans:
+        path = out / f"tiny_dit_b{p.calibration['budget']}_s{STEPS}.json"
+        assert difa.load_plan(path) == p and path.with_suffix(".png").is_file()
+    assert (out / f"tiny_dit_front_s{STEPS}.png").is_file()
+    with pytest.raises(DifaError, match="names a directory"):
+        calibrate_cli.run(config("calibrate", ["+model=tiny_dit", "budget=[0.9]", f"out={tmp_path / 'x.json'}"]))
+    with pytest.raises(DifaError, match="fraction"):
+        calibrate_cli.run(config("calibrate", ["+model=tiny_dit", "budget=[0.9,2]", f"out={out}"]))
+
+
+def test_budget_lists_are_checked():
+    from difa.calibration import check_budgets
+
+    assert check_budgets([0.5, 0.3, 0.5]) == [0.3, 0.5]
+    for bad in ([], "0.5", [0.5, 0], None):
+        with pytest.raises(DifaError):
+            check_budgets(bad)
