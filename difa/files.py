@@ -34,9 +34,14 @@ def _umask() -> int:
     return old
 
 
-def check_target(path: str | os.PathLike, what: str = "out") -> Path:
-    """The regular file a write to `path` will replace (symlinks followed), or a one-line error saying why not."""
+def check_target(path: str | os.PathLike, what: str = "out", *, follow: bool = True) -> Path:
+    """The regular file a write to `path` will replace, or a one-line error saying why not. `follow`: a symlink at
+    `path` (a path the user named) is written through; a side file the user did not name (a checkpoint, a heatmap,
+    a lock: follow=False) must never be, or a planted link would make difa overwrite what it points to."""
     given = Path(path)
+    if not follow and given.is_symlink():
+        raise DifaError(f"{what} {str(given)!r} is a symlink; difa never writes its side files through a link: "
+                        "remove it (or choose another out=)")
     target = Path(os.path.realpath(given)) if given.is_symlink() else given
     if target.exists() or target.is_symlink():
         mode = target.lstat().st_mode if not target.exists() else target.stat().st_mode
@@ -55,9 +60,19 @@ def check_target(path: str | os.PathLike, what: str = "out") -> Path:
     return target
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = True, what: str = "out") -> Path:
-    """Call write(file) on a temporary file next to the target of `path`, then rename it over the target."""
-    target = check_target(path, what)
+def check_side_file(path: str | os.PathLike, what: str) -> None:
+    """A side file difa reads and writes (a checkpoint): absent, or a regular file that is not a link."""
+    p = Path(path)
+    if p.is_symlink() or (p.exists() and not p.is_file()):
+        raise DifaError(f"{what} {str(p)!r} is a link, folder, pipe or device; difa only reads and writes regular "
+                        "files there: remove it (or choose another out=)")
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = True, what: str = "out",
+                 follow: bool = True) -> Path:
+    """Call write(file) on a temporary file next to the target of `path`, then rename it over the target
+    (`follow`: see check_target)."""
+    target = check_target(path, what, follow=follow)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~_umask()
@@ -101,6 +116,9 @@ def target_lock(path: str | os.PathLike, what: str = "out") -> Iterator[Path]:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
+            if not stat.S_ISREG(lock.lstat().st_mode):  # a link, folder or FIFO planted there: never read or follow it
+                raise DifaError(f"{str(lock)!r} (the lock of {str(path)!r}) is not a regular file; remove it or "
+                                f"choose another {what}=") from None
             try:
                 pid = int(lock.read_text().strip() or 0)
             except (OSError, ValueError):

@@ -79,13 +79,14 @@ def _format(path: Path) -> str:
     return fmt
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def _save(fig, path: str | os.PathLike, follow: bool = True) -> Path:
+    """Write the figure atomically; `follow` False: a symlink at `path` is refused (a side file, difa.files)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     path = Path(path)
     fmt = _format(path)
     FigureCanvasAgg(fig)
-    return save_atomic(path, lambda f: fig.savefig(f, format=fmt, dpi=120, bbox_inches="tight"))
+    return save_atomic(path, lambda f: fig.savefig(f, format=fmt, dpi=120, bbox_inches="tight"), follow=follow)
 
 
 def plan_title(plan: Plan) -> str:
@@ -103,7 +104,8 @@ def plan_title(plan: Plan) -> str:
     return ", ".join(parts)
 
 
-def plan_heatmap(plan: Plan | str | os.PathLike, path: str | os.PathLike, *, title: str | None = None) -> Path:
+def plan_heatmap(plan: Plan | str | os.PathLike, path: str | os.PathLike, *, title: str | None = None,
+                 follow: bool = True) -> Path:
     """Draw the plan as a layers x steps grid, one colour per method, and write it to `path` (.png/.pdf/.svg)."""
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.figure import Figure
@@ -137,10 +139,10 @@ def plan_heatmap(plan: Plan | str | os.PathLike, path: str | os.PathLike, *, tit
     handles = [Patch(facecolor=colors[m], edgecolor="black", linewidth=0.3, label=f"{m} ({counts[m]})") for m in methods]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.set_title(title if title is not None else plan_title(plan), fontsize=9)
-    return _save(fig, path)
+    return _save(fig, path, follow)
 
 
-def front_plot(plans: Sequence[Plan], path: str | os.PathLike) -> Path:
+def front_plot(plans: Sequence[Plan], path: str | os.PathLike, follow: bool = True) -> Path:
     """A calibrated front (difa.calibration.calibrate_front): each budget's plan at its predicted latency against its
     measured final-output error on the calibration inputs, labelled with its budget."""
     from matplotlib.figure import Figure
@@ -159,7 +161,7 @@ def front_plot(plans: Sequence[Plan], path: str | os.PathLike) -> Path:
     ax.set_ylabel("final-output relative L1 (calibration inputs)")
     ax.set_title(f"{plans[0].model.name or plans[0].model.cls}: one plan per budget, one recorded trajectory", fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _save(fig, path, follow)
 
 
 def pareto_front(x: Sequence[float], y: Sequence[float], *, maximize_y: bool = False) -> np.ndarray:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from difa.files import write_atomic
+from difa.files import check_side_file, write_atomic
 
 
 class Checkpoint:
@@ -24,6 +24,7 @@ class Checkpoint:
     def start(self, settings: Mapping[str, Any]) -> dict[int, tuple[list[str], list[dict]]]:
         """Bind to the calibration's settings; return the steps a killed run with the same settings decided."""
         self.key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+        check_side_file(self.path, "the checkpoint")  # never read a FIFO (it would hang) or follow a link
         try:
             saved = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -35,7 +36,7 @@ class Checkpoint:
     def save(self, step: int, column: list[str], records: list[dict]) -> None:
         self.steps[step] = (list(column), list(records))
         text = json.dumps({"key": self.key, "steps": {str(t): v for t, v in sorted(self.steps.items())}})
-        write_atomic(self.path, lambda f: f.write(text), binary=False, what="checkpoint")
+        write_atomic(self.path, lambda f: f.write(text), binary=False, what="checkpoint", follow=False)
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -41,7 +41,9 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
     inputs = take_inputs(m.inputs, cfg.n_calib if cfg.n_calib is not None else m.get("n_calib"))
     mode = f"b{budget}" if budget is not None else f"d{cfg.threshold}"
     out = Path(cfg.out) if cfg.out else Path("plans") / f"{m.name}_{mode}_s{steps}.json"
-    check_target(out.with_suffix(".png"), "the heatmap next to out")  # before any model forward
+    if out.with_suffix(".png") == out:
+        raise DifaError(f"out={str(out)!r} would be overwritten by its own heatmap; name the plan .json")
+    check_target(out.with_suffix(".png"), "the heatmap next to out", follow=False)  # before any model forward
     with target_lock(out):  # a second calibration writing the same out= is refused
         checkpoint = Checkpoint(out)  # greedy: a killed run of the same command resumes from its decided steps
         pipe = load_model(m, cfg.device, cfg.dtype)
@@ -61,7 +63,7 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
 
         # The heatmap first: a kill between the two writes leaves the old plan next to a new heatmap, never a new
         # plan next to an old heatmap.
-        heatmap = plan_heatmap(plan, out.with_suffix(".png"))
+        heatmap = plan_heatmap(plan, out.with_suffix(".png"), follow=False)
         plan.save(out)
         checkpoint.clear()
     print(summary(plan, out) + f"\nheatmap    {heatmap}")
@@ -91,7 +93,7 @@ def run_front(cfg: DictConfig) -> tuple[list[Plan], Path]:
     outs = [folder / f"{m.name}_b{b}_s{steps}.json" for b in budgets]
     figure = folder / f"{m.name}_front_s{steps}.png"
     for path in (*outs, *(o.with_suffix(".png") for o in outs), figure):
-        check_target(path, "a plan of the front")  # before any model forward
+        check_target(path, "a file of the front", follow=False)  # before any model forward; side files: no links
     with target_lock(figure):
         pipe = load_model(m, cfg.device, cfg.dtype)
         check_class_inputs(pipe, inputs)
@@ -104,9 +106,9 @@ def run_front(cfg: DictConfig) -> tuple[list[Plan], Path]:
                  "weights_mb": round(weights_mb(pipe), 3)}
         plans = [p.with_(calibration={**p.calibration, **extra}) for p in plans]
         for plan, out in zip(plans, outs):
-            plan_heatmap(plan, out.with_suffix(".png"))
+            plan_heatmap(plan, out.with_suffix(".png"), follow=False)
             plan.save(out)
-        front_plot(plans, figure)
+        front_plot(plans, figure, follow=False)
     print(front_summary(plans, outs, figure))
     return plans, folder
 

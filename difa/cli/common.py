@@ -39,10 +39,12 @@ def model_names() -> list[str]:
 
 
 def model_config(name: str) -> DictConfig:
-    path = MODEL_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise DifaError(f"no model config {name!r}; choose one of: {', '.join(model_names())}")
-    return OmegaConf.load(path)
+    """A known model config by name. The name is looked up among the configs' names, never joined into a path: a
+    plan or `default_model` naming `../x` or an absolute path cannot make difa read another YAML (and so load the
+    weights it names)."""
+    if not isinstance(name, str) or name not in model_names():
+        raise DifaError(f"no model config {str(name)[:80]!r}; choose one of: {', '.join(model_names())}")
+    return OmegaConf.load(MODEL_DIR / f"{name}.yaml")
 
 
 def plan_model_config(plan: Any) -> DictConfig:
@@ -52,7 +54,7 @@ def plan_model_config(plan: Any) -> DictConfig:
     import logging
 
     name = plan.model.name
-    if not name or not (MODEL_DIR / f"{name}.yaml").is_file():
+    if not name or name not in model_names():  # (a name, never a path: see model_config)
         raise DifaError(f"the plan names model {name!r}, which has no model config here; choose the model to load "
                         f"with +model=<name> (one of: {', '.join(model_names())}) and model.path=<folder> if needed")
     known = model_config(name)
