@@ -357,6 +357,8 @@ class Engine:
     def _fit_slots(self, state: Any, b: int) -> None:
         """Caches made on the whole CFG batch used on one half (collapse), or the other way round (the slots that
         `fit_batch`: their halves were checked equal, or only the kept half is read)."""
+        if not self.collapse_cfg:  # the batch changes within a generation only where CFG collapses
+            return
         table = self.slot_table
         for name, value in list(state.slots.items()):
             if value is not None and table[name].fit_batch:

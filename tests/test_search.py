@@ -74,15 +74,19 @@ def test_forwards_are_a_few_generations_not_steps_x_layers_x_candidates(tmp_path
     pipe = tiny("dit")
     calls = denoiser_calls(pipe.scheduler, STEPS)
     fresh = calibrate(pipe, "dit", tmp_path, budget=0.95)  # reachable even when a loaded machine inflates fixed costs
-    # one recorded generation, at most two checks, and the denoiser microbenchmark (warm-up + REPS) at each batch
-    # the latency is timed at (calibration.timing.SERVE_FACTORS)
+    # one recorded generation, one warm all-full generation timing what lies outside the denoiser, at most two
+    # checks, and the denoiser microbenchmark (warm-up + REPS) at each batch the latency is timed at
+    # (calibration.timing.SERVE_FACTORS)
     timed = len(fresh.latency["by_batch"])
-    assert fresh.calibration["forwards"] <= 3 * calls + timed * (REPS + 1)
+    assert fresh.calibration["forwards"] <= 4 * calls + timed * (REPS + 1)
     cached = calibrate(pipe, "dit", tmp_path, budget=0.95)  # the latency model now comes from runs/cache
     assert cached.calibration["forwards"] == fresh.calibration["forwards"] - timed * (REPS + 1)
     assert list((tmp_path / "lat").glob("*.json"))
     greedy = calibrate(pipe, "dit", tmp_path, search="greedy", threshold=0.05)
-    assert greedy.calibration["forwards"] > 2 * fresh.calibration["forwards"]
+    # (generation forwards, the shared microbenchmark left out: at 6 steps the greedy's trials already cost more
+    # than the trajectory's four generations; at 20 steps on the bundled DiT it is 12x, README)
+    micro = timed * (REPS + 1)
+    assert greedy.calibration["forwards"] - micro > 1.5 * (fresh.calibration["forwards"] - micro)
 
 
 @pytest.mark.parametrize("bad", [0, -0.5, 1.5, float("nan"), "half"])

@@ -185,7 +185,7 @@ def cache_key(model: torch.nn.Module, capture: Capture, params: Mapping, candida
         "device": str(device), "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else os.uname().machine,
         "dtype": dtype, "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
         "difa": difa.__version__, "model": type(model).__name__, "config": config_hash(model.config),
-        "inputs": shapes(capture.model_in), "params": params, "candidates": sorted(candidates), "model_version": 3,
+        "inputs": shapes(capture.model_in), "params": params, "candidates": sorted(candidates), "model_version": 4,
     }, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

@@ -50,6 +50,13 @@ class Trajectory:
     wall_s: float = 0.0
     denoiser_s: float = 0.0
     forwards: int = 0
+    # seconds the pipeline spends outside the denoiser (text encoder, scheduler, latents), from a warm run: the
+    # recorded generation is the process's first and pays one-time costs there (see calibration/trajectory.py)
+    remainder_s: float | None = None
+
+    @property
+    def outside_s(self) -> float:
+        return self.remainder_s if self.remainder_s is not None else max(self.wall_s - self.denoiser_s, 0.0)
 
     def observe(self, j: int, step: int, x: torch.Tensor, out: torch.Tensor) -> None:
         n = out.shape[-2]

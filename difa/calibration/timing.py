@@ -34,7 +34,7 @@ def latency_model(pipe, adapter, model, blocks, layers, capture: Capture, params
     capture.images = batch
     fixed = 0.0
     if traj is not None:
-        fixed = max(traj.wall_s - traj.denoiser_s, 0.0) * batch / images
+        fixed = traj.outside_s * batch / images
         if adapter.calib_output_type == "latent":
             fixed += decode_seconds(pipe, capture, batch, traj.final, call_kwargs)
     return measure(model, adapter, blocks, layers, capture, params, cands, fixed, dtype=dtype, cache_dir=cache,
