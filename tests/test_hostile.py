@@ -72,3 +72,35 @@ def test_a_folder_at_the_lock_and_a_png_out_are_one_line_errors(tmp_path):
     one_line(lambda: calibrate_cli.run(config("calibrate", CALIBRATE + [f"out={tmp_path / 'x.png'}"])),
              "its own heatmap")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".p.json.lock"]
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(threshold=float("nan")), "must be a number >= 0"),
+    (dict(threshold=float("inf")), "must be a number >= 0"),
+    (dict(steps=10**9), r"steps must be an integer in \[1, 10000\]"),
+    (dict(latency_batch=10**12), r"latency_batch must be an integer in \[1, 4096\]"),
+    (dict(inputs=[5000]), r"class ids must be integers in \[0, "),
+    (dict(inputs=[1, "a red bird"]), "class ids must be integers"),
+    (dict(inputs="1"), "non-empty list"),
+])
+def test_the_python_api_checks_what_the_cli_checks(kw, match):
+    """calibrate_pipeline refuses, in one line and before any forward, what the CLI refuses."""
+    from difa.calibration import calibrate_pipeline
+    from tests.conftest import GUIDANCE, tiny
+
+    args = dict(inputs=[1, 2], threshold=0.05, steps=STEPS, guidance_scale=GUIDANCE["dit"], latency_cache=None)
+    args.update(kw)
+    pipe = tiny("dit")
+    one_line(lambda: calibrate_pipeline(pipe, args.pop("inputs"), **args), match)
+
+
+def test_class_ids_on_a_text_model_and_huge_counts_are_one_line_errors(tmp_path):
+    from difa.calibration import calibrate_pipeline
+    from tests.conftest import GUIDANCE, tiny
+
+    pipe = tiny("pixart")
+    one_line(lambda: calibrate_pipeline(pipe, [1, 2], threshold=0.05, steps=STEPS, guidance_scale=GUIDANCE["pixart"]),
+             "text model: inputs must be non-empty prompts")
+    one_line(lambda: calibrate_cli.run(config("calibrate", CALIBRATE[:-1] + ["n_calib=1000000000000",
+                                                                             f"out={tmp_path / 'p.json'}"])),
+             "number of inputs must be an integer")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from difa import checks
 from difa.adapters import adapter_for
 from difa.attention import window_tokens
 from difa.calibration.greedy import calibrate_greedy
@@ -132,12 +133,13 @@ def calibrate_pipeline(
         raise DifaError("max_cache_mb caps the block caches of search=trajectory; the greedy plans attention cells")
     if budget is not None and search != "trajectory":
         raise DifaError("budget mode needs search=trajectory (the greedy works with a threshold only)")
-    if not isinstance(threshold, (int, float)) or threshold < 0:
-        raise DifaError(f"threshold must be a number >= 0 (got {threshold!r}); try threshold=0.05")
-    if not isinstance(steps, int) or steps < 1:
-        raise DifaError(f"steps must be a positive integer (got {steps!r})")
+    threshold = checks.threshold(threshold)
+    checks.count("steps", steps, checks.MAX_STEPS, example="steps=20")
+    if latency_batch is not None:
+        checks.count("latency_batch", latency_batch, checks.MAX_BATCH, example="latency_batch=25")
     if not inputs:
         raise DifaError("calibration needs at least one prompt or class id; set n_calib >= 1")
+    inputs = checks.inputs(pipe, inputs)  # (the CLI's checks, for the Python API too)
     try:
         window_tokens(window, 1 << 20)
     except ValueError as e:

@@ -118,17 +118,10 @@ def check_settings(cfg: DictConfig) -> None:
 
 
 def check_class_inputs(pipe: Any, inputs: Sequence) -> None:
-    """Class-conditional models: every input is a class id the label embedding has (not its null class)."""
-    from difa.adapters import adapter_for
+    """The inputs fit the model: class ids in its range, or prompts for a text model (difa.checks.inputs)."""
+    from difa import checks
 
-    adapter = adapter_for(pipe)
-    if adapter.inputs_kind != "classes":
-        return
-    n = getattr(adapter.denoiser(pipe).config, "num_embeds_ada_norm", None)
-    bad = [x for x in inputs if isinstance(x, bool) or not isinstance(x, int) or (n is not None and not 0 <= x < n)]
-    if bad:
-        raise DifaError(f"class ids must be integers in [0, {n}) for this model, got {', '.join(map(repr, bad[:3]))}; "
-                        "e.g. inputs=[0,1,2]")
+    checks.inputs(pipe, inputs)
 
 
 def take_inputs(inputs: Sequence, n: int | None) -> list:
@@ -136,9 +129,9 @@ def take_inputs(inputs: Sequence, n: int | None) -> list:
     items = list(inputs)
     if not items:
         raise DifaError("the model config has no calibration inputs; pass inputs=[...]")
-    n = len(items) if n is None else int(n)
-    if n < 1:
-        raise DifaError(f"the number of inputs must be >= 1 (got {n})")
+    from difa import checks
+
+    n = len(items) if n is None else checks.count("the number of inputs", n, checks.MAX_INPUTS, example="n_calib=4")
     return [items[i % len(items)] for i in range(n)]
 
 
