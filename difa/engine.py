@@ -117,6 +117,10 @@ class Engine:
         self.block_cell_keep = [[frozenset(s for s, table in self.block_keep.items() if table[j][t])
                                  for t in range(self.steps)] for j in range(len(block_methods))]
         self.derived = {n: [d for d, x in self.slot_table.items() if x.derived_from == n] for n in self.slot_table}
+        self.from_sub: dict[str, list[str]] = {}  # submodule name -> the slots filled from its output
+        for n, x in self.slot_table.items():
+            if x.source.startswith(SUBMODULE):
+                self.from_sub.setdefault(x.source[len(SUBMODULE):], []).append(n)
         self.joint_layers = {i for i, (n, _) in enumerate(self.layers) if kind_of(n, adapter) == JOINT}
         self.outputs = _slot_sources(LAYER, "output")  # slots holding a cell's own output
         self.cfg_steps = [any(REGISTRY[row[t]].shares_cfg for row in methods) for t in range(self.steps)]
@@ -148,8 +152,8 @@ class Engine:
         """Names of block j's submodules whose forward the engine wraps: a slot filled from one that a later cell
         reads, or one a technique of the row replaces."""
         row = self.block_methods[j]
-        subs = [slots()[s].source[len(SUBMODULE):] for s, keep in self.block_keep.items()
-                if slots()[s].source.startswith(SUBMODULE) and any(keep[j])]
+        subs = [sub for sub, names in self.from_sub.items() if any(any(self.block_keep[n][j]) for n in names
+                                                                    if n in self.block_keep)]
         subs += [REGISTRY[m].replaces for m in row if REGISTRY[m].replaces]
         return list(dict.fromkeys(subs))
 
@@ -350,7 +354,7 @@ class Engine:
 
     def _block_input(self, layer: int, module, args, kwargs):
         x = args[0] if args else kwargs.get("hidden_states")
-        for slot in _slot_sources(LAYER, "block_input"):
+        for slot in self.inputs:
             self.states[layer].slots[slot] = x if torch.is_tensor(x) and x.ndim == 3 else None
         return None
 
@@ -400,7 +404,7 @@ class Engine:
         if technique.replaces == sub:
             return technique.replace(cell, x)
         out = original(x, *args, **kwargs)  # (B, N, C)
-        for slot in _slot_sources(BLOCK, SUBMODULE + sub):
+        for slot in self.from_sub.get(sub, ()):
             if slot in cell.keep:
                 cell.state.slots[slot] = out
         return out

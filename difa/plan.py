@@ -41,11 +41,6 @@ READABLE_VERSIONS = (1, 2, 3)
 CFG_METHODS = frozenset(n for n, t in _REGISTRY.items() if t.shares_cfg)
 
 
-def cfg_methods() -> frozenset[str]:
-    """Methods that need the two CFG halves in one batch, among the techniques registered now."""
-    return frozenset(n for n, t in _REGISTRY.items() if t.shares_cfg)
-
-
 CFG_LAYOUTS = ("cond_first", "uncond_first", "none")  # none: guidance-distilled, no CFG batch
 
 

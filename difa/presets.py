@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from difa.adapters import adapter_for
-from difa.calibration import DITFASTATTN_CANDIDATES, calibrate_pipeline, denoiser_calls, fixed_plan
+from difa.calibration import calibrate_pipeline, denoiser_calls, fixed_plan
 from difa.apply import plan_layers
 from difa.errors import DifaError
 from difa.plan import Plan
@@ -28,6 +28,7 @@ from difa.techniques import agent, deepcache, kind_of, tome, unfit
 from difa.techniques.protocol import FULL
 
 AGENT, AST, TGATE, TOME = "agent", "ast", "tgate", "tome"  # (presets name the methods they schedule)
+DITFASTATTN_CANDIDATES = ("ast", "wars", "asc", "wars+asc")  # the DiTFastAttn preset's greedy candidates
 
 
 # T-GATE's published settings per family (its README and main.py): gate_step, sp_interval, fi_interval, warm_up.

@@ -108,7 +108,8 @@ def family_of(row: pd.Series) -> str:
 def candidates_family(candidates: Sequence[str]) -> str:
     """Greedy plans: difa-greedy with every attention candidate, ditfastattn with DiTFastAttn's four, else
     difa[a+b] for a restricted set."""
-    from difa.calibration import DEFAULT_CANDIDATES, DITFASTATTN_CANDIDATES
+    from difa.calibration import DEFAULT_CANDIDATES
+    from difa.presets import DITFASTATTN_CANDIDATES
     from difa.techniques import attention_methods
 
     cands = set(candidates)

@@ -24,7 +24,6 @@ from difa.planning import (attention_row, block_rows, denoiser_calls, fixed_plan
 from difa.techniques import REGISTRY, default_candidates, wars
 from difa.techniques.protocol import FULL
 
-DITFASTATTN_CANDIDATES = ("ast", "wars", "asc", "wars+asc")  # (a preset's choice: the CLI edge may name methods)
 # Every technique whose description says `candidate`, in registry order. Ties in the greedy's cost model keep this
 # order: `tgate` before `ast` on cross-attention, because gating every cross-attention layer of a step also lets
 # the engine drop one CFG half (which per-layer FLOPs do not show).
@@ -36,7 +35,7 @@ SEARCHES = ("trajectory", "greedy")
 BLOCK_CANDIDATES = tuple(n for n, t in REGISTRY.items() if t.searchable)
 __all__ = ["calibrate_pipeline", "calibrate_front", "check_budget", "check_budgets", "check_candidates", "attention_row", "block_rows", "denoiser_calls",
            "fixed_plan", "model_identity", "retime_plan", "technique_params", "DEFAULT_CANDIDATES",
-           "DITFASTATTN_CANDIDATES", "BLOCK_CANDIDATES", "LOSS_ON", "SEARCHES", "CACHE_DIR"]
+           "BLOCK_CANDIDATES", "LOSS_ON", "SEARCHES", "CACHE_DIR"]
 
 
 def check_candidates(candidates: Sequence[str]) -> list[str]:

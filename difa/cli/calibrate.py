@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from difa.calibration import (DEFAULT_CANDIDATES, calibrate_front, calibrate_pipeline, check_budget, check_budgets,
                               technique_params)
 from difa.calibration.checkpoint import Checkpoint
-from difa.cli.common import (CONF_DIR, call_kwargs, check_class_inputs, check_known_keys, check_settings, load_model,
+from difa.cli.common import (CONF_DIR, call_kwargs, check_known_keys, check_settings, load_model,
                              model_config, reject_unplussed_model, report_errors, take_inputs)
 from difa.errors import DifaError
 from difa.files import check_target, target_lock
@@ -47,7 +47,6 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
     with target_lock(out):  # a second calibration writing the same out= is refused
         checkpoint = Checkpoint(out)  # greedy: a killed run of the same command resumes from its decided steps
         pipe = load_model(m, cfg.device, cfg.dtype)
-        check_class_inputs(pipe, inputs)
         plan = calibrate_pipeline(
             pipe, inputs, threshold=cfg.threshold, steps=steps, guidance_scale=guidance, seed=int(cfg.seed),
             candidates=list(cfg.candidates) if cfg.get("candidates") is not None else DEFAULT_CANDIDATES,
@@ -96,7 +95,6 @@ def run_front(cfg: DictConfig) -> tuple[list[Plan], Path]:
         check_target(path, "a file of the front", follow=False)  # before any model forward; side files: no links
     with target_lock(figure):
         pipe = load_model(m, cfg.device, cfg.dtype)
-        check_class_inputs(pipe, inputs)
         plans = calibrate_front(
             pipe, inputs, budgets=budgets, threshold=cfg.threshold, steps=steps, guidance_scale=guidance,
             seed=int(cfg.seed), candidates=list(cfg.candidates) if cfg.get("candidates") is not None else DEFAULT_CANDIDATES,
