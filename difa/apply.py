@@ -3,10 +3,13 @@ checked against the plan, then an Engine (difa.engine) is installed."""
 
 from __future__ import annotations
 
+import logging
+
 from typing import Any, Sequence
 
 import torch
 
+from difa import checks
 from difa.adapters import Adapter, adapter_for
 from difa.engine import ENGINE_ATTR, Engine
 from difa.errors import DifaError
@@ -65,6 +68,7 @@ def apply_plan(obj: Any, plan: Plan, *, collapse_cfg: bool = True) -> Engine:
     (same result, for checking the collapse).
     """
     plan = as_plan(plan)
+    checks.boolean("collapse_cfg", collapse_cfg)
     adapter, model, layers = plan_layers(obj, plan.model.family)
     blocks = adapter.block_layers(model) if plan.blocks else []
     if plan.blocks and len(plan.model.blocks) > len(blocks):  # a plan with DeepCache units
@@ -73,6 +77,11 @@ def apply_plan(obj: Any, plan: Plan, *, collapse_cfg: bool = True) -> Engine:
     if plan.cfg_layout != adapter.cfg_layout:
         raise DifaError(f"the plan assumes CFG layout {plan.cfg_layout} but {adapter.family} uses {adapter.cfg_layout}; recalibrate")
     scheduler = getattr(obj, "scheduler", None) if obj is not model else None
+    if scheduler is not None and type(scheduler).__name__ != plan.scheduler:  # its steps sit at other timesteps
+        logging.getLogger("difa").warning(
+            "the plan was calibrated with %s and this pipeline runs %s: its cells are placed by step index, so "
+            "errors may differ from the calibrated ones (recalibrate with this scheduler for a measured plan)",
+            plan.scheduler, type(scheduler).__name__)
     engine = Engine(model, adapter, layers, plan.methods, plan.techniques, scheduler=scheduler,
                     inference_steps=plan.inference_steps, collapse_cfg=collapse_cfg, blocks=blocks,
                     block_methods=plan.blocks)

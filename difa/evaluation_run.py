@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from difa import evaluation, metrics  # the module's functions by attribute: tests patch evaluation.score
+from difa import checks, evaluation, metrics  # the module's functions by attribute: tests patch evaluation.score
 from difa.errors import DifaError
 from difa.evaluation import BASELINE, COLUMNS, FMNIST, IMAGE_COLUMNS, MAX_REFERENCE, NO_PLAN, Method
 from difa.peers import hook_from_spec, is_hook
@@ -44,17 +44,37 @@ class Evaluation:
         if self.schedule:
             import json  # SmoothCache's calibrated schedule, in its own JSON format
 
-            target = out.with_name(f"{out.stem}_smoothcache.json")
-            metrics.save_atomic(target, lambda f: f.write(json.dumps(self.schedule).encode()))
+            target = side_files(out)[1]
+            metrics.save_atomic(target, lambda f: f.write(json.dumps(self.schedule).encode()), follow=False,
+                                what="the SmoothCache schedule next to out")
             self.notes.append(f"SmoothCache schedule written to {target} (reuse it with plan=smoothcache:{target})")
-        images_out = out.with_name(f"{out.stem}_images.csv")  # per image: what the intervals come from
-        metrics.save_atomic(images_out, lambda f: f.write(self.images.to_csv(index=False).encode()))
-        metrics.save_atomic(out, lambda f: f.write(self.record.to_csv(index=False).encode()))
+        metrics.save_atomic(side_files(out)[0], lambda f: f.write(self.images.to_csv(index=False).encode()),
+                            follow=False, what="the per-image CSV next to out")
+        metrics.save_atomic(out, lambda f: f.write(self.record.to_csv(index=False).encode()), what="out")
         return out
 
     def report(self, out: str | Path) -> str:
         """What the CLI prints: the table, what its columns mean, the notes, where it was written."""
         return evaluation.report(self.table, self.model, self.n, self.steps, self.guidance, self.mem, self.notes, out)
+
+
+def side_files(out: Path) -> tuple[Path, Path]:
+    """The files Evaluation.save writes beside `out`: the per-image rows and a calibrated SmoothCache schedule."""
+    return out.with_name(f"{out.stem}_images.csv"), out.with_name(f"{out.stem}_smoothcache.json")
+
+
+def check_out(out: str | Path) -> Path:
+    """`out` and its side files can be written (difa.files.check_target), checked before any image is made: a CSV
+    path, not a folder, a device or a name too long; the side files not links."""
+    from difa.files import check_target
+
+    out = Path(out)
+    if out.suffix.lower() != ".csv":
+        raise DifaError(f"out={str(out)!r}: evaluate writes a CSV table; name it .csv, e.g. out=results/run.csv")
+    check_target(out, "out", example="results.csv")
+    for side in side_files(out):
+        check_target(side, "a file next to out", follow=False)
+    return out
 
 
 def is_preset(spec: Any) -> bool:
@@ -63,23 +83,14 @@ def is_preset(spec: Any) -> bool:
 
 def check_counts(n: Any, batch: Any, ref_n: Any, *, fid: bool, fid_source: str) -> tuple[int, int, int]:
     """(n, batch, ref_n) checked; ref_n None: n, at most MAX_REFERENCE."""
-    n, batch = _int("n", n), _int("batch", batch)
-    ref_n = _int("ref_n", ref_n) if ref_n is not None else min(n, MAX_REFERENCE)
-    if n < 1:
-        raise DifaError(f"n must be >= 1 (got {n}); e.g. n=2000 for FID")
-    if batch < 1:
-        raise DifaError(f"batch must be >= 1 (got {batch})")
+    n = checks.count("n", n, checks.MAX_INPUTS, example="n=2000 for FID")
+    batch = checks.count("batch", batch, checks.MAX_BATCH, example="batch=50")
+    ref_n = checks.count("ref_n", ref_n, MAX_REFERENCE, low=2) if ref_n is not None else min(n, MAX_REFERENCE)
     if fid and (n < 2 or not 2 <= ref_n <= MAX_REFERENCE):
         raise DifaError(f"FID needs n >= 2 and 2 <= ref_n <= {MAX_REFERENCE} (got n={n}, ref_n={ref_n}); or pass fid=false")
     if fid_source not in metrics.FID_SOURCES:
         raise DifaError(f"unknown fid_source {fid_source!r}; use one of {', '.join(metrics.FID_SOURCES)}")
     return n, batch, ref_n
-
-
-def _int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise DifaError(f"{key} must be an integer (got {value!r})")
-    return value
 
 
 def run_settings(model: Mapping[str, Any], plan: Plan | None, steps: int | None,
@@ -100,7 +111,7 @@ def evaluate(*, model: Mapping[str, Any], pipe: Any = None, load: Callable[[], A
              ref_n: int | None = None, cache_dir: str | Path = "runs/cache",
              classifier: str | Path = "data/models/fmnist-classifier", baseline_cache: str | Path | None = None,
              time_batches: int | None = 2, device: str = "cpu", dtype: str = "float32",
-             save_plan: str | Path | None = None) -> Evaluation:
+             save_plan: str | Path | None = None, inputs: Any = None) -> Evaluation:
     """The uncompressed model next to a plan or caching peer on the same seeds; the settings and their defaults are
     difa/conf/evaluate.yaml's (except baseline_cache: off).
 
@@ -109,8 +120,9 @@ def evaluate(*, model: Mapping[str, Any], pipe: Any = None, load: Callable[[], A
     are checked. plan: a Plan, a plan file, "none" / None (the baseline alone), "preset:<name>" or a peer spec
     ("diffusers:<name>", "cachedit:dbcache", "smoothcache:<schedule.json|calibrate>"); params: the preset's or the
     peer's parameters; label: the method's row (default: the file's stem, the spec with ':' as '_', or "plan").
-    save_plan: a preset's plan is also saved there. Errors are one-line DifaErrors, raised before the model loads
-    wherever the arguments alone show them."""
+    save_plan: a preset's plan is also saved there. inputs: class ids or prompts (e.g. prompts the calibration never
+    saw), cycled to n images; None: class ids 0..9 cycled, or one Fashion-MNIST caption per class for a text model.
+    Errors are one-line DifaErrors, raised before the model loads wherever the arguments alone show them."""
     import pandas as pd
     import torch
 
@@ -129,8 +141,21 @@ def evaluate(*, model: Mapping[str, Any], pipe: Any = None, load: Callable[[], A
     extra = {**pipeline_call_kwargs(model["family"]), **(model.get("call_kwargs") or {})}  # what the family needs
     adapter = get_adapter(model["family"])
     fmnist = model.get("dataset") == FMNIST
-    n, batch, ref_n = check_counts(n, batch, ref_n, fid=bool(fid) and fmnist, fid_source=fid_source)
+    fid, warmup, seed = checks.boolean("fid", fid), checks.boolean("warmup", warmup), checks.seed(seed)
+    n, batch, ref_n = check_counts(n, batch, ref_n, fid=fid and fmnist, fid_source=fid_source)
     steps, guidance = run_settings(model, plan, steps, guidance_scale)
+    given = None if inputs is None else checks.input_list(inputs)
+    if load is not None:
+        from difa.models import check_model_config
+
+        check_model_config(model, dtype)
+    for key, folder in (("baseline_cache", baseline_cache), ("cache_dir", cache_dir if fid and fmnist else None)):
+        if folder and Path(str(folder)).exists() and not Path(str(folder)).is_dir():
+            raise DifaError(f"{key}={str(folder)!r} is not a folder; give a folder (or null)")
+    if is_preset(spec):
+        from difa.presets import check_preset
+
+        check_preset(spec[len(PRESET):], params)
     notes = []
     clf_dir = evaluation.classifier_dir(str(classifier)) if fmnist else None
     if not fmnist:
@@ -141,15 +166,22 @@ def evaluate(*, model: Mapping[str, Any], pipe: Any = None, load: Callable[[], A
         if clf_dir is None:
             notes.append(f"class accuracy skipped: no classifier at {classifier} (train it or pass classifier=<dir>)")
     notes.append("CLIP score skipped: no CLIP weights are available offline (torchmetrics would download them)")
-    if time_batches is not None and (isinstance(time_batches, bool) or not isinstance(time_batches, int) or time_batches < 1):
-        raise DifaError(f"time_batches must be an integer >= 1 or null (got {time_batches!r})")
+    if time_batches is not None:
+        checks.count("time_batches", time_batches, checks.MAX_INPUTS, example="time_batches=4")
 
-    seed = int(seed)
-    labels, inputs = evaluation.class_inputs(adapter, n, seed)
-    if "timestep_range" in params:
-        params["timestep_range"] = tuple(params["timestep_range"])
+    if given is None:
+        labels, inputs = evaluation.class_inputs(adapter, n, seed)
+    else:  # the user's class ids are the labels; prompts carry none (-1), so class accuracy is skipped
+        inputs = [given[i % len(given)] for i in range(n)]
+        labels = torch.tensor([x if isinstance(x, int) else -1 for x in inputs])
+        notes.append(f"inputs: the {len(given)} given {'prompts' if isinstance(given[0], str) else 'class ids'}, "
+                     f"cycled to {n} images")
+        if isinstance(given[0], str) and clf_dir is not None:
+            clf_dir = None
+            notes.append("class accuracy skipped: the given prompts carry no class label")
     hook = hook_from_spec(spec, params) if is_hook(spec) else None
     pipe = load() if load is not None else pipe
+    checks.inputs(pipe, inputs[:len(given)] if given is not None else inputs[:10])  # ids in range, prompts for text
     pipe.set_progress_bar_config(disable=True)
     if is_preset(spec):
         plan = preset(spec[len(PRESET):], pipe, model, params, steps=steps, guidance=guidance, extra=extra,

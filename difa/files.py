@@ -22,6 +22,9 @@ from typing import Callable, IO, Iterator
 from difa.errors import DifaError
 
 
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+
+
 def _umask() -> int:
     try:  # Linux: read it without changing it
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -34,11 +37,12 @@ def _umask() -> int:
     return old
 
 
-def check_target(path: str | os.PathLike, what: str = "out", *, follow: bool = True) -> Path:
+def check_target(path: str | os.PathLike, what: str = "out", *, follow: bool = True, example: str = "plan.json") -> Path:
     """The regular file a write to `path` will replace, or a one-line error saying why not. `follow`: a symlink at
     `path` (a path the user named) is written through; a side file the user did not name (a checkpoint, a heatmap,
     a lock: follow=False) must never be, or a planted link would make difa overwrite what it points to."""
     given = Path(path)
+    check_names(given, what)
     if not follow and given.is_symlink():
         raise DifaError(f"{what} {str(given)!r} is a symlink; difa never writes its side files through a link: "
                         "remove it (or choose another out=)")
@@ -46,7 +50,7 @@ def check_target(path: str | os.PathLike, what: str = "out", *, follow: bool = T
     if target.exists() or target.is_symlink():
         mode = target.lstat().st_mode if not target.exists() else target.stat().st_mode
         if stat.S_ISDIR(mode):
-            raise DifaError(f"{what}={str(given)!r} is a directory; give a file path, e.g. {what}={given / 'plan.json'}")
+            raise DifaError(f"{what}={str(given)!r} is a directory; give a file path, e.g. {what}={given / example}")
         if not stat.S_ISREG(mode):
             raise DifaError(f"{what}={str(given)!r} is not a regular file (a device, pipe or socket); give a file path")
     folder = target.parent
@@ -58,6 +62,32 @@ def check_target(path: str | os.PathLike, what: str = "out", *, follow: bool = T
     if not os.access(existing, os.W_OK | os.X_OK):
         raise DifaError(f"{what}={str(given)!r}: no permission to write in {str(existing)!r}; choose another {what}=")
     return target
+
+
+def check_names(path: Path, what: str, room: int = NAME_MAX - 20) -> None:
+    """Every name in `path` fits the file system, the last one with `room` to spare for the side files and temporary
+    names difa builds from it (`.<name>.lock`, `.<name>.calib.json`, `.<name>.XXXXXXXX.tmp`)."""
+    for i, part in enumerate(path.parts):
+        size = len(os.fsencode(part))
+        if size > (room if i == len(path.parts) - 1 else NAME_MAX):
+            raise DifaError(f"{what}={str(path)[:40]!r}... has a {size}-byte name; file names are at most {NAME_MAX} "
+                            f"bytes (difa needs {NAME_MAX - room} of them spare for its side files): choose a shorter one")
+
+
+def check_folder(path: str | os.PathLike, what: str = "out") -> Path:
+    """A folder difa will write files into (generate's images): absent (it is made) or a folder, never a file or a
+    device, with a name the file system takes, under a folder difa may write in."""
+    given = Path(path)
+    check_names(given, what)
+    if given.exists() and not given.is_dir():
+        raise DifaError(f"{what}={str(given)!r} is a file, not a folder; generate writes its images into a folder: "
+                        f"choose one, e.g. {what}=outputs/images")
+    if given.exists():
+        if not os.access(given, os.W_OK | os.X_OK):
+            raise DifaError(f"{what}={str(given)!r}: no permission to write in it; choose another {what}=")
+        return given
+    check_target(given / "grid.png", what)  # the parents: names, folders, permissions
+    return given
 
 
 def check_side_file(path: str | os.PathLike, what: str) -> None:

@@ -294,12 +294,12 @@ def reference_features(
     return feats
 
 
-def save_atomic(path: str | os.PathLike, write, follow: bool = True) -> Path:
+def save_atomic(path: str | os.PathLike, write, follow: bool = True, what: str = "file") -> Path:
     """Call write(binary file) on a temporary file next to `path`, then rename it over `path` (difa.files;
     `follow` False: a symlink at `path` is refused)."""
     from difa.files import write_atomic
 
-    return write_atomic(path, write, what="file", follow=follow)
+    return write_atomic(path, write, what=what, follow=follow)
 
 
 # -- class accuracy -------------------------------------------------------------------------------------------

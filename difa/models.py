@@ -32,14 +32,8 @@ def load_pipeline(model_cfg: Mapping, *, device: str = "cpu", dtype: str = "floa
     directory) is used as it is, `data/models/<name>` names a bundled model from any working directory (see
     `resolve_path`), and anything else, e.g. a hub id, is passed on as given.
     """
-    if dtype not in DTYPES:
-        raise DifaError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    check_model_config(model_cfg, dtype)
     path, tiny = model_cfg.get("path"), model_cfg.get("tiny")
-    if (path is None) == (tiny is None):
-        raise DifaError(
-            f"model {model_cfg.get('name')!r} needs exactly one of model.path (hub id or local dir) and "
-            f"model.tiny (one of {', '.join(FAMILIES)}); got path={path!r}, tiny={tiny!r}"
-        )
     name = model_cfg.get("pipeline")
     if tiny is None:
         extra = {**_text_components(model_cfg.get("text_encoder")),
@@ -54,6 +48,46 @@ def load_pipeline(model_cfg: Mapping, *, device: str = "cpu", dtype: str = "floa
     if dtype != "float32":  # .to(dtype=...) warns about fp32-kept modules even when it changes nothing
         pipe.to(dtype=DTYPES[dtype])
     return pipe
+
+
+MAX_RESOLUTION = 16_384  # pixels per side; a tiny model built at more would allocate for minutes
+
+
+def check_model_config(model_cfg: Mapping, dtype: str = "float32") -> None:
+    """One-line errors for a model config that cannot load, before anything is built or read: dtype, exactly one
+    of path / tiny, a known tiny family, diffusers pipeline and scheduler classes, a sane resolution, and inputs
+    and defaults of the right types."""
+    from difa import checks
+    from difa.adapters import get_adapter
+
+    if not isinstance(model_cfg, Mapping):
+        raise DifaError(f"a model config must be a mapping of keys (name, family, path or tiny, ...), got {model_cfg!r:.40}")
+    if dtype not in DTYPES:
+        raise DifaError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    path, tiny = model_cfg.get("path"), model_cfg.get("tiny")
+    if (path is None) == (tiny is None) or (tiny is not None and tiny not in FAMILIES) or not isinstance(path, (str, type(None))):
+        raise DifaError(
+            f"model {model_cfg.get('name')!r} needs exactly one of model.path (hub id or local dir) and "
+            f"model.tiny (one of {', '.join(FAMILIES)}); got path={path!r}, tiny={tiny!r}"
+        )
+    if model_cfg.get("family") is not None:
+        get_adapter(model_cfg["family"])
+    if model_cfg.get("pipeline") is not None:
+        _pipeline_class(str(model_cfg["pipeline"]))
+    scheduler = model_cfg.get("scheduler")
+    if scheduler and not isinstance(getattr(diffusers, str(scheduler), None), type):
+        raise DifaError(f"diffusers has no scheduler {scheduler!r}; fix model.scheduler")
+    if model_cfg.get("resolution") is not None:
+        checks.count("model.resolution", model_cfg["resolution"], MAX_RESOLUTION, low=8, example="model.resolution=256")
+    if model_cfg.get("seed") is not None:
+        checks.seed(model_cfg["seed"])
+    for key, high in (("steps", checks.MAX_STEPS), ("n_calib", checks.MAX_INPUTS)):
+        if model_cfg.get(key) is not None:
+            checks.count(f"model.{key}", model_cfg[key], high)
+    if model_cfg.get("guidance_scale") is not None:
+        checks.number("model.guidance_scale", model_cfg["guidance_scale"])
+    if model_cfg.get("inputs") is not None:
+        checks.input_list(model_cfg["inputs"])
 
 
 def _model_components(components: Mapping | None, dtype: torch.dtype) -> dict:

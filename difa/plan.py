@@ -151,6 +151,11 @@ class Plan:
             raise DifaError(f"{source} is not a difa plan (missing \"schema\": \"{SCHEMA}\"); pass a file written by difa.calibrate")
         if d.get("version") not in READABLE_VERSIONS:
             raise DifaError(f"{source} has plan schema version {d.get('version')!r}, this difa reads version {VERSION}; recalibrate or upgrade difa")
+        unknown = sorted(set(d) - set(PLAN_KEYS)) + [f"{k}.{x}" for k, known in PLAN_KEYS.items() if known
+                                                      and isinstance(d.get(k), Mapping) for x in sorted(set(d[k]) - known)]
+        if unknown:  # a misspelt "block_method" would otherwise run the plan without its block cells
+            raise DifaError(f"{source} has key(s) this difa does not know: {', '.join(map(str, unknown))[:200]}; "
+                            "fix the spelling or recalibrate (a plan from a newer difa needs that version)")
         try:
             m, s, c = (_field(d, k, Mapping) for k in ("model", "scheduler", "cfg"))
             layers = _names(m, "layers", f"{source} model.layers")
@@ -193,11 +198,14 @@ class Plan:
     @classmethod
     def from_json(cls, text: str, source: str = "plan") -> "Plan":
         try:
-            d = json.loads(text)
+            d = json.loads(text, object_pairs_hook=_no_repeats)
         except json.JSONDecodeError as e:
             raise DifaError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}); recalibrate or restore the file") from None
         except RecursionError:
             raise DifaError(f"{source} is nested too deeply to be a difa plan; pass a .json written by difa.calibrate") from None
+        except _Repeated as e:
+            raise DifaError(f"{source} repeats the key {str(e)[:80]!r} in one object (JSON readers would silently keep "
+                            "one of them); keep one and check which is meant, or recalibrate") from None
         return cls.from_dict(d, source)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -205,6 +213,29 @@ class Plan:
         from difa.files import write_atomic
 
         return write_atomic(path, lambda f: f.write(self.to_json()), binary=False)
+
+
+# The keys a plan file may have, and those of its fixed sub-tables (None: a free record, e.g. the calibration's).
+PLAN_KEYS: dict[str, frozenset[str] | None] = {
+    "schema": None, "version": None, "techniques": None, "methods": None, "block_methods": None, "calibration": None,
+    "flops": None, "latency": None,
+    "model": frozenset({"class", "config_hash", "layers", "name", "family", "blocks"}),
+    "scheduler": frozenset({"class", "steps", "num_inference_steps"}),
+    "cfg": frozenset({"enabled", "layout", "guidance_scale"}),
+}
+
+
+class _Repeated(ValueError):
+    """A key repeated within one JSON object."""
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Repeated(k)
+        out[k] = v
+    return out
 
 
 MAX_PLAN_BYTES = 16 * 2**20  # a 50-step plan of a 28-block model is ~100 KB; refuse anything this big unread
@@ -246,6 +277,11 @@ def _row(v: Any, what: str) -> tuple[str, ...]:
 
 def load_plan(path: str | os.PathLike) -> Plan:
     path = Path(path)
+    if path.is_dir():
+        raise DifaError(f"plan={str(path)!r} is a folder; pass plan=<path to a .json written by difa.calibrate>")
+    if path.exists() and not path.is_file():
+        raise DifaError(f"plan={str(path)!r} is not a regular file (a pipe or device: never read); pass a .json written "
+                        "by difa.calibrate")
     if not path.is_file():
         raise DifaError(f"plan file {str(path)!r} does not exist; pass plan=<path to a .json written by difa.calibrate>")
     source = f"plan {str(path)!r}"

@@ -8,13 +8,14 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable, Mapping, Sequence
 
+from difa import checks
 from difa.adapters import JOINT, adapter_for
 from difa.apply import plan_blocks, plan_layers
 from difa.cells import cell_problem, executed_cells
 from difa.errors import DifaError
 from difa.plan import ModelIdentity, Plan, config_hash
-from difa.techniques import REGISTRY, kind_of, unfit, wars
-from difa.techniques.protocol import FULL
+from difa.techniques import REGISTRY, check_params, kind_of, unfit, wars
+from difa.techniques.protocol import ATTENTION_KINDS, FULL
 
 
 def denoiser_calls(scheduler: Any, steps: int) -> int:
@@ -73,9 +74,13 @@ def block_rows(blocks: Sequence[tuple[str, Any]], method: Callable[[int, int], s
 
 def technique_params(window, techniques: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
     """The plan's technique parameters: the `wars` window, merged with whatever `techniques` gives."""
+    if techniques is not None and (not isinstance(techniques, Mapping)
+                                   or not all(isinstance(v, Mapping) for v in techniques.values())):
+        raise DifaError("techniques must map technique names to parameter tables, e.g. {'tome': {'ratio': 0.5}}")
     params = {k: dict(v) for k, v in (techniques or {}).items()}
-    params[wars.NAME] = {"window": window, **params.get(wars.NAME, {})}
-    wars.residual_from(params)  # a bad residual_from is a one-line error before anything runs
+    params[wars.NAME] = {"window": checks.window(window), **params.get(wars.NAME, {})}
+    check_params(params)  # unknown names, parameters of the wrong type or range: one line before anything runs
+    wars.residual_from(params)
     return params
 
 
@@ -85,8 +90,7 @@ def retime_plan(plan: Plan, pipe: Any, steps: int) -> Plan:
     (the same fraction of the denoising trajectory), then cells that cannot run as mapped (a cache read before
     anything was computed, a moot cell) are left `full`. Latency and FLOPs records are dropped (they were for S).
     The plan is not recalibrated: measure its error (experiments/README.md, step transfer) before relying on it."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise DifaError(f"steps must be an integer >= 1 (got {steps!r})")
+    checks.count("steps", steps, checks.MAX_STEPS, example="steps=20")
     if type(pipe.scheduler).__name__ != plan.scheduler:  # positions along another sampler's trajectory mean nothing
         raise DifaError(f"the plan was calibrated with {plan.scheduler} and the pipeline uses "
                         f"{type(pipe.scheduler).__name__}, so its steps cannot be mapped; recalibrate with this scheduler")
@@ -129,6 +133,14 @@ def fixed_plan(
     step 0 for methods that reuse an earlier step, and where the layer's block is skipped (the cell is moot).
     `techniques` adds parameters (e.g. {"tome": {"ratio": 0.5}}).
     """
+    checks.count("steps", steps, checks.MAX_STEPS, example="steps=20")
+    checks.number("guidance_scale", guidance_scale, example="guidance_scale=4.0")
+    if not callable(method) or (block is not None and not callable(block)):
+        raise DifaError("method (and block) must be functions of (layer or block index, step) returning a method "
+                        "name, e.g. method=lambda i, t: 'ast'")
+    unknown = [k for k in checks.names("kinds", kinds, "kinds=('attn1',)") if k not in ATTENTION_KINDS]
+    if unknown:
+        raise DifaError(f"unknown layer kind(s) {unknown}; kinds are among {', '.join(ATTENTION_KINDS)}")
     adapter, model, layers = plan_layers(pipe)
     calls = denoiser_calls(pipe.scheduler, steps)
     blocks = plan_blocks(pipe, cache_units) if block is not None else []

@@ -184,22 +184,56 @@ PRESETS: dict[str, Callable[..., Plan]] = {"tomesd": tomesd, "agentsd": agentsd,
                                            "tgate+deepcache": tgate_deepcache}
 
 
-def preset_plan(preset: str, pipe: Any, *, steps: int, guidance_scale: float, **params) -> Plan:
-    """Build the named preset's plan; `params` are the preset's keyword arguments (None values are dropped)."""
-    if preset not in PRESETS:
-        raise DifaError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    fn = PRESETS[preset]
+PASSED_ON = ("inputs", "call_kwargs", "techniques", "latency_cache", "seed", "progress", "latency_batch", "dtype")
+
+
+def check_preset(preset: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The model-free checks of a preset and its parameters (the CLIs call this before the model loads,
+    preset_plan before it builds): a known preset, keys it takes, each value of its default's type (a setting
+    whose default is the family's published one: an integer >= 0), in range. Returns the given (not None) ones."""
     import inspect
 
-    sig = inspect.signature(fn).parameters
+    from difa import checks
+
+    if preset not in PRESETS:
+        raise DifaError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    sig = inspect.signature(PRESETS[preset]).parameters
     accepted = {k for k, p in sig.items() if p.kind is not p.VAR_KEYWORD} - {"pipe"}
     open_ended = any(p.kind is p.VAR_KEYWORD for p in sig.values())  # ditfastattn passes the rest to calibration
     given = {k: v for k, v in params.items() if v is not None}
-    bad = [] if open_ended else sorted(set(given) - accepted)
+    bad = sorted(set(given) - accepted - (set(PASSED_ON) if open_ended else set()))
     if bad:
         raise DifaError(f"preset {preset} does not take {', '.join(bad)}; it takes "
-                        f"{', '.join(sorted(accepted - {'steps', 'guidance_scale', 'name'}))}")
-    return fn(pipe, steps=steps, guidance_scale=guidance_scale, **given)
+                        f"{', '.join(sorted(accepted - {'steps', 'guidance_scale', 'name', 'inputs'}))}")
+    for key, v in given.items():
+        default = sig[key].default if key in sig else None
+        if key in ("steps", "guidance_scale", "name", "inputs") or (key in PASSED_ON and key not in sig):
+            continue
+        if default is None:  # the family's published setting unless given
+            checks.count(f"{preset} {key}", v, checks.MAX_STEPS, low=0)
+        else:
+            checks.like_default(f"{preset} {key}", v, default)
+    merge = {k: given[k] for k in ("ratio", "sx", "sy", "use_rand", "seed") if k in given}
+    if preset in ("tomesd", "agentsd") and merge:
+        tome.config({TOME: merge})
+    if preset == "agentsd" and not 0 <= given.get("switch", 0) <= 1:
+        raise DifaError(f"agentsd switch must be a fraction of the steps in [0, 1], got {given['switch']}")
+    for key in ("gate_step", "sp_interval", "fi_interval", "cache_interval"):
+        if key in given and given[key] < 1:
+            raise DifaError(f"{preset} {key} must be an integer >= 1, got {given[key]}")
+    if preset == "ditfastattn" and "threshold" in given:
+        checks.threshold(given["threshold"])
+    return given
+
+
+def preset_plan(preset: str, pipe: Any, *, steps: int, guidance_scale: float, **params) -> Plan:
+    """Build the named preset's plan; `params` are the preset's keyword arguments (None values are dropped)."""
+    from difa import checks
+
+    given = check_preset(preset, params)
+    checks.count("steps", steps, checks.MAX_STEPS, example="steps=20")
+    checks.number("guidance_scale", guidance_scale, example="guidance_scale=4.0")
+    return PRESETS[preset](pipe, steps=steps, guidance_scale=guidance_scale, **given)
 
 
 def _tag(plan: Plan, preset: str, params: Mapping[str, Any]) -> Plan:

@@ -51,7 +51,7 @@ def test_full_plan_is_exact_and_a_compressing_one_is_not(tiny_dit):
     lossy = runs["all_ast"].table.iloc[1]
     assert lossy.rel_l1 > 0 and lossy.psnr_db < math.inf and lossy.attn_flops < 0.5
     assert any("FID and class accuracy skipped" in note for note in runs["all_ast"].notes)
-    with pytest.raises(DifaError, match="n must be >= 1"):  # checked before anything runs
+    with pytest.raises(DifaError, match=r"n must be an integer in \[1, 100000\], got 0"):  # checked before anything runs
         evaluate(model=model, load=lambda: pytest.fail("loaded before the arguments were checked"), plan=ast,
                  **{**SETTINGS, "n": 0})
 
@@ -75,3 +75,38 @@ def test_the_cli_writes_what_evaluate_returns(tmp_path, capsys):
     pd.testing.assert_frame_equal(saved[same], result.record[same].reset_index(drop=True), check_dtype=False)
     pd.testing.assert_frame_equal(images, result.images, check_dtype=False)
     assert result.table.rel_l1.iloc[1] > 0 and table.rel_l1.iloc[1] == result.table.rel_l1.iloc[1]
+
+
+def test_a_text_model_is_evaluated_on_the_users_prompts(tmp_path, capsys, monkeypatch):
+    """prompts=<file> (or inputs=[...]) reach the pipeline, cycled to n images, in order; class accuracy is
+    skipped (prompts carry no label); without them the default captions are used."""
+    from difa import evaluation
+
+    seen = []
+    real = evaluation.call
+
+    def spy(pipe, adapter, inputs, **kw):
+        seen.extend(inputs)
+        return real(pipe, adapter, inputs, **kw)
+
+    monkeypatch.setattr(evaluation, "call", spy)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red bird on a branch\n\n  a blue car at night  \n")
+    cfg = compose_config(["+model=tiny_pixart", "plan=none", "n=3", "batch=3", f"steps={STEPS}", "fid=false",
+                          "warmup=false", "baseline_cache=null", f"prompts={prompts}", f"out={tmp_path / 'e.csv'}"])
+    table, out = evaluate_cli.run(cfg)
+    # the generated batch (then a MACs-counting call on the first prompt)
+    assert seen[:3] == ["a red bird on a branch", "a blue car at night", "a red bird on a branch"], seen
+    assert set(seen) == {"a red bird on a branch", "a blue car at night"}
+    printed = capsys.readouterr().out
+    assert "the 2 given prompts, cycled to 3 images" in printed
+    assert len(pd.read_csv(tmp_path / "e_images.csv")) == 3
+    seen.clear()
+    evaluate_cli.run(compose_config(["+model=tiny_pixart", "plan=none", "n=2", "batch=2", f"steps={STEPS}",
+                                     "fid=false", "warmup=false", "baseline_cache=null", f"out={tmp_path / 'f.csv'}"]))
+    assert seen and not set(seen) & {"a red bird on a branch", "a blue car at night"}
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(config_name="evaluate", overrides=overrides)

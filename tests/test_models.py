@@ -20,8 +20,11 @@ STEPS = 3
 
 
 def path_cfg(family: str, path: str, pipeline: str | None = None) -> dict:
-    return {"name": family, "family": family, "pipeline": pipeline or PIPELINES[family].__name__, "path": path,
-            "tiny": None}
+    return {"name": family, "family": ADAPTER_FAMILY.get(family, family),
+            "pipeline": pipeline or PIPELINES[family].__name__, "path": path, "tiny": None}
+
+
+ADAPTER_FAMILY = {"sd35": "sd3"}  # tiny builders whose adapter row is another family's
 
 
 def generate(pipe, family: str) -> np.ndarray:

@@ -115,7 +115,7 @@ def _edit(d: dict, path: str, value):
     ("techniques", [1], "'techniques' must be Mapping, got list"),
     ("techniques", {"wars": [1]}, "must map technique names to parameter tables"),
     ("techniques", {"wars": {"window": 0}}, r"techniques.wars.window=0 is invalid"),  # was found mid-generation
-    ("techniques", {"wars": {"window": "abc"}}, r"techniques.wars.window='abc' is invalid"),
+    ("techniques", {"wars": {"window": "abc"}}, r"techniques.wars.window must be a number, got 'abc'"),
     ("techniques", {"wars": {"widow": 4}}, r"unknown parameter\(s\) \['widow'\]"),
     ("methods.b.0.attn1", [1, 2, 3], "must be a list of method names"),
     ("model.layers", "b.0.attn1", "model.layers must be a list of module names"),

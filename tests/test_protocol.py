@@ -49,9 +49,9 @@ SCALED = '''
 
 
     def check_config(params):
-        scale = params.get(NAME, {}).get("scale", 1.0)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise DifaError(f"techniques.{NAME}.scale must be a finite number, got {scale!r}")
+        scale = params.get(NAME, {}).get("scale", 1.0)  # (its type is checked against the default's first)
+        if scale < 0:
+            raise DifaError(f"techniques.{NAME}.scale must be >= 0, got {scale!r}")
 
 
     def estimate(points, step, config):
@@ -140,7 +140,8 @@ def test_a_technique_with_a_parameter(scaled, tmp_path):
                       techniques={"scaled_reuse": {"scale": 0.5}})
     assert letters()["scaled_reuse"] == "S" and "scaled_reuse" in default_candidates()
     assert Plan.from_json(plan.to_json()) == plan  # validation knows it, and its parameter
-    for bad, message in (({"scale": "x"}, "must be a finite number"), ({"sacle": 1.0}, "unknown parameter")):
+    for bad, message in (({"scale": "x"}, "scale must be a number"), ({"scale": -1.0}, "scale must be >= 0"),
+                         ({"sacle": 1.0}, "unknown parameter")):
         d = plan.to_dict()
         d["techniques"]["scaled_reuse"] = bad
         with pytest.raises(DifaError, match=message) as e:

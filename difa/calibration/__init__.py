@@ -13,7 +13,6 @@ from typing import Any, Mapping, Sequence
 
 from difa import checks
 from difa.adapters import adapter_for
-from difa.attention import window_tokens
 from difa.calibration.greedy import calibrate_greedy
 from difa.calibration.latency import CACHE_DIR
 from difa.calibration.trajectory import calibrate_goals
@@ -22,14 +21,12 @@ from difa.plan import Plan
 from difa.planning import (attention_row, block_rows, denoiser_calls, fixed_plan, model_identity,  # noqa: F401
                            retime_plan, technique_params)
 from difa.techniques import REGISTRY, default_candidates, wars
-from difa.techniques.protocol import FULL
 
 # Every technique whose description says `candidate`, in registry order. Ties in the greedy's cost model keep this
 # order: `tgate` before `ast` on cross-attention, because gating every cross-attention layer of a step also lets
 # the engine drop one CFG half (which per-layer FLOPs do not show).
 DEFAULT_CANDIDATES = default_candidates()
-LOSS_ON = ("guided", "halves")
-SEARCHES = ("trajectory", "greedy")
+LOSS_ON, SEARCHES = checks.LOSS_ON, checks.SEARCHES
 # What the trajectory search plans: block methods with an estimator (Technique.estimate) that its error table
 # scores. mlp_reuse and deepcache (no estimator) are for fixed plans.
 BLOCK_CANDIDATES = tuple(n for n, t in REGISTRY.items() if t.searchable)
@@ -38,31 +35,9 @@ __all__ = ["calibrate_pipeline", "calibrate_front", "check_budget", "check_budge
            "BLOCK_CANDIDATES", "LOSS_ON", "SEARCHES", "CACHE_DIR"]
 
 
-def check_candidates(candidates: Sequence[str]) -> list[str]:
-    bad = [c for c in candidates if c not in REGISTRY]
-    if bad:
-        raise DifaError(f"unknown candidate method(s) {', '.join(map(repr, bad))}; choose from {', '.join(sorted(REGISTRY))}")
-    return [c for c in dict.fromkeys(candidates) if c != FULL]
-
-
-def check_budget(budget: Any) -> float | None:
-    if budget is None:
-        return None
-    try:
-        b = float(budget)
-    except (TypeError, ValueError):
-        raise DifaError(f"budget must be a fraction of the full latency in (0, 1], got {budget!r}; try budget=0.5") from None
-    if not (0 < b <= 1):  # NaN fails this too
-        raise DifaError(f"budget must be a fraction of the full latency in (0, 1], got {budget!r}; try budget=0.5")
-    return b
-
-
-def check_budgets(budgets: Any) -> list[float]:
-    """A list of budgets (a front), each checked, ascending, without repeats."""
-    if isinstance(budgets, (str, bytes)) or not isinstance(budgets, Sequence) or not budgets:
-        raise DifaError(f"budgets must be a non-empty list of fractions in (0, 1], got {budgets!r}; try "
-                        "budget=[0.4,0.5,0.6]")
-    return sorted({check_budget(b) for b in budgets})
+check_candidates = checks.candidates  # (the checks live in difa.checks, shared with the CLI)
+check_budget = checks.budget
+check_budgets = checks.budgets
 
 
 def calibrate_front(pipe: Any, inputs: Sequence, *, budgets: Sequence[float], **kwargs: Any) -> list[Plan]:
@@ -111,39 +86,19 @@ def calibrate_pipeline(
     max_cache_mb (trajectory): the block residuals the plan keeps across steps, at `latency_batch` images per call
     (default: the calibration inputs), stay within this many MB (search.cache_slots).
     """
-    if loss_on not in LOSS_ON:
-        raise DifaError(f"unknown loss_on {loss_on!r}; use one of {', '.join(LOSS_ON)}")
     from difa.engine import ENGINE_ATTR
 
     if getattr(adapter_for(pipe).denoiser(pipe), ENGINE_ATTR, None) is not None:  # calibrating would remove it
         raise DifaError("the pipeline has a plan applied; calibrate the uncompressed model: remove_plan(pipe) first "
                         "(and apply_plan again afterwards)")
-    if search not in SEARCHES:
-        raise DifaError(f"unknown search {search!r}; use one of {', '.join(SEARCHES)}")
-    budget = check_budget(budget)
-    if budgets is not None:
-        budget = budgets = check_budgets(budgets)
-    if latency_batch is not None and (isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1):
-        raise DifaError(f"latency_batch must be a positive integer (images per pipeline call) or null, got {latency_batch!r}")
-    if max_cache_mb is not None and (isinstance(max_cache_mb, bool) or not isinstance(max_cache_mb, (int, float))
-                                     or not max_cache_mb >= 0):
-        raise DifaError(f"max_cache_mb must be a number of MB >= 0 (got {max_cache_mb!r}), e.g. max_cache_mb=512")
-    if max_cache_mb is not None and search != "trajectory":
-        raise DifaError("max_cache_mb caps the block caches of search=trajectory; the greedy plans attention cells")
-    if budget is not None and search != "trajectory":
-        raise DifaError("budget mode needs search=trajectory (the greedy works with a threshold only)")
-    threshold = checks.threshold(threshold)
-    checks.count("steps", steps, checks.MAX_STEPS, example="steps=20")
-    if latency_batch is not None:
-        checks.count("latency_batch", latency_batch, checks.MAX_BATCH, example="latency_batch=25")
-    if not inputs:
-        raise DifaError("calibration needs at least one prompt or class id; set n_calib >= 1")
-    inputs = checks.inputs(pipe, inputs)  # (the CLI's checks, for the Python API too)
-    try:
-        window_tokens(window, 1 << 20)
-    except ValueError as e:
-        raise DifaError(str(e)) from None
-    cands = check_candidates(candidates)
+    # The CLI's checks (it makes the same call before loading the model), then the inputs against the model.
+    args = checks.calibration(threshold=threshold, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                              candidates=candidates, window=window, loss_on=loss_on, search=search, budget=budget,
+                              budgets=budgets, latency_batch=latency_batch, max_cache_mb=max_cache_mb,
+                              techniques=techniques)
+    threshold, cands = args["threshold"], args["candidates"]
+    budget, budgets = args["budget"], args["budgets"]
+    inputs = checks.inputs(pipe, inputs)
     if search == "trajectory":
         plans = calibrate_goals(pipe, inputs, threshold=float(threshold),
                                 budgets=budgets if budgets is not None else None if budget is None else [budget],
@@ -152,6 +107,6 @@ def calibrate_pipeline(
                                 latency_cache=latency_cache, latency_batch=latency_batch, max_cache_mb=max_cache_mb)
         return plans if budgets is not None else plans[0]
     return calibrate_greedy(pipe, inputs, threshold=threshold, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                            candidates=candidates, cands=cands, window=window, call_kwargs=call_kwargs, name=name,
+                            candidates=cands, cands=cands, window=window, call_kwargs=call_kwargs, name=name,
                             progress=progress, techniques=techniques, loss_on=loss_on, dtype=dtype,
                             latency_cache=latency_cache, latency_batch=latency_batch, checkpoint=checkpoint)

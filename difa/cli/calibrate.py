@@ -8,11 +8,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from difa.calibration import (DEFAULT_CANDIDATES, calibrate_front, calibrate_pipeline, check_budget, check_budgets,
-                              technique_params)
+from difa import checks
+from difa.calibration import DEFAULT_CANDIDATES, calibrate_front, calibrate_pipeline, technique_params
 from difa.calibration.checkpoint import Checkpoint
-from difa.cli.common import (CONF_DIR, call_kwargs, check_known_keys, check_settings, load_model,
-                             model_config, reject_unplussed_model, report_errors, take_inputs)
+from difa.cli.common import (CONF_DIR, call_kwargs, check_known_keys, check_model, check_settings, load_model,
+                             model_config, precheck, reject_unplussed_model, report_errors, take_inputs)
 from difa.errors import DifaError
 from difa.files import check_target, target_lock
 from difa.plan import Plan, attention_executed, block_executed
@@ -25,36 +25,47 @@ def resolve_model(cfg: DictConfig) -> DictConfig:
     return cfg.model if "model" in cfg and cfg.model is not None else model_config(cfg.default_model)
 
 
-def run(cfg: DictConfig) -> tuple[Plan, Path]:
+def settings(cfg: DictConfig) -> tuple[DictConfig, dict, list, dict]:
+    """Everything checked before the model loads: (model config, the checked calibration arguments (difa.checks),
+    the inputs, the technique parameters that differ from the defaults)."""
     check_known_keys(cfg, "calibrate")
     check_settings(cfg)
-    if OmegaConf.is_list(cfg.get("budget")):  # budget=[0.3,0.4,...]: a whole front from one calibration
-        return run_front(cfg)
-    budget = check_budget(cfg.get("budget"))  # one-line errors before the model loads
+    m = resolve_model(cfg)
+    check_model(m, cfg)
     techniques = OmegaConf.to_container(cfg.get("techniques") or OmegaConf.create({}), resolve=True)
     check_params(techniques)
     techniques = changed_params(techniques)  # the plan records what differs from the defaults
     technique_params(cfg.window, techniques)
-    m = resolve_model(cfg)
-    steps = int(cfg.steps if cfg.steps is not None else m.steps)
-    guidance = float(cfg.guidance_scale if cfg.guidance_scale is not None else m.guidance_scale)
+    front = OmegaConf.is_list(cfg.get("budget"))  # budget=[0.3,0.4,...]: a whole front from one calibration
+    candidates = cfg.get("candidates")
+    args = checks.calibration(
+        threshold=cfg.threshold, steps=cfg.steps if cfg.steps is not None else m.steps,
+        guidance_scale=cfg.guidance_scale if cfg.guidance_scale is not None else m.guidance_scale, seed=cfg.seed,
+        candidates=OmegaConf.to_container(candidates) if OmegaConf.is_list(candidates) else
+        candidates if candidates is not None else list(DEFAULT_CANDIDATES),
+        window=cfg.window, loss_on=str(cfg.loss_on), search=str(cfg.get("search", "trajectory")),
+        budget=None if front else cfg.get("budget"), budgets=list(cfg.budget) if front else None,
+        latency_batch=cfg.get("latency_batch"), max_cache_mb=cfg.get("max_cache_mb"), techniques=techniques)
     inputs = take_inputs(m.inputs, cfg.n_calib if cfg.n_calib is not None else m.get("n_calib"))
+    return m, args, inputs, techniques
+
+
+def run(cfg: DictConfig) -> tuple[Plan, Path]:
+    m, args, inputs, techniques = settings(cfg)
+    if args["budgets"] is not None:
+        return run_front(cfg, m, args, inputs, techniques)
+    budget, steps = args["budget"], args["steps"]
     mode = f"b{budget}" if budget is not None else f"d{cfg.threshold}"
     out = Path(cfg.out) if cfg.out else Path("plans") / f"{m.name}_{mode}_s{steps}.json"
     if out.with_suffix(".png") == out:
         raise DifaError(f"out={str(out)!r} would be overwritten by its own heatmap; name the plan .json")
-    check_target(out.with_suffix(".png"), "the heatmap next to out", follow=False)  # before any model forward
+    check_target(out, "out")  # before any model forward
+    check_target(out.with_suffix(".png"), "the heatmap next to out", follow=False)
     with target_lock(out):  # a second calibration writing the same out= is refused
         checkpoint = Checkpoint(out)  # greedy: a killed run of the same command resumes from its decided steps
         pipe = load_model(m, cfg.device, cfg.dtype)
-        plan = calibrate_pipeline(
-            pipe, inputs, threshold=cfg.threshold, steps=steps, guidance_scale=guidance, seed=int(cfg.seed),
-            candidates=list(cfg.candidates) if cfg.get("candidates") is not None else DEFAULT_CANDIDATES,
-            window=cfg.window, loss_on=str(cfg.loss_on), call_kwargs=call_kwargs(m), name=m.name,
-            search=str(cfg.get("search", "trajectory")), budget=budget, dtype=str(cfg.dtype),
-            latency_batch=cfg.get("latency_batch"), techniques=techniques, checkpoint=checkpoint,
-            max_cache_mb=cfg.get("max_cache_mb"),
-        )
+        plan = calibrate_pipeline(pipe, inputs, **args, call_kwargs=call_kwargs(m), name=m.name,
+                                  dtype=str(cfg.dtype), techniques=techniques, checkpoint=checkpoint)
         record = {**plan.calibration, "model_config": OmegaConf.to_container(m, resolve=True), "device": cfg.device,
                   "dtype": cfg.dtype, "weights_mb": round(weights_mb(pipe), 3)}
         plan = plan.with_(calibration=record)
@@ -69,22 +80,12 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
     return plan, out
 
 
-def run_front(cfg: DictConfig) -> tuple[list[Plan], Path]:
+def run_front(cfg: DictConfig, m: DictConfig, args: dict, inputs: list, techniques: dict) -> tuple[list[Plan], Path]:
     """One plan per budget from one recorded trajectory, written as <out dir>/<model>_b<budget>_s<steps>.json with
     its heatmap, and the front's plot (<model>_front_s<steps>.png); `out` names the directory (default plans/)."""
     from difa.plots import front_plot, plan_heatmap
 
-    budgets = check_budgets(list(cfg.budget))
-    if str(cfg.get("search", "trajectory")) != "trajectory":
-        raise DifaError("a list of budgets needs search=trajectory (the greedy works with a threshold only)")
-    techniques = OmegaConf.to_container(cfg.get("techniques") or OmegaConf.create({}), resolve=True)
-    check_params(techniques)
-    techniques = changed_params(techniques)
-    technique_params(cfg.window, techniques)
-    m = resolve_model(cfg)
-    steps = int(cfg.steps if cfg.steps is not None else m.steps)
-    guidance = float(cfg.guidance_scale if cfg.guidance_scale is not None else m.guidance_scale)
-    inputs = take_inputs(m.inputs, cfg.n_calib if cfg.n_calib is not None else m.get("n_calib"))
+    budgets, steps = args["budgets"], args["steps"]
     folder = Path(cfg.out) if cfg.out else Path("plans")
     if folder.suffix == ".json":
         raise DifaError(f"with a list of budgets out= names a directory for one plan per budget, not {folder}; "
@@ -95,11 +96,8 @@ def run_front(cfg: DictConfig) -> tuple[list[Plan], Path]:
         check_target(path, "a file of the front", follow=False)  # before any model forward; side files: no links
     with target_lock(figure):
         pipe = load_model(m, cfg.device, cfg.dtype)
-        plans = calibrate_front(
-            pipe, inputs, budgets=budgets, threshold=cfg.threshold, steps=steps, guidance_scale=guidance,
-            seed=int(cfg.seed), candidates=list(cfg.candidates) if cfg.get("candidates") is not None else DEFAULT_CANDIDATES,
-            window=cfg.window, call_kwargs=call_kwargs(m), name=m.name, dtype=str(cfg.dtype),
-            latency_batch=cfg.get("latency_batch"), techniques=techniques, max_cache_mb=cfg.get("max_cache_mb"))
+        plans = calibrate_front(pipe, inputs, **{**args, "budget": None}, call_kwargs=call_kwargs(m), name=m.name,
+                                dtype=str(cfg.dtype), techniques=techniques)
         extra = {"model_config": OmegaConf.to_container(m, resolve=True), "device": cfg.device, "dtype": cfg.dtype,
                  "weights_mb": round(weights_mb(pipe), 3)}
         plans = [p.with_(calibration={**p.calibration, **extra}) for p in plans]
@@ -209,4 +207,5 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     reject_unplussed_model(sys.argv[1:], "difa.calibrate")
+    precheck("calibrate", sys.argv[1:])
     _hydra_main()

@@ -70,11 +70,6 @@ def plan_model_config(plan: Any) -> DictConfig:
     return known
 
 
-# Settings every CLI shares: key -> (kind, lowest value); checked before any model loads (check_settings).
-INT_SETTINGS = {"steps": 1, "seed": 0, "n_calib": 1}
-FLOAT_SETTINGS = ("guidance_scale", "threshold", "window", "max_cache_mb")
-
-
 # Free labels the sweeps attach to jobs with a plus (`+tag=...`); experiments/collect.py reads them back.
 LABEL_KEYS = ("tag", "variant", "delta", "technique", "budget")
 
@@ -88,25 +83,38 @@ def check_known_keys(cfg: DictConfig, app: str) -> None:
                         f"{', '.join(sorted(defined))}; free labels: {', '.join('+' + k for k in LABEL_KEYS)})")
 
 
-def check_settings(cfg: DictConfig) -> None:
-    """One-line errors for settings of the wrong type or out of range (`steps=2.5`, `seed=abc`, `guidance_scale=nan`,
-    `device=cuda` without CUDA, ...) before anything runs; null means the default wherever a key allows it."""
-    import math
+def _settings() -> dict[str, Callable[[str, Any], Any]]:
+    """Settings the CLIs share -> their check (difa.checks); a key a command lacks is skipped, null means the
+    default wherever a key allows it (booleans and counts never null)."""
+    from difa import checks
+    from difa.evaluation import MAX_REFERENCE
 
+    def within(high: int, low: int = 1) -> Callable[[str, Any], Any]:
+        return lambda key, v: checks.count(key, v, high, low)
+
+    finite = lambda key, v: checks.number(key, v)  # noqa: E731
+    return {"steps": within(checks.MAX_STEPS), "seed": lambda key, v: checks.seed(v),
+            "n_calib": within(checks.MAX_INPUTS), "n": within(checks.MAX_INPUTS), "ref_n": within(MAX_REFERENCE, 2),
+            "batch": within(checks.MAX_BATCH), "latency_batch": within(checks.MAX_BATCH),
+            "time_batches": within(checks.MAX_INPUTS), "guidance_scale": finite, "threshold": finite,
+            "max_cache_mb": finite, "window": lambda key, v: checks.window(v),
+            "warmup": checks.boolean, "fid": checks.boolean}
+
+
+NULL_NOT_ALLOWED = ("seed", "batch", "warmup", "fid")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """One-line errors for settings of the wrong type or out of range (`steps=2.5`, `seed=abc`, `steps=10**12`,
+    `guidance_scale=nan`, `fid=maybe`, `device=cuda` without CUDA, ...) before anything runs."""
     import torch
 
-    for key, low in INT_SETTINGS.items():
-        v = cfg.get(key)
-        if v is None:
+    for key, check in _settings().items():
+        if key not in cfg:
             continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise DifaError(f"{key} must be an integer >= {low} (got {v!r})")
-    for key in FLOAT_SETTINGS:
         v = cfg.get(key)
-        if v is None or (key == "window" and isinstance(v, int) and not isinstance(v, bool)):
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise DifaError(f"{key} must be a finite number (got {v!r})")
+        if v is not None or key in NULL_NOT_ALLOWED:
+            check(key, v)
     device = str(cfg.get("device", "cpu"))
     kind = device.split(":", 1)[0]
     if kind not in ("cpu", "cuda", "mps") or (":" in device and not device.split(":", 1)[1].isdigit()):
@@ -117,6 +125,13 @@ def check_settings(cfg: DictConfig) -> None:
         raise DifaError("device=mps but MPS is not available here; use device=cpu")
 
 
+def check_model(m: DictConfig, cfg: DictConfig) -> None:
+    """The model config and dtype, before the model loads (difa.models.check_model_config)."""
+    from difa.models import check_model_config
+
+    check_model_config(OmegaConf.to_container(m, resolve=True), str(cfg.get("dtype", "float32")))
+
+
 def check_class_inputs(pipe: Any, inputs: Sequence) -> None:
     """The inputs fit the model: class ids in its range, or prompts for a text model (difa.checks.inputs)."""
     from difa import checks
@@ -124,14 +139,30 @@ def check_class_inputs(pipe: Any, inputs: Sequence) -> None:
     checks.inputs(pipe, inputs)
 
 
-def take_inputs(inputs: Sequence, n: int | None) -> list:
-    """The first n inputs, cycling through the list when n is larger than it."""
-    items = list(inputs)
-    if not items:
-        raise DifaError("the model config has no calibration inputs; pass inputs=[...]")
+def user_inputs(cfg: DictConfig) -> list | None:
+    """The inputs the user gave: `inputs=[...]` (class ids or prompts) or `prompts=<file, one per line>`; None if
+    neither."""
     from difa import checks
 
-    n = len(items) if n is None else checks.count("the number of inputs", n, checks.MAX_INPUTS, example="n_calib=4")
+    inputs, prompts = cfg.get("inputs"), cfg.get("prompts")
+    if inputs is not None and prompts is not None:
+        raise DifaError("give inputs=[...] or prompts=<file>, not both")
+    if prompts is not None:
+        return checks.prompts_file(prompts)
+    if inputs is None:
+        return None
+    if not OmegaConf.is_list(inputs):
+        raise DifaError(f"inputs must be a list, got {str(inputs)[:40]!r}; e.g. inputs=[0,1,2] or "
+                        "'inputs=[a red bird,a blue car]' (or prompts=<file>)")
+    return checks.input_list(OmegaConf.to_container(inputs, resolve=True))
+
+
+def take_inputs(inputs: Any, n: int | None, key: str = "n_calib") -> list:
+    """The first n inputs, cycling through the list when n is larger than it (`key`: the setting n came from)."""
+    from difa import checks
+
+    items = checks.input_list(OmegaConf.to_container(inputs, resolve=True) if OmegaConf.is_list(inputs) else inputs)
+    n = len(items) if n is None else checks.count(key, n, checks.MAX_INPUTS, example=f"{key}=4")
     return [items[i % len(items)] for i in range(n)]
 
 
@@ -168,6 +199,38 @@ def reject_unplussed_model(argv: Sequence[str], command: str) -> None:
                 f"in `python -m {command}`; available: {', '.join(model_names())}\n"
             )
             raise SystemExit(2)
+
+
+HYDRA_FLAGS = ("-m", "--multirun", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--resolve", "--package",
+               "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--shell-completion",
+               "-sc", "--experimental-rerun", "--version")
+
+
+def precheck(app: str, argv: Sequence[str]) -> None:
+    """Compose the command's config from its overrides once before Hydra runs it, so that an override Hydra cannot
+    parse or merge (`threshold=[`, `techniques.foo.x=1`, `+model=nope`) or a missing mandatory key (generate's
+    `plan=`) is one line and exit 2, not Hydra's multi-line report and exit 1. Sweeps and Hydra's own flags are
+    left to Hydra."""
+    if any(a.split("=", 1)[0] in HYDRA_FLAGS for a in argv):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose(config_name=app, overrides=list(argv))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        first = lambda x: (str(x).strip().splitlines() or [type(x).__name__])[0].rstrip(".")  # noqa: E731
+        why = first(e) + (f" ({first(e.__cause__)})" if e.__cause__ is not None else "")
+        hint = f"; models: {', '.join(model_names())}" if "model/" in why else ""
+        sys.stderr.write(f"difa: error: bad override for difa.{app}: {why}{hint}\n")
+        raise SystemExit(2) from None
+    if missing:
+        sys.stderr.write(f"difa: error: difa.{app} needs {', '.join(k + '=...' for k in missing)}; e.g. "
+                         f"plan=plans/<file>.json, plan=none or plan=preset:<name>\n")
+        raise SystemExit(2)
 
 
 def report_errors(fn: Callable[[], Any]) -> Any:
@@ -213,9 +276,8 @@ def hook_from_cfg(cfg: DictConfig):
     """`plan=diffusers:<pab|fbc>` plus its keys -> DiffusersHook."""
     from difa.peers import hook_from_spec
 
-    params = {k: cfg.get(k) for k in HOOK_KEYS if cfg.get(k) is not None}
-    if "timestep_range" in params:
-        params["timestep_range"] = tuple(params["timestep_range"])
+    params = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v  # timestep_range: a plain list
+              for k in HOOK_KEYS if (v := cfg.get(k)) is not None}
     return hook_from_spec(str(cfg.plan), params)
 
 

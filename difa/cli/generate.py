@@ -13,14 +13,16 @@ import torch
 from omegaconf import DictConfig
 
 from difa.adapters import get_adapter
-from difa.cli.common import (CONF_DIR, call_kwargs, check_class_inputs, check_known_keys, check_no_preset_keys,
-                             check_settings, hook_from_cfg, is_preset, load_model, model_config, preset_from_cfg,
-                             plan_model_config, prepare_hook,
-                             report_errors, take_inputs, transfer)
+from difa.cli.common import (CONF_DIR, PRESET, PRESET_KEYS, call_kwargs, check_class_inputs, check_known_keys,
+                             check_model, check_no_preset_keys, check_settings, hook_from_cfg, is_preset, load_model,
+                             model_config, plan_model_config, precheck, prepare_hook, preset_from_cfg, report_errors,
+                             take_inputs, transfer, user_inputs)
 from difa.apply import apply_plan, remove_plan
 from difa.errors import DifaError
+from difa.files import check_folder, check_target
 from difa.peers import is_hook
 from difa.plan import CFG_METHODS, Plan, load_plan
+from difa.presets import check_preset
 
 NO_PLAN = "none"
 def resolve(cfg: DictConfig) -> tuple[Plan | None, DictConfig]:
@@ -37,6 +39,7 @@ def run(cfg: DictConfig) -> tuple[list, Path]:
     check_known_keys(cfg, "generate")
     check_settings(cfg)
     plan, m = resolve(cfg)
+    check_model(m, cfg)
     adapter = get_adapter(m.family)
     steps = int(cfg.steps if cfg.steps is not None else plan.inference_steps if plan else m.steps)
     default_scale = plan.guidance_scale if plan and plan.guidance_scale is not None else m.guidance_scale
@@ -45,15 +48,24 @@ def run(cfg: DictConfig) -> tuple[list, Path]:
         uses = [m_ for m_ in plan.counts() if m_ in CFG_METHODS]
         if uses:
             raise DifaError(f"the plan uses {', '.join(uses)} (CFG sharing) but guidance_scale={guidance} turns CFG off; use guidance_scale > 1")
-    inputs = take_inputs(cfg.inputs if cfg.inputs is not None else m.inputs, cfg.n)
+    given = user_inputs(cfg)
+    inputs = take_inputs(given if given is not None else m.inputs, cfg.n, key="n")
+    check_no_preset_keys(cfg)
+    if is_preset(cfg.plan):
+        check_preset(str(cfg.plan)[len(PRESET):], {k: cfg.get(k) for k in PRESET_KEYS})
+        if cfg.get("save_plan"):
+            check_target(cfg.save_plan, "save_plan")
+    hook = hook_from_cfg(cfg) if is_hook(cfg.plan) else None  # the peer's parameters checked here
+    name = (str(cfg.plan).replace(":", "_") if is_preset(cfg.plan) or is_hook(cfg.plan)
+            else Path(str(cfg.plan)).stem if plan is not None else f"{m.name}_full")
+    out = Path(cfg.out) if cfg.out else Path("outputs") / "generate" / name
+    check_folder(out, "out")  # before the model loads and any image is made
     pipe = load_model(m, cfg.device, cfg.dtype)
     check_class_inputs(pipe, inputs)
-    check_no_preset_keys(cfg)
     if is_preset(cfg.plan):
         plan = preset_from_cfg(cfg, pipe, m, steps, guidance, inputs)
     elif plan is not None and steps != plan.inference_steps:
         plan = transfer(plan, pipe, steps)
-    hook = hook_from_cfg(cfg) if is_hook(cfg.plan) else None
     if plan is not None:
         apply_plan(pipe, plan)
     if hook is not None:
@@ -71,9 +83,6 @@ def run(cfg: DictConfig) -> tuple[list, Path]:
         if hook is not None:
             hook.remove(pipe)
     wall = time.perf_counter() - t0
-    name = (str(cfg.plan).replace(":", "_") if is_preset(cfg.plan) or is_hook(cfg.plan)
-            else Path(str(cfg.plan)).stem if plan is not None else f"{m.name}_full")
-    out = Path(cfg.out) if cfg.out else Path("outputs") / "generate" / name
     out.mkdir(parents=True, exist_ok=True)
     images = save_outputs(images, out)
     print(f"{len(images)} {'videos' if adapter.output_attr == 'frames' else 'images'} ({m.name}, {steps} steps, guidance {guidance}, plan {cfg.plan}) in {wall:.2f} s "
@@ -134,7 +143,9 @@ def _argv(argv: list[str]):
 
 
 def main() -> None:
-    with _argv(plus_model(sys.argv)):  # both spellings accepted; the process-wide sys.argv is left as it was
+    argv = plus_model(sys.argv)
+    precheck("generate", argv[1:])
+    with _argv(argv):  # both spellings accepted; the process-wide sys.argv is left as it was
         _hydra_main()
 
 

@@ -25,6 +25,8 @@ attention) names as `cache_identifiers`.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -84,7 +86,9 @@ class DiffusersHook:
                 if key in p and p[key] is not None:
                     _int(p, key, 1)
             lo_hi = p["timestep_range"]
-            if len(lo_hi) != 2 or not lo_hi[0] < lo_hi[1]:
+            ok = isinstance(lo_hi, (list, tuple)) and len(lo_hi) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in lo_hi)
+            if not ok or not lo_hi[0] < lo_hi[1]:
                 raise DifaError(f"timestep_range must be [low, high] with low < high (got {lo_hi!r})")
             p["timestep_range"] = (float(lo_hi[0]), float(lo_hi[1]))
         if "threshold" in p:

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from difa.adapters import JOINT, NO_CFG
+from difa import checks
 from difa.errors import DifaError
 from difa.techniques import (agent, asc, ast, deepcache, forecast, full, mlp_reuse, reuse, tgate, tome, wars,
                              wars_asc)
@@ -150,6 +151,9 @@ def check_params(params: Mapping[str, Mapping[str, Any]]) -> None:
         if unknown:
             raise DifaError(f"techniques.{name}: unknown parameter(s) {unknown}; "
                             f"{'known: ' + ', '.join(sorted(known)) if known else name + ' takes none'}")
+        for f in dataclasses.fields(t.config):
+            if f.name in table:
+                checks.like_default(f"techniques.{name}.{f.name}", table[f.name], f.default)
         if t.check_config is not None:
             t.check_config(params)
 
