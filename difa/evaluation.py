@@ -187,7 +187,12 @@ def baseline_key(pipe, adapter: Adapter, family: str, call_kwargs: dict, inputs:
 
 def load_baseline(cache: Path | None, base: Method) -> bool:
     """Fill the baseline's images from the cache; True on a hit."""
-    if cache is None or not cache.is_file():
+    if cache is None:
+        return False
+    from difa.files import check_side_file
+
+    check_side_file(cache, "the baseline cache")  # a link, FIFO or folder planted there: refused, never read
+    if not cache.is_file():
         return False
     state = torch.load(cache, weights_only=True)
     base.images, base.cached = list(state["images"]), True
@@ -197,7 +202,7 @@ def load_baseline(cache: Path | None, base: Method) -> bool:
 def save_baseline(cache: Path | None, base: Method) -> None:
     if cache is None or base.cached:
         return
-    metrics.save_atomic(cache, lambda f: torch.save({"images": base.images}, f))
+    metrics.save_atomic(cache, lambda f: torch.save({"images": base.images}, f), follow=False, what="the baseline cache")
 
 
 def classifier_dir(path: str) -> Path | None:
@@ -235,11 +240,12 @@ def score(methods: list[Method], labels: torch.Tensor, *, fid_ref: np.ndarray | 
         if fid_ref is not None:
             cached = feature_cache if m is methods[0] and feature_cache is not None else None
             if cached is not None and cached.is_file():
-                feats = np.load(cached)
+                feats = np.load(cached, allow_pickle=False)
             else:
                 feats = metrics.inception_features(images, batch_size=batch, progress=True, net=net)
                 if cached is not None:
-                    metrics.save_atomic(cached, lambda f: np.save(f, feats))
+                    metrics.save_atomic(cached, lambda f: np.save(f, feats, allow_pickle=False), follow=False,
+                                        what="the baseline's feature cache")
             row["fid"] = metrics.fid_from_features(feats, fid_ref)
             if net.logit_weight is not None:
                 row["inception_score"] = metrics.inception_score(feats, net)[0]

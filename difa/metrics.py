@@ -283,6 +283,9 @@ def reference_features(
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"fmnist-test_n{n}_{net.source}_v{REFERENCE_CACHE_VERSION}.npy"
+        from difa.files import check_side_file
+
+        check_side_file(path, "the reference feature cache")  # a planted link or FIFO: refused, never read
         if path.is_file():
             feats = np.load(path, allow_pickle=False)
             if feats.shape == (n, FEATURE_DIM):
@@ -290,7 +293,8 @@ def reference_features(
     images, _ = fmnist_reference(n)
     feats = inception_features(images, batch_size=batch_size, progress=progress, net=net)
     if path is not None:
-        save_atomic(path, lambda f: np.save(f, feats, allow_pickle=False))
+        save_atomic(path, lambda f: np.save(f, feats, allow_pickle=False), follow=False,
+                    what="the reference feature cache")
     return feats
 
 

@@ -44,13 +44,17 @@ def naive(pipe, family, method, run=generate) -> torch.Tensor:
     def on_block(j):
         def hook(module, args, kwargs, out):
             x = args[0] if args else kwargs["hidden_states"]
-            if method in ("reuse", "forecast") and skipping(j):
-                pts = cache[j]
+            if method in ("reuse", "forecast", "forecast2") and skipping(j):
+                pts, s = cache[j], step[0]
                 if method == "reuse" or len(pts) < 2:
                     return x + pts[-1][1]
+                if method == "forecast2" and len(pts) == 3:  # Newton's divided differences (the code: Lagrange)
+                    (s0, r0), (s1, r1), (s2, r2) = pts
+                    d01, d12 = (r1 - r0) / (s1 - s0), (r2 - r1) / (s2 - s1)
+                    return x + (r2 + (s - s2) * d12 + (s - s2) * (s - s1) * (d12 - d01) / (s2 - s0))
                 (s0, r0), (s1, r1) = pts[-2], pts[-1]
-                return x + (r1 + (r1 - r0) * ((step[0] - s1) / (s1 - s0)))
-            cache[j] = [*cache[j][-1:], (step[0], out - x)]
+                return x + (r1 + (r1 - r0) * ((s - s1) / (s1 - s0)))
+            cache[j] = [*cache[j][-2:], (step[0], out - x)]
             return out
         return hook
 
@@ -73,7 +77,7 @@ def naive(pipe, family, method, run=generate) -> torch.Tensor:
             h.remove()
 
 
-@pytest.mark.parametrize("method", ["reuse", "forecast", "mlp_reuse"])
+@pytest.mark.parametrize("method", ["reuse", "forecast", "forecast2", "mlp_reuse"])
 def test_block_method_matches_naive_hooks(family, method):
     pipe = tiny(family)
     ref = generate(pipe, family)
@@ -91,7 +95,10 @@ def test_forecast_differs_from_reuse():
     difa.apply_plan(pipe, block_plan(pipe, "dit", "reuse"))
     a = generate(pipe, "dit")
     difa.apply_plan(pipe, block_plan(pipe, "dit", "forecast"))
-    assert not torch.equal(generate(pipe, "dit"), a)
+    b = generate(pipe, "dit")
+    difa.apply_plan(pipe, block_plan(pipe, "dit", "forecast2"))  # its last skipped step has three points
+    assert not torch.equal(b, a) and not torch.equal(generate(pipe, "dit"), b)
+    difa.remove_plan(pipe)
 
 
 def test_all_full_block_plan_is_bit_exact_and_undo(family):
@@ -188,3 +195,22 @@ def test_version_2_plans_still_load():
     assert paths, "the repository ships version-2 plans"
     plan = load_plan(paths[0])
     assert plan.blocks == () and plan.model.blocks == ()
+
+
+def test_second_order_forecast_is_the_parabola_through_three_points():
+    """At uneven spacing (steps 0, 3, 4 -> 6): the value at 6 of the quadratic numpy fits through the three
+    points, element by element; with two points it is the first-order forecast, with one the residual itself."""
+    import numpy as np
+
+    from difa.techniques import forecast, forecast2
+
+    g = torch.Generator().manual_seed(0)
+    r = [torch.randn(2, 5, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+    pts = list(zip((0, 3, 4), r))
+    got = forecast2.quadratic(pts, 6)
+    ys = np.stack([t.numpy().ravel() for t in r])  # (3, elements)
+    coef = np.polyfit(np.array([0.0, 3.0, 4.0]), ys, 2)  # (3, elements), highest power first
+    want = coef[0] * 36 + coef[1] * 6 + coef[2]
+    np.testing.assert_allclose(got.numpy().ravel(), want, rtol=1e-9, atol=1e-9)
+    assert torch.equal(forecast2.quadratic(pts[1:], 6), forecast.extrapolate(pts[1:], 6))
+    assert forecast2.quadratic(pts[2:], 6) is r[2]

@@ -57,23 +57,49 @@ def test_a_larger_budget_never_gets_a_worse_plan(tmp_path, monkeypatch):
     kept. The search is made to propose an every-block-skipped plan at the largest budget, which checks far worse."""
     pipe = tiny("dit")
     budgets = [reachable(pipe, "dit", tmp_path, share) for share in (0.3, 0.95)]
-    real = search.search
+    real = search.front
 
-    def worse_at_the_top(table, latency, n, steps, methods, check, *, budget=None, threshold=None):
-        if budget != max(budgets):
-            return real(table, latency, n, steps, methods, check, budget=budget, threshold=threshold)
+    def worse_at_the_top(table, latency, n, steps, methods, check, goals):
         rows = [["full"] + ["reuse"] * (steps - 1) for _ in range(n)]
         c = search.Candidate(rows, 0.0, 0.0)
         c.measured = check(rows)
-        return c, [c], []
+        return real(table, latency, n, steps, methods, check, goals)[:-1] + [(c, [c], [])]
 
-    monkeypatch.setattr(search, "search", worse_at_the_top)
+    monkeypatch.setattr(search, "front", worse_at_the_top)
     low, high = front(pipe, tmp_path, budgets)
     assert high.blocks == low.blocks and high.calibration["kept_from_budget"] == min(budgets)
     assert high.calibration["measured_error"] == low.calibration["measured_error"]
-    monkeypatch.setattr(search, "search", real)
+    monkeypatch.setattr(search, "front", real)
     low2, high2 = front(pipe, tmp_path, budgets)
     assert "kept_from_budget" not in high2.calibration
+
+
+def test_a_fronts_plans_are_nested(tmp_path):
+    """Checked as a whole, a front's plans come from one path: a larger budget computes every block cell a smaller
+    one computes (so errors on unseen seeds follow the budget, not the checks' noise)."""
+    pipe = tiny("dit")
+    budgets = [reachable(pipe, "dit", tmp_path, share) for share in (0.2, 0.4, 0.6, 0.8)]
+    plans = front(pipe, tmp_path, budgets)
+    computed = [{(j, t) for j, row in enumerate(p.blocks) for t, m in enumerate(row) if m == "full"} for p in plans]
+    assert all(a <= b for a, b in zip(computed, computed[1:]))
+    assert computed[0] != computed[-1]
+
+
+def test_the_front_takes_the_path_with_less_error_over_all_budgets(monkeypatch):
+    """Per budget the greedy path checks better at 0.3 and the structured one at 0.6; summed over the front the
+    structured one wins, so both budgets take it (a per-budget choice would hop between the paths)."""
+    def cand(tag):
+        return search.Candidate([[tag]], 0.0, 0.0)
+
+    paths = {0.3: (cand("g3"), cand("s3")), 0.6: (cand("g6"), cand("s6"))}
+    errors = {"g3": 0.10, "s3": 0.12, "g6": 0.05, "s6": 0.02}
+    monkeypatch.setattr(search, "budget_options", lambda *a: (list(paths[a[-1]]), []))
+    chosen = search.front(None, None, 1, 1, [], lambda rows: errors[rows[0][0]], [0.3, 0.6])
+    assert [c.rows[0][0] for c, _, _ in chosen] == ["s3", "s6"]
+    errors.update(g6=0.01)  # now the greedy path has less error in sum: both budgets take it
+    paths = {b: (cand(g.rows[0][0]), cand(s.rows[0][0])) for b, (g, s) in paths.items()}
+    chosen = search.front(None, None, 1, 1, [], lambda rows: errors[rows[0][0]], [0.3, 0.6])
+    assert [c.rows[0][0] for c, _, _ in chosen] == ["g3", "g6"]
 
 
 def test_the_cli_writes_a_front_on_one_screen(tmp_path, capsys):

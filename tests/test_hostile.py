@@ -104,3 +104,36 @@ def test_class_ids_on_a_text_model_and_huge_counts_are_one_line_errors(tmp_path)
     one_line(lambda: calibrate_cli.run(config("calibrate", CALIBRATE[:-1] + ["n_calib=1000000000000",
                                                                              f"out={tmp_path / 'p.json'}"])),
              "n_calib must be an integer in")
+
+
+def test_caches_are_never_read_or_written_through_a_planted_link(tmp_path):
+    """The latency cache and evaluate's baseline cache: a run writes them; a link planted in place of the file
+    afterwards is refused in one line, and the file it points to is neither read nor overwritten."""
+    from difa.calibration import calibrate_pipeline
+    from difa.evaluation import evaluate
+    from tests.conftest import GUIDANCE, tiny
+
+    pipe = tiny("dit")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+
+    def plant(folder):
+        written = [p for p in folder.iterdir() if p.is_file()]
+        assert written
+        for p in written:
+            p.unlink()
+            p.symlink_to(victim)
+
+    latency = tmp_path / "latency"
+    calib = dict(threshold=0.05, steps=STEPS, guidance_scale=GUIDANCE["dit"], latency_cache=latency)
+    calibrate_pipeline(pipe, [1, 2], **calib)
+    plant(latency)
+    one_line(lambda: calibrate_pipeline(pipe, [1, 2], **calib), "the latency cache .* is a link")
+    model = {"name": "tiny_dit", "family": "dit", "tiny": "dit", "path": None, "steps": STEPS, "guidance_scale": 4.0}
+    baseline = tmp_path / "baseline"
+    run = dict(pipe=pipe, model=model, n=2, batch=2, fid=False, warmup=False, classifier="none",
+               baseline_cache=baseline, time_batches=None)
+    evaluate(**run)
+    plant(baseline)
+    one_line(lambda: evaluate(**run), "the baseline cache .* is a link")
+    assert victim.read_text() == "precious"

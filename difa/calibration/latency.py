@@ -31,6 +31,7 @@ import torch
 
 from difa.adapters import NO_CFG, TEMPORAL
 from difa.cells import executed_cells, keeps, writes
+from difa.files import check_side_file
 from difa.plan import config_hash
 from difa.techniques import REGISTRY, kind_of, slots, unfit
 from difa.techniques.base import Cell, LayerState
@@ -109,6 +110,24 @@ def _median_time(fn: Callable[[], Any], reps: int | None = None) -> float:
     return statistics.median(times)
 
 
+def _interleaved_times(fns: Sequence[Callable[[], Any]], reps: int | None = None) -> list[float]:
+    """The median time of each function, timed round-robin: one call of each per round, `reps` rounds after one
+    warm-up round. A noisy stretch of the machine then slows every unit of the rounds it hits alike, so the ratios
+    the latency model is built from (a block to the whole step, a stand-in to a block) hold, where timing each
+    unit's repetitions back to back let a noisy minute inflate some units and not others."""
+    reps = REPS if reps is None else reps
+    times: list[list[float]] = [[] for _ in fns]
+    with torch.no_grad():
+        for fn in fns:
+            fn()  # warm-up
+        for _ in range(reps):
+            for i, fn in enumerate(fns):
+                t0 = time.perf_counter()
+                fn()
+                times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
 def _clone(obj: Any) -> Any:
     if torch.is_tensor(obj):
         return obj.detach().clone()
@@ -185,7 +204,7 @@ def cache_key(model: torch.nn.Module, capture: Capture, params: Mapping, candida
         "device": str(device), "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else os.uname().machine,
         "dtype": dtype, "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
         "difa": difa.__version__, "model": type(model).__name__, "config": config_hash(model.config),
-        "inputs": shapes(capture.model_in), "params": params, "candidates": sorted(candidates), "model_version": 4,
+        "inputs": shapes(capture.model_in), "params": params, "candidates": sorted(candidates), "model_version": 5,
     }, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -272,6 +291,8 @@ def measure(model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, to
     """Time the denoiser, its blocks, feed-forwards and attention candidates on the captured inputs."""
     key = cache_key(model, capture, params, candidates, dtype)
     path = cache_dir / f"{key}.json" if cache_dir is not None else None
+    if path is not None:
+        check_side_file(path, "the latency cache")  # a planted link or FIFO: refused, never read or followed
     if path is not None and path.is_file():
         try:
             d = json.loads(path.read_text())
@@ -280,21 +301,28 @@ def measure(model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, to
         except (ValueError, TypeError, KeyError):
             pass  # a stale or broken cache file: measure again
     args, kwargs = capture.model_in
-    step_s = _median_time(lambda: model(*args, **kwargs))
-    block_s, ff_s, skip_s, keep_s = [], [], [], []
+    units: list[Callable[[], Any]] = [lambda: model(*args, **kwargs)]  # the whole step, then per block (below)
+    stand_ins = [t for t in REGISTRY.values() if t.searchable]
     for j, (_, block) in enumerate(blocks):
         b_args, b_kwargs = capture.block_in[j]
-        block_s.append(_median_time(lambda: block(*b_args, **b_kwargs)))
-        if j in capture.ff_in:
-            f_args, f_kwargs = capture.ff_in[j]
-            ff_s.append(_median_time(lambda: block.ff(*f_args, **f_kwargs)))
-        else:
-            ff_s.append(0.0)
+        units.append(lambda block=block, a=b_args, k=b_kwargs: block(*a, **k))
+        f_args, f_kwargs = capture.ff_in.get(j, ((), {}))
+        units.append((lambda block=block, a=f_args, k=f_kwargs: block.ff(*a, **k)) if j in capture.ff_in else None)
         x = b_args[0] if b_args else b_kwargs["hidden_states"]
         r0, r1 = torch.randn_like(x), torch.randn_like(x)
-        skip_s.append(max([_median_time(lambda: x + t.estimate([(0, r0), (1, r1)][-t.points:], 2, t.cfg(params)))
-                           for t in REGISTRY.values() if t.searchable] or [0.0]))  # the dearest stand-in
-        keep_s.append(_median_time(lambda: r1 - x))  # the residual a computed step caches for a later skip
+        units += [lambda x=x, r0=r0, r1=r1, t=t: x + t.estimate([(0, r0), (1, r1)][-t.points:], 2, t.cfg(params))
+                  for t in stand_ins]
+        units.append(lambda x=x, r1=r1: r1 - x)  # the residual a computed step caches for a later skip
+    timed = iter(_interleaved_times([u for u in units if u is not None]))
+    seconds = [next(timed) if u is not None else 0.0 for u in units]
+    step_s, per_block = seconds[0], 3 + len(stand_ins)  # block, ff, each stand-in, keep
+    block_s, ff_s, skip_s, keep_s = [], [], [], []
+    for j in range(len(blocks)):
+        row = seconds[1 + j * per_block: 1 + (j + 1) * per_block]
+        block_s.append(row[0])
+        ff_s.append(row[1])
+        skip_s.append(max(row[2:-1] or [0.0]))  # the dearest stand-in
+        keep_s.append(row[-1])
     inside = sum(block_s)
     if inside > step_s:  # blocks timed alone add up to more than the denoiser (noise, warm caches): rescale them
         block_s, ff_s = [t * step_s / inside for t in block_s], [t * step_s / inside for t in ff_s]

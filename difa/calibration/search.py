@@ -286,32 +286,11 @@ def search(table: Table, latency: LatencyModel, n_blocks: int, steps: int, metho
     full = latency.fixed_s + steps * latency.step_s
     checks: list[dict] = []
 
-    def measure(c: Candidate) -> float:
-        if c.measured is None:
-            c.measured = check(c.rows)
-            checks.append({"predicted_fraction": round(c.predicted, 4), "table_error": round(c.table_error, 5),
-                           "measured_error": round(c.measured, 5), "skipped_cells": _skips(c.rows)})
-        return c.measured
+    measure = _measurer(check, checks)
 
     if budget is not None:
-        def under(c: Candidate) -> bool:
-            return c.predicted <= budget + 1e-12
-
-        seq = greedy_sequence(table, latency, n_blocks, steps, methods, under, full)
-        greedy = seq[-1]
-        if not under(greedy):  # every cell skipped and still over budget
-            from difa.errors import DifaError
-
-            raise DifaError(f"budget {budget} is below the fastest block plan this model allows (predicted "
-                            f"{greedy.predicted:.3f} of full with every block skipped after step 0); raise the budget")
-        # A second, structured candidate: the every-second-step schedule, pruned back to the budget or extended
-        # to it by the same greedy. The table cannot see how errors propagate, so both are checked on the final
-        # output and the one with less measured error wins.
-        path = structured_path(table, latency, n_blocks, steps, methods, full, under)
-        other = [c for c in path if under(c)][0]
-        found = [greedy] + ([other] if under(other) and other.rows != greedy.rows else [])
-        chosen = min(found, key=measure)
-        return chosen, seq, checks
+        options, seq = budget_options(table, latency, n_blocks, steps, methods, budget)
+        return min(options, key=measure), seq, checks
     assert threshold is not None
     # Threshold mode walks the structured path (all-full -> every second step -> beyond): on the bundled models
     # its plans had less error at equal latency than the greedy's from all-full (experiments/README.md).
@@ -334,6 +313,62 @@ def search(table: Table, latency: LatencyModel, n_blocks: int, steps: int, metho
     # neither check passed: step back along the path by the larger of the two ratios, unchecked
     worst = max(c.measured / max(c.table_error, 1e-12) for c in (first, second) if c.measured is not None)
     return at(threshold / worst), seq, checks
+
+
+def _measurer(check: Callable[[list[list[str]]], float], checks: list[dict]) -> Callable[[Candidate], float]:
+    """A candidate's measured final-output error, by one check generation (once), recorded in `checks`."""
+    def measure(c: Candidate) -> float:
+        if c.measured is None:
+            c.measured = check(c.rows)
+            checks.append({"predicted_fraction": round(c.predicted, 4), "table_error": round(c.table_error, 5),
+                           "measured_error": round(c.measured, 5), "skipped_cells": _skips(c.rows)})
+        return c.measured
+    return measure
+
+
+def budget_options(table: Table, latency: LatencyModel, n_blocks: int, steps: int,
+                   methods: Sequence[str] | Sequence[Sequence[str]], budget: float
+                   ) -> tuple[list[Candidate], list[Candidate]]:
+    """The candidates for one budget, [from the greedy path, from the structured path] (the second only where it
+    fits and differs), and the greedy sequence. Each path is one fixed sequence of plans, a budget taking the first
+    plan under it, so within one path a larger budget's plan computes every cell a smaller one's does."""
+    full = latency.fixed_s + steps * latency.step_s
+
+    def under(c: Candidate) -> bool:
+        return c.predicted <= budget + 1e-12
+
+    seq = greedy_sequence(table, latency, n_blocks, steps, methods, under, full)
+    greedy = seq[-1]
+    if not under(greedy):  # every cell skipped and still over budget
+        from difa.errors import DifaError
+
+        raise DifaError(f"budget {budget} is below the fastest block plan this model allows (predicted "
+                        f"{greedy.predicted:.3f} of full with every block skipped after step 0); raise the budget")
+    # A second, structured candidate: the every-second-step schedule, pruned back to the budget or extended to it
+    # by the same greedy. The table cannot see how errors propagate, so both are checked on the final output.
+    path = structured_path(table, latency, n_blocks, steps, methods, full, under)
+    other = [c for c in path if under(c)][0]
+    return [greedy] + ([other] if under(other) and other.rows != greedy.rows else []), seq
+
+
+def front(table: Table, latency: LatencyModel, n_blocks: int, steps: int,
+          methods: Sequence[str] | Sequence[Sequence[str]], check: Callable[[list[list[str]]], float],
+          budgets: Sequence[float]) -> list[tuple[Candidate, list[Candidate], list[dict]]]:
+    """One plan per budget (ascending), the front checked as a whole: every budget's candidates are checked, and
+    the path (greedy or structured) with the least measured error summed over the budgets gives every budget its
+    plan. Choosing per budget let the front hop between the paths by noise of a few thousandths on the
+    calibration inputs, and on unseen seeds a larger budget then gave a worse plan; one path's plans are nested
+    (a larger budget computes every cell a smaller one computes). Returns (chosen, sequence, checks) per budget."""
+    rounds = []
+    for b in budgets:
+        checks: list[dict] = []
+        options, seq = budget_options(table, latency, n_blocks, steps, methods, b)
+        for c in options:
+            _measurer(check, checks)(c)
+        rounds.append((options, seq, checks))
+    total = [sum(opts[min(k, len(opts) - 1)].measured for opts, _, _ in rounds) for k in (0, 1)]
+    k = 0 if total[0] <= total[1] else 1
+    return [(opts[min(k, len(opts) - 1)], seq, checks) for opts, seq, checks in rounds]
 
 
 def _seed_of(seq: Sequence[Candidate], methods: Sequence[Sequence[str]], steps: int) -> Candidate:

@@ -27,10 +27,11 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
                     techniques, dtype: str, latency_cache, latency_batch: int | None,
                     max_cache_mb: float | None = None) -> list[Plan]:
     """One recorded trajectory, one latency model and one error table; then one plan per budget (ascending), or one
-    plan for `threshold` (budgets None). A front's measured errors are non-increasing in the budget: where the search
-    at a larger budget checks worse than the plan of a smaller budget, that smaller budget's plan (which fits the
-    larger budget too) is kept, and the plan records `kept_from_budget`. Check generations of identical plans run
-    once."""
+    plan for `threshold` (budgets None). A front takes every plan from one of the search's two paths, the one with
+    less measured error summed over its budgets (search.front): its plans are nested, so errors on unseen seeds
+    follow the budget too. Its measured errors are non-increasing in the budget: where a larger budget's plan
+    checks worse than a smaller budget's, that smaller budget's plan (which fits the larger budget too) is kept,
+    and the plan records `kept_from_budget`. Check generations of identical plans run once."""
     methods = [c for c in candidates if REGISTRY[c].searchable]
     if not methods:
         raise DifaError(f"search=trajectory plans block cells: add reuse and/or forecast to candidates (got "
@@ -81,10 +82,14 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
             measured[key] = search.final_error(run(rows), traj.final)
         return measured[key]
 
+    goals = sorted(set(budgets)) if budgets is not None else [None]
+    if len(goals) > 1:  # a front, checked as a whole: one path's nested plans (search.front)
+        results = search.front(table, latency, len(blocks), calls, allowed, check, goals)
+    else:
+        results = [search.search(table, latency, len(blocks), calls, allowed, check, budget=goals[0],
+                                 threshold=None if goals[0] is not None else threshold)]
     found = []  # (budget, chosen, seq, checks, kept_from)
-    for b in (sorted(set(budgets)) if budgets is not None else [None]):
-        chosen, seq, checks = search.search(table, latency, len(blocks), calls, allowed, check, budget=b,
-                                            threshold=None if b is not None else threshold)
+    for b, (chosen, seq, checks) in zip(goals, results):
         kept_from = None
         if found and found[-1][1].measured is not None and chosen.measured is not None \
                 and found[-1][1].measured < chosen.measured:

@@ -23,7 +23,8 @@ def extrapolate(points: list[tuple[int, torch.Tensor]], step: int) -> torch.Tens
     if len(points) < 2:
         return points[-1][1]
     (s0, r0), (s1, r1) = points[-2], points[-1]
-    return r1 + (r1 - r0) * ((step - s1) / (s1 - s0))
+    # r1 + (r1 - r0) k = lerp(r0, r1, 1 + k): one fused pass instead of three (sub, mul, add) over (B, N, C)
+    return torch.lerp(r0, r1, 1.0 + (step - s1) / (s1 - s0))
 
 
 def estimate(points: list[tuple[int, torch.Tensor]], step: int, config: Any) -> torch.Tensor:
