@@ -99,6 +99,11 @@ def stand_in(cell: BlockCell, x: torch.Tensor, estimate: Callable, points: int, 
     return x + estimate(residual_points(cell, x, method)[-points:], cell.step, cell.config)  # (B, N, C)
 
 
+def stand_in_run(estimate: Callable, points: int, method: str) -> Callable:
+    """The `run` of a technique that skips the block for `estimate` of its residual from the last `points`."""
+    return lambda cell, x, compute: stand_in(cell, x, estimate, points, method)  # (B, N, C)
+
+
 def first_tensor(obj: Any) -> torch.Tensor | None:
     """The first tensor in a module output (a tensor, or nested tuples / lists of them): its batch is the output's."""
     if torch.is_tensor(obj) or obj is None:

@@ -12,11 +12,11 @@ curvature term helps (it does where a block's residual bends smoothly, and hurts
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from difa.techniques.blocks import RESIDUAL, BlockCell, stand_in
+from difa.techniques.blocks import RESIDUAL, stand_in_run
 from difa.techniques.forecast import extrapolate
 from difa.techniques.protocol import BLOCK, Technique, skipped_block
 
@@ -24,8 +24,9 @@ NAME = "forecast2"
 POINTS = 3  # the last three computed residuals (r0, r1, r2)
 
 
-def quadratic(points: list[tuple[int, torch.Tensor]], step: int) -> torch.Tensor:
-    """Second-order extrapolation of the last three (step, residual) points to `step`; fewer points: first order."""
+def quadratic(points: list[tuple[int, torch.Tensor]], step: int, config: Any = None) -> torch.Tensor:
+    """Second-order extrapolation of the last three (step, residual) points to `step`; fewer points: first order.
+    (It is the technique's search estimator as it stands: `config` is unused.)"""
     if len(points) < 3:
         return extrapolate(points, step)
     (s0, r0), (s1, r1), (s2, r2) = points[-3:]
@@ -35,14 +36,6 @@ def quadratic(points: list[tuple[int, torch.Tensor]], step: int) -> torch.Tensor
     return torch.add(r2 * w2, r1, alpha=w1).add_(r0, alpha=w0)  # (B, N, C), a new tensor
 
 
-def estimate(points: list[tuple[int, torch.Tensor]], step: int, config: Any) -> torch.Tensor:
-    return quadratic(points, step)
-
-
-def run(cell: BlockCell, x: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    return stand_in(cell, x, estimate, POINTS, NAME)  # (B, N, C)
-
-
-TECHNIQUE = Technique(NAME, "E", "#dbdb8d", (BLOCK,), run=run, estimate=estimate, reads=(RESIDUAL,), points=POINTS,
-                      skips_block=True, block_cost=skipped_block, candidate=False,
+TECHNIQUE = Technique(NAME, "E", "#dbdb8d", (BLOCK,), run=stand_in_run(quadratic, POINTS, NAME), estimate=quadratic,
+                      reads=(RESIDUAL,), points=POINTS, skips_block=True, block_cost=skipped_block, candidate=False,
                       doc="skip the block, extrapolate its residual to second order")
