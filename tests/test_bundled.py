@@ -52,6 +52,28 @@ def test_fmnist_pixart_runs_with_the_minilm_encoder():
     assert out.shape == (1, 32, 32, 3)
 
 
+def test_the_bundled_text_model_runs_at_four_times_the_tokens():
+    """fmnist_pixart_64: the same weights at 64 px, 1024 image tokens (position embeddings from the latent size);
+    its config has no reference set (FID and class accuracy mean nothing off the trained resolution)."""
+    from difa.apply import plan_layers as layers_of
+    from difa.cli.common import call_kwargs
+
+    m = model_config("fmnist_pixart_64")
+    assert m.get("dataset") is None and m.path == model_config("fmnist_pixart").path
+    pipe = load("fmnist_pixart_64")
+    seen = []
+    attn = layers_of(pipe)[2][0][1]
+    hook = attn.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw.get("hidden_states", args[0] if args
+                                                                                   else None).shape[1]),
+                                          with_kwargs=True)
+    try:
+        out = pipe(["a photo of a Trouser"], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                   output_type="np", **call_kwargs(m)).images
+    finally:
+        hook.remove()
+    assert out.shape == (1, 64, 64, 3) and seen[0] == 1024
+
+
 def test_minilm_token_states_do_not_depend_on_padding_length():
     """Training padded captions to 32 tokens, the pipeline pads to 120: the states of real tokens must agree."""
     tok, enc = load_minilm()
