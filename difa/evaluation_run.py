@@ -121,7 +121,8 @@ def evaluate(*, model: Mapping[str, Any], pipe: Any = None, load: Callable[[], A
     ("diffusers:<name>", "cachedit:dbcache", "smoothcache:<schedule.json|calibrate>"); params: the preset's or the
     peer's parameters; label: the method's row (default: the file's stem, the spec with ':' as '_', or "plan").
     save_plan: a preset's plan is also saved there. inputs: class ids or prompts (e.g. prompts the calibration never
-    saw), cycled to n images; None: class ids 0..9 cycled, or one Fashion-MNIST caption per class for a text model.
+    saw), cycled to n images; None: for a model with the Fashion-MNIST reference set, class ids 0..9 cycled (a text
+    model: one caption per class), for any other model its config's `inputs`.
     Errors are one-line DifaErrors, raised before the model loads wherever the arguments alone show them."""
     import pandas as pd
     import torch
@@ -145,6 +146,9 @@ def evaluate(*, model: Mapping[str, Any], pipe: Any = None, load: Callable[[], A
     n, batch, ref_n = check_counts(n, batch, ref_n, fid=fid and fmnist, fid_source=fid_source)
     steps, guidance = run_settings(model, plan, steps, guidance_scale)
     given = None if inputs is None else checks.input_list(inputs)
+    own = given is None and not fmnist and model.get("inputs")  # a model without a reference set: its own inputs
+    if own:
+        given = checks.input_list(list(model["inputs"]))
     if load is not None:
         from difa.models import check_model_config
 
@@ -174,8 +178,8 @@ def evaluate(*, model: Mapping[str, Any], pipe: Any = None, load: Callable[[], A
     else:  # the user's class ids are the labels; prompts carry none (-1), so class accuracy is skipped
         inputs = [given[i % len(given)] for i in range(n)]
         labels = torch.tensor([x if isinstance(x, int) else -1 for x in inputs])
-        notes.append(f"inputs: the {len(given)} given {'prompts' if isinstance(given[0], str) else 'class ids'}, "
-                     f"cycled to {n} images")
+        notes.append(f"inputs: the {len(given)} {'inputs of the model config' if own else 'given'} "
+                     f"{'prompts' if isinstance(given[0], str) else 'class ids'}, cycled to {n} images")
         if isinstance(given[0], str) and clf_dir is not None:
             clf_dir = None
             notes.append("class accuracy skipped: the given prompts carry no class label")

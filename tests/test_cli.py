@@ -267,16 +267,19 @@ def test_ctrl_c_is_one_line_and_leaves_no_plan(tmp_path):
 
     out = tmp_path / "p.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "difa.calibrate", "+model=tiny_dit", "search=greedy", "steps=20",
-                             f"out={out}", f"hydra.run.dir={tmp_path}"], cwd=REPO_ROOT, env=env,
+    # 40 steps and no shared latency cache: the greedy runs for seconds even on a loaded machine (with 20 steps and a
+    # warm cache it once finished before a starved test process saw its lock)
+    proc = subprocess.Popen([sys.executable, "-m", "difa.calibrate", "+model=tiny_dit", "search=greedy", "steps=40",
+                             f"out={out}", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = tmp_path / ".p.json.lock"
     deadline = time.time() + 120
     while not lock.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)  # the lock exists once the CLI is inside its error handling
+        time.sleep(0.01)  # the lock exists once the CLI is inside its error handling
+    assert proc.poll() is None, "the calibration ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("difa: interrupted"), err
+    out_text, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("difa: interrupted"), (out_text, err)
     assert "Traceback" not in err and not out.exists() and not lock.exists()
 
 
