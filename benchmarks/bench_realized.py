@@ -28,11 +28,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from difa.adapters import adapter_for  # noqa: E402
 from difa.calibration import calibrate_front, fixed_plan, search  # noqa: E402
 from difa.calibration.timing import predicted_at  # noqa: E402
 from difa.evaluation import Method, batch_seed, class_inputs, count_flops, generate_batch  # noqa: E402
-from difa.models import load_pipeline, pipeline_call_kwargs  # noqa: E402
+from difa.models import load_configured  # noqa: E402
 from difa.peers import hook_from_spec  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "difa" / "conf" / "model"
@@ -43,13 +42,8 @@ PEERS = {"taylorseer o1 i2": ("diffusers:taylorseer", {"order": 1, "cache_interv
 
 
 def run(model: str, batch: int, mode: str, budgets: list[float], repeats: int) -> list[dict]:
-    cfg = yaml.safe_load((CONF / f"{model}.yaml").read_text())
-    pipe = load_pipeline(cfg)
-    pipe.set_progress_bar_config(disable=True)
-    adapter = adapter_for(pipe)
-    extra = {**pipeline_call_kwargs(cfg["family"]), **(cfg.get("call_kwargs") or {})}  # as the CLIs call it
-    steps, guidance = int(cfg["steps"]), float(cfg["guidance_scale"])
-    calib = list(cfg["inputs"])[: int(cfg["n_calib"])]
+    m = load_configured(model)  # the pipeline as the CLIs call it; calibration inputs: the config's defaults
+    pipe, adapter, extra, steps, guidance, calib = m.pipe, m.adapter, m.extra, m.steps, m.guidance, m.calib
     t0 = time.perf_counter()
     plans = calibrate_front(pipe, calib, budgets=budgets, steps=steps, guidance_scale=guidance, seed=0,
                             call_kwargs=extra, name=model, latency_batch=batch if mode == "served" else None)

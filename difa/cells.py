@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Sequence
 
+from difa.adapters import NO_CFG
 from difa.techniques import REGISTRY, slots, unfit
 from difa.techniques.protocol import FULL
 
@@ -84,8 +85,15 @@ def cell_problem(method: str, step: int, *, runs: bool, earlier: Sequence[str], 
             doc = slots()[slot].doc or slot
             return (f"which reads {doc} ({slot}) from an earlier step, but no earlier step computes it (a "
                     f"{' or '.join(sorted(map(repr, made)))} cell would); use {FULL!r} there")
+    if layer is None and t.half_batch and adapter is not None and adapter.temporal is not None:
+        return (f"which runs a block on one CFG half of its batch, but {adapter.family}'s blocks fold frames or "
+                f"positions into the batch; use {FULL!r} there")
+    if layer is None and t.shares_cfg and adapter is not None and adapter.cfg_layout == NO_CFG:
+        return (f"which needs a CFG batch, but {adapter.family} is guidance-distilled (its pipeline never runs one); "
+                f"use {FULL!r} there")
     if cfg_enabled is False and t.shares_cfg:
-        return f"which shares attention across the CFG halves (CFG sharing) but the plan has CFG off; use guidance_scale > 1 or drop {method!r}"
+        what = "shares attention across the CFG halves (CFG sharing)" if layer is not None else "needs a CFG batch"
+        return f"which {what} but the plan has CFG off; use guidance_scale > 1 or drop {method!r}"
     return None
 
 
@@ -94,6 +102,19 @@ def executed_cells(layers: Sequence[str], block_names: Sequence[str], block_rows
     """[layer][step]: the attention layer runs, i.e. no block containing it (its transformer block, or a UNet
     DeepCache unit around it) skips at that step."""
     return _not_skipped(layers, block_names, block_rows, steps)
+
+
+def executed_share(layers: Sequence[str], block_names: Sequence[str], block_rows: Sequence[Sequence[str]],
+                   steps: int) -> list[list[float]]:
+    """[layer][step]: the share of the batch the attention layer runs on: 0 where a block around it skips, 1/2 where
+    one runs on one CFG half (`half_batch`), else 1 (for the FLOPs count)."""
+    ran = executed_cells(layers, block_names, block_rows, steps)
+    out = []
+    for name, row in zip(layers, ran):
+        around = [j for j, b in enumerate(block_names) if name.startswith(b + ".")] if block_rows else []
+        out.append([0.0 if not row[t] else 0.5 if any(REGISTRY[block_rows[j][t]].half_batch for j in around) else 1.0
+                    for t in range(steps)])
+    return out
 
 
 def block_executed(block_names: Sequence[str], block_rows: Sequence[Sequence[str]], steps: int) -> list[list[bool]]:

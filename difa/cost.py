@@ -44,7 +44,8 @@ def plan_flops(methods: Sequence[Sequence[str]], shapes: Sequence[LayerShape], p
                names: Sequence[str] = (), cfg: bool = False, executed: Sequence[Sequence[bool]] | None = None) -> dict:
     """Attention FLOPs of the plan vs all-full. With `names` and `cfg`, steps that collapse CFG (all cross-attention
     gated) count self-attention at half the batch (the engine skips the collapse when a cache's halves differ).
-    `executed` ([layer][step], from `plan.attention_executed`): cells of skipped blocks cost nothing."""
+    `executed` ([layer][step], from `plan.attention_executed` or `cells.executed_share`): cells of skipped blocks
+    cost nothing; a share counts that part of the batch (a block computed on one CFG half: 1/2)."""
     kept = kept_slots(methods, params, executed, LAYER)
     collapsed = collapsed_steps(methods, names, cfg) if names else [False] * (len(methods[0]) if methods else 0)
     full_total = plan_total = 0.0
@@ -55,7 +56,7 @@ def plan_flops(methods: Sequence[Sequence[str]], shapes: Sequence[LayerShape], p
             if executed is not None and not executed[i][t]:
                 continue
             extra = sum(write_flops(s, m, shape, params) for s, keep in kept.items() if keep[i][t])
-            cost = method_flops(m, shape, params) + extra
+            cost = (method_flops(m, shape, params) + extra) * (1.0 if executed is None else float(executed[i][t]))
             plan_total += cost / 2 if collapsed[t] else cost
     return {
         "full_gflops": full_total / 1e9,

@@ -13,6 +13,8 @@ Block cells: a block whose plan row is not all `full` gets its `forward` wrapped
 on undo); the block technique decides whether to call the original forward. A slot filled from a block's submodule
 ("submodule:ff") and a technique that `replaces` a submodule get that submodule's forward wrapped too. Attention
 cells of a skipped block never run, so their caches are derived from the cells that do run (`cells.executed_cells`).
+A `half_batch` cell (a CFG cell) also gets the block's original forward on the conditional rows of every batched
+argument (`_half_call`); its attention layers then run on half the batch (validation keeps them `full`).
 
 CFG collapse (difa/collapse.py): when every cross-attention layer of a CFG step runs a technique that
 `collapses_cfg`, the engine runs the denoiser on one half and duplicates its output, where that is exact.
@@ -123,7 +125,7 @@ class Engine:
                 self.from_sub.setdefault(x.source[len(SUBMODULE):], []).append(n)
         self.joint_layers = {i for i, (n, _) in enumerate(self.layers) if kind_of(n, adapter) == JOINT}
         self.outputs = _slot_sources(LAYER, "output")  # slots holding a cell's own output
-        self.cfg_steps = [any(REGISTRY[row[t]].shares_cfg for row in methods) for t in range(self.steps)]
+        self.cfg_steps = [any(REGISTRY[row[t]].shares_cfg for row in (*methods, *block_methods)) for t in range(self.steps)]
         self.gate_steps = [any(REGISTRY[row[t]].collapses_cfg for row in methods) for t in range(self.steps)]
         self.cross = [i for i, (n, _) in enumerate(self.layers) if kind_of(n, adapter) == CROSS_ATTN]
         self.temporal = {i for i, (n, _) in enumerate(self.layers) if adapter.axis(n) == TEMPORAL}  # tokens = frames
@@ -312,7 +314,7 @@ class Engine:
             self.cond = self.adapter.cond_slice(b) if self.adapter.is_cfg_batch(args, kwargs) else None
         if self.cond is None and self.cfg_steps[self.step]:
             raise DifaError(
-                f"step {self.step} of the plan shares attention across CFG halves but this call runs without "
+                f"step {self.step} of the plan shares work across the CFG halves but this call runs without "
                 "classifier-free guidance; use guidance_scale > 1 or a plan calibrated with CFG off"
             )
         if self.on_step is not None:
@@ -388,11 +390,27 @@ class Engine:
         method = self.block_methods[j][step]
         keep = self.block_cell_keep[j][step]
         cell = BlockCell(self.block_names[j], j, step, st, keep, self._configs.get(method), self.params)
+        if REGISTRY[method].half_batch and self.cond is not None and not self.collapsed and x.shape[0] % 2 == 0:
+            cell.half, cell.compute_half = self._half_call(j, original, args, kwargs, x.shape[0])
         self._block_cells[j] = cell
         out = REGISTRY[method].run(cell, x, compute)
         if self.on_block is not None and not self._inside:
             self.on_block(j, step, x, out)
         return out if streams is None else split(out)
+
+    def _half_call(self, j: int, original: Callable, args: tuple, kwargs: dict, b: int):
+        """(computed rows, other rows) of a CFG batch of b, and the block run on its conditional rows: every batched
+        argument (hidden states, text, timestep embedding, class labels, masks) cut to them (collapse.take_half)."""
+        cond = self.adapter.cond_slice(b)
+        other = slice(cond.stop, b) if cond.start == 0 else slice(0, cond.start)
+        h_args, h_kwargs = collapse.take_half(args, b, cond), collapse.take_half(kwargs, b, cond)
+        compute = lambda: original(*h_args, **h_kwargs)  # noqa: E731
+        streams = self.adapter.block_streams
+        if streams is not None:  # a two-stream block: the halves of both streams, joined as in _run_block
+            x = h_args[0] if h_args else h_kwargs.get("hidden_states")
+            e = h_args[1] if len(h_args) > 1 else h_kwargs.get("encoder_hidden_states")
+            _, compute, _ = join_streams(x, e, compute, streams, getattr(self.blocks_by_index[j], "context_pre_only", False))
+        return (cond, other), compute
 
     def _run_sub(self, j: int, sub: str, original: Callable, x, *args, **kwargs):
         """The wrapped forward of block j's submodule `sub` (the feed-forward: x (B, N, C), its normed input): the

@@ -134,10 +134,10 @@ def flops_fraction(plan: Plan, engine: Engine) -> float:
     shapes = [engine.shapes.get(i) for i in range(len(plan.layers))]
     if any(s is None for s in shapes):
         return math.nan
-    from difa.plan import attention_executed
+    from difa.cells import executed_share
 
     return float(plan_flops(plan.methods, shapes, plan.techniques, plan.layers, plan.cfg_enabled,
-                            attention_executed(plan))["fraction"])
+                            executed_share(plan.layers, plan.model.blocks, plan.blocks, plan.steps))["fraction"])
 
 
 def generate_all(pipe, adapter: Adapter, methods: list[Method], inputs: list, *, seed: int, steps: int,

@@ -99,8 +99,9 @@ def run_settings(model: Mapping[str, Any], plan: Plan | None, steps: int | None,
     steps = int(steps if steps is not None else plan.inference_steps if plan else model["steps"])
     default_scale = plan.guidance_scale if plan and plan.guidance_scale is not None else model["guidance_scale"]
     guidance = float(guidance_scale if guidance_scale is not None else default_scale)
-    if plan is not None and guidance <= 1 and any(x in CFG_METHODS for x in plan.counts()):
-        raise DifaError(f"the plan shares attention across CFG halves but guidance_scale={guidance} turns CFG off; use guidance_scale > 1")
+    if plan is not None and guidance <= 1 and any(x in CFG_METHODS for x in (*plan.counts(), *plan.block_counts())):
+        raise DifaError(f"the plan shares work across the CFG halves but guidance_scale={guidance} turns CFG off; "
+                        "use guidance_scale > 1")
     return steps, guidance
 
 

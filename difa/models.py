@@ -7,6 +7,7 @@ A model config (a Hydra `difa/conf/model/*.yaml` node) has the keys
 """
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -167,3 +168,34 @@ def _pipeline_class(name: str) -> type[DiffusionPipeline]:
     return cls
 
 
+
+
+@dataclass(frozen=True)
+class Configured:
+    """A model config's pipeline with what the CLIs call it with (the benchmarks' and experiments' starting point)."""
+
+    pipe: DiffusionPipeline
+    adapter: object  # difa.adapters.Adapter
+    cfg: dict  # the model config (difa/conf/model/<name>.yaml)
+    extra: dict  # the pipeline's call kwargs: the family's, then the config's `call_kwargs`
+    steps: int
+    guidance: float
+    calib: list  # the calibration inputs: the config's first n_calib inputs (cycled)
+
+
+def load_configured(name: str, n_calib: int | None = None) -> Configured:
+    """The pipeline of the packaged model config `name` (e.g. fmnist_dit), progress bars off."""
+    import yaml
+
+    from difa.adapters import adapter_for
+
+    path = Path(__file__).resolve().parent / "conf" / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise DifaError(f"no model config {name!r} (looked for {path})")
+    cfg = yaml.safe_load(path.read_text())
+    pipe = load_pipeline(cfg)
+    pipe.set_progress_bar_config(disable=True)
+    extra = {**pipeline_call_kwargs(cfg["family"]), **(cfg.get("call_kwargs") or {})}
+    n = int(cfg["n_calib"]) if n_calib is None else n_calib
+    return Configured(pipe, adapter_for(pipe), cfg, extra, int(cfg["steps"]), float(cfg["guidance_scale"]),
+                      [cfg["inputs"][i % len(cfg["inputs"])] for i in range(n)])

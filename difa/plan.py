@@ -324,9 +324,16 @@ def validate(plan: Plan) -> None:
                 raise DifaError(f"plan block cell ({name}, step {step}) has method {m!r}, which is not a block method; "
                                 f"use one of {', '.join(options)}")
             why = cell_problem(m, step, runs=ran[step], earlier=[x for x, r in zip(row[:step], ran) if r],
-                               params=plan.techniques)
+                               params=plan.techniques, adapter=adapter, cfg_enabled=plan.cfg_enabled)
             if why is not None:
                 raise DifaError(f"plan block cell ({name}, step {step}) is {m!r}, {why}")
+        half = [m for m in row if _REGISTRY[m].half_batch]
+        if half:  # its attention layers run on half the batch at those steps: caches of theirs would not fit
+            inside = [(n, r) for n, r in zip(plan.model.layers, plan.methods) if n.startswith(name + ".")]
+            busy = next((n for n, r in inside if set(r) != {FULL}), None)
+            if busy is not None:
+                raise DifaError(f"plan block {name} has {half[0]!r} cells, which run the block on half the batch, but "
+                                f"its attention layer {busy} is not 'full' throughout; use 'full' for that layer")
     for name, row, ran in zip(plan.model.layers, plan.methods, attention_executed(plan)):
         if len(row) != plan.steps:
             raise DifaError(f"plan row for {name} has {len(row)} steps, expected {plan.steps}; recalibrate to get a consistent plan")

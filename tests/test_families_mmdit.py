@@ -144,12 +144,10 @@ def _streams(family: str, args, kwargs, output):
     return (x, e), (out_hidden, out_text)
 
 
-def test_block_reuse_and_forecast_match_naive_reference(fam):
-    """Every block: full, full, reuse, forecast, full, forecast. Per stream (image or video, and text), the residual
-    r(s) = output - input at computed steps s; reuse adds the last one to the input, forecast extrapolates the last
-    two linearly to the step. The output keeps the block's own tuple order, SD3's last block its None."""
+def _recorded(fam: str, pattern: list[str]):
+    """(pipe, its blocks, every block call's (args, kwargs, output)) of one generation under a plan whose every
+    block follows `pattern` over the steps (attention all full); the plan removed afterwards."""
     pipe = tiny(fam)
-    pattern = ["full", "full", "reuse", "forecast", "full", "forecast"]
     plan = fixed_plan(pipe, lambda i, t: "full", steps=STEPS, guidance_scale=GUIDANCE[fam],
                       block=lambda j, t: pattern[t])
     blocks = plan_blocks(pipe)
@@ -161,6 +159,15 @@ def test_block_reuse_and_forecast_match_naive_reference(fam):
         for h in handles:
             h.remove()
         difa.remove_plan(pipe)
+    return pipe, blocks, calls
+
+
+def test_block_reuse_and_forecast_match_naive_reference(fam):
+    """Every block: full, full, reuse, forecast, full, forecast. Per stream (image or video, and text), the residual
+    r(s) = output - input at computed steps s; reuse adds the last one to the input, forecast extrapolates the last
+    two linearly to the step. The output keeps the block's own tuple order, SD3's last block its None."""
+    pattern = ["full", "full", "reuse", "forecast", "full", "forecast"]
+    _, blocks, calls = _recorded(fam, pattern)
     dropped = 0
     for (name, block), seen in zip(blocks, calls):
         assert len(seen) == STEPS
@@ -179,6 +186,47 @@ def test_block_reuse_and_forecast_match_naive_reference(fam):
                                            msg=f"{fam} {name} stream {k} step {s} ({pattern[s]})")
             assert not torch.equal(outs[3][k], ins[3][k] + r[1])  # forecast is not reuse
     assert dropped == (1 if fam in SD3 else 0)
+
+
+def _rows(obj, b: int, rows: slice):
+    """Every tensor of batch b in nested args / kwargs cut to `rows` (a naive version, for the reference)."""
+    if torch.is_tensor(obj):
+        return obj[rows] if obj.ndim and obj.shape[0] == b else obj
+    if isinstance(obj, dict):
+        return {k: _rows(v, b, rows) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_rows(v, b, rows) for v in obj)
+    return obj
+
+
+@pytest.mark.parametrize("fam", ["sd3", "sd35", "cogvideox"])  # (FLUX is guidance-distilled: no CFG batch)
+def test_cfg_cells_match_naive_reference_on_joint_blocks(fam):
+    """Every block: full, full, cfg_delta, cfg_forecast, full, cfg_forecast. At a CFG cell, per stream, the
+    conditional rows are the block run on the conditional rows of its inputs, and the other rows are their input
+    plus the conditional residual plus the difference d = r_u - r_c of the last full step (cfg_delta) or its
+    linear extrapolation from the last two (cfg_forecast)."""
+    pattern = ["full", "full", "cfg_delta", "cfg_forecast", "full", "cfg_forecast"]
+    pipe, blocks, calls = _recorded(fam, pattern)
+    half = 2  # two prompts: the CFG batch is 4 rows
+    cond = slice(0, half) if adapter_for(pipe).cfg_layout == "cond_first" else slice(half, None)
+    other = slice(half, None) if cond.start == 0 else slice(0, half)
+    for (name, block), seen in zip(blocks, calls):
+        ins, outs = zip(*(_streams(fam, *c) for c in seen))
+        for k in (0, 1):  # hidden, text
+            if outs[0][k] is None:  # SD3's last block drops the text, under a CFG cell too
+                assert all(o[k] is None for o in outs)
+                continue
+            d = {s: (outs[s][k] - ins[s][k])[other] - (outs[s][k] - ins[s][k])[cond] for s in (0, 1, 4)}
+            guess = {2: d[1], 3: d[1] + (d[1] - d[0]) * 2.0, 5: d[4] + (d[4] - d[1]) * (1 / 3)}
+            for s, g in guess.items():
+                args, kwargs, _ = seen[s]
+                with torch.no_grad():
+                    computed = _streams(fam, args, kwargs, block(*_rows(args, 2 * half, cond),
+                                                                 **_rows(kwargs, 2 * half, cond)))[1][k]
+                msg = f"{fam} {name} stream {k} step {s} ({pattern[s]})"
+                torch.testing.assert_close(outs[s][k][cond], computed, atol=1e-5, rtol=1e-5, msg=msg)
+                torch.testing.assert_close(outs[s][k][other], ins[s][k][other] + (computed - ins[s][k][cond]) + g,
+                                           atol=1e-5, rtol=1e-5, msg=msg)
 
 
 def test_mlp_reuse_matches_naive_hooks_on_joint_blocks(fam):

@@ -157,3 +157,18 @@ def test_unloadable_path_raises_a_one_line_difa_error(path, monkeypatch):
 def test_bad_model_config_raises_difa_error(cfg):
     with pytest.raises(DifaError):
         load_pipeline({"name": "bad", "family": "dit", **cfg})
+
+
+def test_load_configured_gives_the_pipeline_as_the_clis_call_it():
+    import yaml
+
+    from difa.models import load_configured
+
+    m = load_configured("fmnist_dit", n_calib=12)
+    cfg = yaml.safe_load(open("difa/conf/model/fmnist_dit.yaml"))
+    assert isinstance(m.pipe, DiTPipeline) and m.adapter.family == "dit"
+    assert (m.steps, m.guidance) == (cfg["steps"], cfg["guidance_scale"])
+    assert m.calib == [cfg["inputs"][i % len(cfg["inputs"])] for i in range(12)] and len(cfg["inputs"]) < 12
+    assert len(load_configured("fmnist_dit").calib) == cfg["n_calib"]
+    with pytest.raises(DifaError, match="no model config 'nope'"):
+        load_configured("nope")

@@ -31,6 +31,7 @@ import torch
 
 from difa.adapters import NO_CFG, TEMPORAL
 from difa.cells import executed_cells, keeps, writes
+from difa.collapse import take_half
 from difa.files import check_side_file
 from difa.plan import config_hash
 from difa.techniques import REGISTRY, kind_of, slots, unfit
@@ -51,13 +52,16 @@ class LatencyModel:
     ff_s: tuple[float, ...]  # per block: its feed-forward module (what `mlp_reuse` saves)
     skip_s: tuple[float, ...]  # per block: a skipped block's stand-in (the dearest registered estimator, plus the add)
     keep_s: tuple[float, ...] = ()  # per block: caching the residual slot (output - input) at a computed step
+    # per block: the block on one CFG half with the other half's stand-in (a `half_batch` cell); () not timed
+    half_s: tuple[float, ...] = ()
     attn_s: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # layer -> method -> one call
     forwards: int = 0  # denoiser forwards this measurement cost (0 when read from the cache)
     images: int = 0  # images per pipeline call it was timed at (0: not recorded, a cache written before)
 
     def block_cost(self, j: int, method: str) -> float:
         """One cell of block j, from the measured parts its technique declares (Technique.block_cost)."""
-        return REGISTRY[method].block_cost(BlockTimes(self.block_s[j], self.ff_s[j], self.skip_s[j]))
+        return REGISTRY[method].block_cost(BlockTimes(self.block_s[j], self.ff_s[j], self.skip_s[j],
+                                                      self.half_s[j] if self.half_s else 0.0))
 
     def row_seconds(self, j: int, row: Sequence[str]) -> float:
         """Block j's seconds over a generation with cells `row`: its cells, plus the residuals it caches."""
@@ -204,7 +208,7 @@ def cache_key(model: torch.nn.Module, capture: Capture, params: Mapping, candida
         "device": str(device), "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else os.uname().machine,
         "dtype": dtype, "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
         "difa": difa.__version__, "model": type(model).__name__, "config": config_hash(model.config),
-        "inputs": shapes(capture.model_in), "params": params, "candidates": sorted(candidates), "model_version": 5,
+        "inputs": shapes(capture.model_in), "params": params, "candidates": sorted(candidates), "model_version": 6,
     }, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -297,12 +301,19 @@ def measure(model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, to
         try:
             d = json.loads(path.read_text())
             return LatencyModel(**{**d, "forwards": 0,
-                                   **{k: tuple(d[k]) for k in ("block_s", "ff_s", "skip_s", "keep_s", "block_names")}})
+                                   **{k: tuple(d.get(k, ())) for k in ("block_s", "ff_s", "skip_s", "keep_s", "half_s",
+                                                                           "block_names")}})
         except (ValueError, TypeError, KeyError):
             pass  # a stale or broken cache file: measure again
     args, kwargs = capture.model_in
     units: list[Callable[[], Any]] = [lambda: model(*args, **kwargs)]  # the whole step, then per block (below)
-    stand_ins = [t for t in REGISTRY.values() if t.searchable]
+    stand_ins = [t for t in REGISTRY.values() if t.searchable and not t.half_batch]
+    halves = [t for t in REGISTRY.values() if t.searchable and t.half_batch]
+    rows = int(adapter.latent_input(*capture.model_in).shape[0])
+    # (not timed on two-stream blocks, whose calls return a tuple: there a half cell is charged the whole block)
+    # (nor on video blocks that fold frames or positions into their batch: the search proposes no CFG cell there)
+    cond = adapter.cond_slice(rows) if halves and rows % 2 == 0 and adapter.cfg_layout != NO_CFG \
+        and adapter.block_streams is None and adapter.temporal is None else None
     for j, (_, block) in enumerate(blocks):
         b_args, b_kwargs = capture.block_in[j]
         units.append(lambda block=block, a=b_args, k=b_kwargs: block(*a, **k))
@@ -313,29 +324,52 @@ def measure(model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, to
         units += [lambda x=x, r0=r0, r1=r1, t=t: x + t.estimate([(0, r0), (1, r1)][-t.points:], 2, t.cfg(params))
                   for t in stand_ins]
         units.append(lambda x=x, r1=r1: r1 - x)  # the residual a computed step caches for a later skip
+        whole = cond is not None and x.shape[0] == rows
+        units += [_half_unit(block, b_args, b_kwargs, x, r0, r1, cond, t, params) if whole else None for t in halves]
     timed = iter(_interleaved_times([u for u in units if u is not None]))
     seconds = [next(timed) if u is not None else 0.0 for u in units]
-    step_s, per_block = seconds[0], 3 + len(stand_ins)  # block, ff, each stand-in, keep
-    block_s, ff_s, skip_s, keep_s = [], [], [], []
+    step_s, per_block = seconds[0], 3 + len(stand_ins) + len(halves)  # block, ff, each stand-in, keep, each half
+    block_s, ff_s, skip_s, keep_s, half_s = [], [], [], [], []
     for j in range(len(blocks)):
         row = seconds[1 + j * per_block: 1 + (j + 1) * per_block]
         block_s.append(row[0])
         ff_s.append(row[1])
-        skip_s.append(max(row[2:-1] or [0.0]))  # the dearest stand-in
-        keep_s.append(row[-1])
+        skip_s.append(max(row[2:2 + len(stand_ins)] or [0.0]))  # the dearest stand-in
+        keep_s.append(row[2 + len(stand_ins)])
+        half_s.append(max(row[3 + len(stand_ins):] or [0.0]))  # the dearest half cell (0: no CFG batch)
     inside = sum(block_s)
     if inside > step_s:  # blocks timed alone add up to more than the denoiser (noise, warm caches): rescale them
         block_s, ff_s = [t * step_s / inside for t in block_s], [t * step_s / inside for t in ff_s]
+        half_s = [t * step_s / inside for t in half_s]
     attn_s = {}
     attention = [c for c in candidates if c in REGISTRY and not REGISTRY[c].is_block]
     for i, (name, attn) in enumerate(layers):
         if i in capture.attn_in:
             attn_s[name] = time_attention(attn, name, i, capture.attn_in[i], attention, params, adapter, capture)
-    model_ = LatencyModel(step_s, fixed_s, tuple(block_s), tuple(ff_s), tuple(skip_s), tuple(keep_s), attn_s,
+    model_ = LatencyModel(step_s, fixed_s, tuple(block_s), tuple(ff_s), tuple(skip_s), tuple(keep_s),
+                          tuple(half_s) if any(half_s) else (), attn_s,
                           forwards=REPS + 1, images=images, block_names=tuple(n for n, _ in blocks))
     if path is not None:
         _write_atomic(path, json.dumps({k: v for k, v in model_.to_dict().items() if k != "forwards"}))
     return model_
+
+
+def _half_unit(block, args, kwargs, x, r0, r1, cond: slice, t, params) -> Callable[[], Any]:
+    """A `half_batch` cell's work (blocks.half_stand_in): the block on the conditional rows, the other rows'
+    stand-in from the cached residual's halves, both written into one output."""
+    b = x.shape[0]
+    other = slice(cond.stop, b) if cond.start == 0 else slice(0, cond.start)
+    h_args, h_kwargs = take_half(args, b, cond), take_half(kwargs, b, cond)
+
+    def unit():
+        done = block(*h_args, **h_kwargs)  # (B/2, N, C)
+        past = [(0, (r0[cond], r0[other])), (1, (r1[cond], r1[other]))][-t.points:]
+        guess = t.estimate([*past, (2, (done - x[cond], None))], 2, t.cfg(params))
+        out = torch.empty_like(x)
+        out[cond] = done
+        torch.add(x[other], guess, out=out[other])
+        return out
+    return unit
 
 
 def time_attention(attn, name: str, i: int, inputs: tuple, methods: Sequence[str], params: Mapping, adapter: Any,

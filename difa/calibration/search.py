@@ -8,11 +8,13 @@ saved, and whole-plan checks of the final output. About 10x fewer model forwards
    technique's own estimator (`Technique.estimate`, the function the engine runs) on the recorded residuals of
    the last `points` computed steps (r1 for `reuse`; r1 + (r1 - r0)(s - s1)/(s1 - s0) for a first-order
    `forecast`). The table is exact for the recorded trajectory and captures staleness (how far back s1 is), which
-   one-shot "skip one cell" sensitivities miss (DESIGN.md §5). Each cell takes its best method (ties: the
-   candidates' order).
-3. **Greedy by error per second.** Starting from all-full, repeatedly skip the cell with the least added error
-   per predicted second saved (the measured latency model), recomputing only the changed block's row. This gives
-   a nested sequence of plans from fast to slow, with a predicted latency and a table error for each.
+   one-shot "skip one cell" sensitivities miss (DESIGN.md §5). A CFG cell (`Technique.half_batch`: the block
+   computed on the conditional half) errs only on the other half: its estimator gets the recorded halves. Each
+   cell takes the best method of its tier (skipped or half; ties: the candidates' order).
+3. **Greedy by error per second.** Starting from all-full, repeatedly take the move with the least added error
+   per predicted second saved (the measured latency model): a computed cell halved or skipped, a half cell
+   skipped; recomputing only the changed block's row. This gives a nested sequence of plans from fast to slow,
+   with a predicted latency and a table error for each.
 4. **Whole-plan checks.** The table ignores how errors propagate through later blocks and steps. Budget mode
    builds two plans under the budget, the greedy's and the every-second-step schedule pruned back (or extended)
    to the budget by the same error-per-second rule, measures both on the final output (one generation each)
@@ -66,33 +68,64 @@ class Trajectory:
         self.scale[j][step] = float(o.abs().sum().clamp_min(1e-12))
 
 
+SKIP, HALF = "skip", "half"  # a cell's tier: the block skipped, or computed on one CFG half (Technique.half_batch)
+
+
+def tier(method: str) -> str:
+    return HALF if REGISTRY[method].half_batch else SKIP
+
+
+def tiers(cells: set[int] | Mapping[int, str]) -> dict[int, str]:
+    """Step -> tier of a block row's cells that are not computed whole (a set: every one skipped)."""
+    return dict(cells) if isinstance(cells, Mapping) else dict.fromkeys(cells, SKIP)
+
+
 @dataclass
 class Table:
     """Cell errors of one recorded trajectory, memoized. `params`: the plan's technique table (each estimator gets
-    its technique's Config)."""
+    its technique's Config). `cond`: the conditional rows of the recorded CFG batch (None: no CFG batch), which a
+    `half_batch` technique computes; its error is the other half's."""
 
     traj: Trajectory
     memo: dict = field(default_factory=dict)
     params: Mapping[str, Mapping] = field(default_factory=dict)
+    cond: slice | None = None
 
     def error(self, j: int, s: int, history: Sequence[int], method: str) -> float:
         t = REGISTRY[method]
         used = tuple(history[-t.points:])  # the computed steps its estimator reads
         key = (j, s, method, used)
         if key not in self.memo:
-            points = [(u, self.traj.residual[j][u]) for u in used]
-            guess = t.estimate(points, s, t.cfg(self.params))  # (B, n, C) on the sampled tokens
-            self.memo[key] = float((guess - self.traj.residual[j][s]).abs().sum()) / self.traj.scale[j][s]
+            self.memo[key] = self._error(j, s, used, t)
         return self.memo[key]
 
-    def row(self, j: int, steps: int, skipped: set[int], methods: Sequence[str]) -> tuple[float, list[str], int]:
-        """Table error of block j's row with `skipped` steps, each cell's better method, and the row's staleness
-        (the most steps any skipped cell is away from its last computed step)."""
+    def _error(self, j: int, s: int, used: tuple[int, ...], t) -> float:
+        """Sum |stand-in - recorded| over both CFG halves / sum |output|. (Weighing the halves as the sampler's
+        u + g (c - u) does, |1 - g| and g, was measured worse on unseen seeds: see the README's CFG cells.)"""
+        res, cfg = self.traj.residual[j], t.cfg(self.params)
+        if not t.half_batch:
+            guess = t.estimate([(u, res[u]) for u in used], s, cfg)  # (B, n, C) on the sampled tokens
+            return float((guess - res[s]).abs().sum()) / self.traj.scale[j][s]
+        if self.cond is None:
+            return float("inf")  # no CFG batch to halve
+        h = self.cond  # (computed half, other half) points, then this step's computed half; the computed half is exact
+        o = slice(h.stop, None) if h.start == 0 else slice(0, h.start)
+        points = [(u, (res[u][h], res[u][o])) for u in used] + [(s, (res[s][h], None))]
+        return float((t.estimate(points, s, cfg) - res[s][o]).abs().sum()) / self.traj.scale[j][s]  # (B/2, n, C)
+
+    def row(self, j: int, steps: int, cells: set[int] | Mapping[int, str],
+            methods: Sequence[str]) -> tuple[float, list[str], int]:
+        """Table error of block j's row with `cells` not computed whole (step -> tier; a set: skipped), each cell's
+        best method of its tier, and the row's staleness (the most steps any such cell is away from its last
+        computed step). A half cell is not a computed step: later cells read the step before it."""
+        cells = tiers(cells)
         total, history, row, stale = 0.0, [], [], 0
         for s in range(steps):
-            if s in skipped and history:
+            level = cells.get(s)
+            options = [m for m in methods if tier(m) == level] if level and history else []
+            if options:
                 stale = max(stale, s - history[-1])
-                errs = {m: self.error(j, s, history, m) for m in methods}
+                errs = {m: self.error(j, s, history, m) for m in options}
                 best = min(errs, key=errs.get)
                 total += errs[best]
                 row.append(best)
@@ -121,28 +154,31 @@ def greedy_sequence(table: Table, latency: LatencyModel, n_blocks: int, steps: i
     sees small steps there), and errors that compound over the remaining steps make such plans far worse than
     an every-second-step schedule at the same latency (measured on the bundled DiT: 0.12 vs 0.035)."""
     methods = per_block(methods, n_blocks)
-    skipped: list[set[int]] = [set(x) for x in seed] if seed is not None else [set() for _ in range(n_blocks)]
+    skipped: list[dict[int, str]] = [tiers(x) for x in seed] if seed is not None else [{} for _ in range(n_blocks)]
+    levels = [[v for v in (HALF, SKIP) if any(tier(m) == v for m in ms)] for ms in methods]  # cheapest saving first
     rows, errs = [], []
     for j in range(n_blocks):
         e, row, _ = table.row(j, steps, skipped[j], methods[j])
         errs.append(e)
         rows.append(row)
     cost = [latency.row_seconds(j, rows[j]) for j in range(n_blocks)]
-    best: list[tuple[float, int, float] | None] = [None] * n_blocks  # per block: (ratio, step, new error)
+    best: list[tuple[float, int, str, float] | None] = [None] * n_blocks  # per block: (ratio, step, tier, error)
     max_stale = [max([table.row(j, steps, skipped[j], methods[j])[2] for j in range(n_blocks)] + [1])]
 
     def refresh(j: int) -> None:
         choice = None
         for s in range(1, steps) if methods[j] else ():  # a block with no methods allowed stays computed
-            if s in skipped[j]:
-                continue
-            e, row, stale = table.row(j, steps, skipped[j] | {s}, methods[j])
-            saved = cost[j] - latency.row_seconds(j, row)  # the cell, less any residual its skip makes cached
-            if stale > max_stale[0] or saved <= 0:
-                continue
-            ratio = (e - errs[j]) / saved
-            if choice is None or ratio < choice[0]:
-                choice = (ratio, s, e)
+            now = skipped[j].get(s)
+            for level in levels[j]:  # a computed cell may become a half or a skipped one, a half one skipped
+                if now == SKIP or now == level:
+                    continue
+                e, row, stale = table.row(j, steps, {**skipped[j], s: level}, methods[j])
+                saved = cost[j] - latency.row_seconds(j, row)  # the cell, less any residual its skip makes cached
+                if stale > max_stale[0] or saved <= 0 or row[s] == FULL:
+                    continue
+                ratio = (e - errs[j]) / saved
+                if choice is None or ratio < choice[0]:
+                    choice = (ratio, s, level, e)
         best[j] = choice
 
     for j in range(n_blocks):
@@ -158,8 +194,8 @@ def greedy_sequence(table: Table, latency: LatencyModel, n_blocks: int, steps: i
                 refresh(k)
             continue
         _, j = min(options)
-        _, s, e = best[j]
-        skipped[j].add(s)
+        _, s, level, e = best[j]
+        skipped[j][s] = level
         errs[j] = e
         _, rows[j], _ = table.row(j, steps, skipped[j], methods[j])
         cost[j] = latency.row_seconds(j, rows[j])
@@ -170,10 +206,12 @@ def greedy_sequence(table: Table, latency: LatencyModel, n_blocks: int, steps: i
 
 def prune_path(table: Table, latency: LatencyModel, n_blocks: int, steps: int, methods: Sequence[str],
                seed: Sequence[set[int]], full_seconds: float) -> list[Candidate]:
-    """From `seed` back to all-full, giving back one skipped cell at a time, the one with most table error per
-    second first: plans from fast to slow."""
+    """From `seed` back to all-full, giving back one cell's time at a time, the move that removes most table error
+    per second given back first: a skipped cell computed again, or computed on one CFG half where the block may
+    take a half cell (a half cell then computed again later): plans from fast to slow."""
     methods = per_block(methods, n_blocks)
-    skipped = [set(x) for x in seed]
+    halves = [any(tier(m) == HALF for m in ms) for ms in methods]
+    skipped = [tiers(x) for x in seed]
     errs = [table.row(j, steps, skipped[j], methods[j])[0] for j in range(n_blocks)]
 
     def snapshot() -> Candidate:
@@ -185,14 +223,14 @@ def prune_path(table: Table, latency: LatencyModel, n_blocks: int, steps: int, m
         choice = None
         for j in range(n_blocks):
             now = latency.row_seconds(j, table.row(j, steps, skipped[j], methods[j])[1])
-            for s in skipped[j]:
-                e, row, _ = table.row(j, steps, skipped[j] - {s}, methods[j])
-                ratio = (errs[j] - e) / max(latency.row_seconds(j, row) - now, 1e-12)
-                if choice is None or ratio > choice[0]:
-                    choice = (ratio, j, s, e)
-        _, j, s, e = choice
-        skipped[j].discard(s)
-        errs[j] = e
+            for s, level in skipped[j].items():
+                rest = {k: v for k, v in skipped[j].items() if k != s}
+                for cells in (rest, {**rest, s: HALF}) if level == SKIP and halves[j] else (rest,):
+                    e, row, _ = table.row(j, steps, cells, methods[j])
+                    ratio = (errs[j] - e) / max(latency.row_seconds(j, row) - now, 1e-12)
+                    if choice is None or ratio > choice[0]:
+                        choice = (ratio, j, cells, e)
+        _, j, skipped[j], errs[j] = choice
         out.append(snapshot())
     return out
 
@@ -207,7 +245,8 @@ def structured_path(table: Table, latency: LatencyModel, n_blocks: int, steps: i
                     full_seconds: float, stop: Callable[[Candidate], bool]) -> list[Candidate]:
     """Plans from all-full to the every-second-step schedule (its pruning path, reversed), then beyond it by the
     greedy until `stop`: slow to fast."""
-    seed = [x if m else set() for x, m in zip(alternating(n_blocks, steps), per_block(methods, n_blocks))]
+    seed = [dict.fromkeys(x, SKIP if any(tier(k) == SKIP for k in m) else HALF) if m else {}
+            for x, m in zip(alternating(n_blocks, steps), per_block(methods, n_blocks))]
     slower = prune_path(table, latency, n_blocks, steps, methods, seed, full_seconds)[::-1]
     faster = greedy_sequence(table, latency, n_blocks, steps, methods, stop, full_seconds, seed)
     return slower + faster[1:]

@@ -12,7 +12,7 @@ from difa.apply import plan_blocks, plan_layers
 from difa.calibration import search
 from difa.calibration.latency import Capture
 from difa.calibration.timing import latency_curve, latency_record, shape_of
-from difa.cells import executed_cells
+from difa.cells import executed_share
 from difa.cost import plan_flops
 from difa.engine import Engine
 from difa.errors import DifaError
@@ -34,6 +34,11 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
     and the plan records `kept_from_budget`. Check generations of identical plans run once."""
     methods = [c for c in candidates if REGISTRY[c].searchable]  # (at least one: difa.checks.calibration)
     adapter, model, layers = plan_layers(pipe)
+    if not adapter.runs_cfg(guidance_scale) or adapter.temporal is not None:  # CFG cells need a CFG batch per block
+        methods = [c for c in methods if not REGISTRY[c].half_batch]
+        if not methods:
+            raise DifaError(f"candidates {list(candidates)} need a CFG batch in every block, which {adapter.family} "
+                            f"at guidance_scale={guidance_scale} does not have; add reuse or forecast to the candidates")
     blocks = plan_blocks(pipe)
     if not blocks:
         raise DifaError(f"found no transformer blocks in {type(model).__name__}; use search=greedy")
@@ -66,7 +71,9 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
     traj.remainder_s = min(traj.outside_s, warm.outside_s)
     latency, curve = latency_curve(pipe, adapter, model, blocks, layers, capture, params, [], traj, len(inputs),
                                    latency_batch, dtype, latency_cache, call_kwargs)
-    table = search.Table(traj, params=params)
+    rows = traj.residual[0][0].shape[0] if traj.residual and 0 in traj.residual[0] else 0  # a block call's batch
+    cfg_batch = adapter.runs_cfg(guidance_scale) and rows % 2 == 0
+    table = search.Table(traj, params=params, cond=adapter.cond_slice(rows) if cfg_batch else None)
     allowed = methods
     if max_cache_mb is not None:  # per block, the methods whose residual slots fit the cap (at the latency batch)
         slot_bytes = [_slot_bytes(capture, j) for j in range(len(blocks))]
@@ -99,7 +106,7 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
     plans = []
     for b, chosen, seq, checks, kept_from in found:
         rows = tuple(tuple(r) for r in chosen.rows)
-        executed = executed_cells([n for n, _ in layers], [n for n, _ in blocks], rows, calls)
+        executed = executed_share([n for n, _ in layers], [n for n, _ in blocks], rows, calls)
         flops = plan_flops(attention, shapes, params, [n for n, _ in layers], adapter.runs_cfg(guidance_scale),
                            executed) if shapes else {}
         if shapes:

@@ -70,6 +70,10 @@ class BlockCell:
     keep: frozenset = frozenset()  # slots this cell computes that a later cell of the block reads: cache them now
     config: Any = None  # the running technique's Config, from the plan's technique table
     params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # the plan's whole technique table
+    # a `half_batch` technique's cell in a CFG batch: (computed rows, other rows) of the batch, and the block run
+    # on the computed (conditional) rows of every batched argument, returning (B/2, N, C); None otherwise
+    half: tuple[slice, slice] | None = None
+    compute_half: Callable[[], Any] | None = None
 
 
 def computed(cell: BlockCell, x: torch.Tensor, compute: Callable[[], Any]) -> Any:
@@ -102,6 +106,23 @@ def stand_in(cell: BlockCell, x: torch.Tensor, estimate: Callable, points: int, 
 def stand_in_run(estimate: Callable, points: int, method: str) -> Callable:
     """The `run` of a technique that skips the block for `estimate` of its residual from the last `points`."""
     return lambda cell, x, compute: stand_in(cell, x, estimate, points, method)  # (B, N, C)
+
+
+def half_stand_in(cell: BlockCell, x: torch.Tensor, compute: Callable, estimate: Callable, points: int,
+                  method: str) -> torch.Tensor:
+    """The block computed on one CFG half, the other half stood in for by `estimate` from the last `points` computed
+    residuals (split into the halves) and this step's computed half. Without a CFG batch (CFG off, or collapsed to
+    one half) the block runs whole."""
+    if cell.half is None or cell.compute_half is None:
+        return compute()
+    h, o = cell.half
+    pts = [(u, (r[h], r[o])) for u, r in residual_points(cell, x, method)[-points:]]
+    done = cell.compute_half()  # (B/2, N, C) the block's output on the computed rows
+    other = estimate([*pts, (cell.step, (done - x[h], None))], cell.step, cell.config)  # (B/2, N, C) residual
+    out = torch.empty_like(x)  # (B, N, C)
+    out[h] = done
+    torch.add(x[o], other, out=out[o])
+    return out
 
 
 def first_tensor(obj: Any) -> torch.Tensor | None:

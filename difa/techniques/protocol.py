@@ -72,10 +72,16 @@ class BlockTimes:
     block: float  # the block, computed
     ff: float  # its feed-forward module
     skip: float  # a skipped block's stand-in (the dearest registered estimator plus the add)
+    half: float = 0.0  # the block on one CFG half of the batch, with the other half's stand-in (0: not timed)
 
 
 def computed_block(times: BlockTimes) -> float:
     return times.block
+
+
+def half_block(times: BlockTimes) -> float:
+    """A block computed on one CFG half (its whole time where the half was not timed: no CFG batch)."""
+    return times.half if times.half > 0 else times.block
 
 
 def skipped_block(times: BlockTimes) -> float:
@@ -105,6 +111,11 @@ class Technique:
     replaces: str | None = None  # block: the submodule whose output `replace(cell, x)` stands in for
     replace: Callable | None = None
     estimate: Callable | None = None  # block: estimate(points, step, config) -> stand-in residual (search + run)
+    # block: computes the block on the conditional CFG half only and stands in for the other half. Its `run` gets
+    # cell.half (computed rows, other rows) and cell.compute_half(); its estimator gets each point as a pair
+    # (step, (computed half, other half)) and last the current step's (step, (computed half, None)), and returns
+    # the other half's residual (B/2, n, C). It needs a CFG batch (shares_cfg) and never skips the block.
+    half_batch: bool = False
     block_cost: Callable[[BlockTimes], float] = computed_block  # block: seconds of one cell
     flops: Callable = no_flops  # attention: flops(shape, params) for the cost model
     check_config: Callable[[Mapping[str, Mapping]], None] | None = None  # one-line errors for bad parameters
@@ -162,6 +173,9 @@ def check(t: Technique, slots: Mapping[str, Slot]) -> None:
         raise ValueError(f"{where}: the reference method reads no cache")
     if (t.replaces is None) != (t.replace is None):
         raise ValueError(f"{where}: replaces and replace go together")
+    if t.half_batch and (not t.is_block or t.skips_block or not t.shares_cfg or t.estimate is None):
+        raise ValueError(f"{where}: a half_batch technique is a block technique with an estimate that shares_cfg "
+                         "and does not skip the block")
     if t.points < 1:
         raise ValueError(f"{where}: points must be >= 1")
     if t.on_one_half is not None and not isinstance(t.on_one_half, str):
