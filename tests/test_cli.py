@@ -269,9 +269,12 @@ def test_ctrl_c_is_one_line_and_leaves_no_plan(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # 40 steps and no shared latency cache: the greedy runs for seconds even on a loaded machine (with 20 steps and a
     # warm cache it once finished before a starved test process saw its lock)
+    # (SIGINT as a terminal delivers it: a suite started in the background (`cmd &`) runs with SIGINT ignored, which
+    # its children inherit, and Python then installs no KeyboardInterrupt handler)
     proc = subprocess.Popen([sys.executable, "-m", "difa.calibrate", "+model=tiny_dit", "search=greedy", "steps=40",
                              f"out={out}", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lock = tmp_path / ".p.json.lock"
     deadline = time.time() + 120
     while not lock.exists() and proc.poll() is None and time.time() < deadline:
