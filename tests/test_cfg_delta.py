@@ -193,3 +193,23 @@ def test_video_blocks_that_fold_frames_into_the_batch_refuse_cfg_cells(tmp_path)
     with pytest.raises(DifaError, match="need a CFG batch in every block"):
         calibrate_pipeline(pipe, ["x"], threshold=0.1, steps=S, guidance_scale=G["svd"], candidates=["cfg_delta"],
                            call_kwargs=tiny_call_kwargs("svd"), latency_cache=tmp_path)
+
+
+def test_the_latency_model_times_half_blocks_only_for_cfg_cells(tmp_path):
+    import json
+
+    from difa.calibration import calibrate_pipeline
+    from difa.models import pipeline_call_kwargs
+    from tests.conftest import GUIDANCE, INPUTS, STEPS
+
+    pipe = tiny("dit")
+    halves = {}
+    for name, cands in (("cfg", ["reuse", "forecast", "cfg_forecast"]), ("blocks", ["reuse", "forecast"])):
+        calibrate_pipeline(pipe, INPUTS["dit"], threshold=0.05, budget=0.7, steps=STEPS, guidance_scale=GUIDANCE["dit"],
+                           candidates=cands, call_kwargs=pipeline_call_kwargs("dit"), latency_cache=tmp_path / name)
+        timed = [json.loads(p.read_text()) for p in (tmp_path / name).glob("*.json")]
+        halves[name] = [(d["images"], d["half_s"], d["block_s"]) for d in timed]
+    assert all(h == [] for _, h, _ in halves["blocks"])
+    assert all(len(h) == len(b) and all(0 < x for x in h) for _, h, b in halves["cfg"])
+    # at the calibration batch (2 images, 4 rows) half a block costs less than the block
+    assert all(sum(h) < sum(b) for n, h, b in halves["cfg"] if n == len(INPUTS["dit"]))

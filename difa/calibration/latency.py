@@ -292,7 +292,8 @@ def measure(model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, to
             layers: Sequence[tuple[str, torch.nn.Module]], capture: Capture, params: Mapping[str, Mapping],
             candidates: Sequence[str], fixed_s: float, *, dtype: str = "float32",
             cache_dir: Path | None = CACHE_DIR, images: int = 0) -> LatencyModel:
-    """Time the denoiser, its blocks, feed-forwards and attention candidates on the captured inputs."""
+    """Time the denoiser, its blocks, feed-forwards and attention candidates on the captured inputs, and each block
+    on one CFG half where a CFG cell (`half_batch`) is among the candidates."""
     key = cache_key(model, capture, params, candidates, dtype)
     path = cache_dir / f"{key}.json" if cache_dir is not None else None
     if path is not None:
@@ -308,7 +309,10 @@ def measure(model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, to
     args, kwargs = capture.model_in
     units: list[Callable[[], Any]] = [lambda: model(*args, **kwargs)]  # the whole step, then per block (below)
     stand_ins = [t for t in REGISTRY.values() if t.searchable and not t.half_batch]
-    halves = [t for t in REGISTRY.values() if t.searchable and t.half_batch]
+    # CFG cells among the candidates: one unit per block, the block on one half with the dearest of their stand-ins
+    # (the half block dominates; their stand-ins differ by a pass over half the batch)
+    halves = sorted((REGISTRY[c] for c in candidates if c in REGISTRY and REGISTRY[c].half_batch),
+                    key=lambda t: -t.points)[:1]
     rows = int(adapter.latent_input(*capture.model_in).shape[0])
     # (not timed on two-stream blocks, whose calls return a tuple: there a half cell is charged the whole block)
     # (nor on video blocks that fold frames or positions into their batch: the search proposes no CFG cell there)
@@ -328,7 +332,7 @@ def measure(model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, to
         units += [_half_unit(block, b_args, b_kwargs, x, r0, r1, cond, t, params) if whole else None for t in halves]
     timed = iter(_interleaved_times([u for u in units if u is not None]))
     seconds = [next(timed) if u is not None else 0.0 for u in units]
-    step_s, per_block = seconds[0], 3 + len(stand_ins) + len(halves)  # block, ff, each stand-in, keep, each half
+    step_s, per_block = seconds[0], 3 + len(stand_ins) + len(halves)  # block, ff, each stand-in, keep, the half
     block_s, ff_s, skip_s, keep_s, half_s = [], [], [], [], []
     for j in range(len(blocks)):
         row = seconds[1 + j * per_block: 1 + (j + 1) * per_block]
@@ -336,7 +340,7 @@ def measure(model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, to
         ff_s.append(row[1])
         skip_s.append(max(row[2:2 + len(stand_ins)] or [0.0]))  # the dearest stand-in
         keep_s.append(row[2 + len(stand_ins)])
-        half_s.append(max(row[3 + len(stand_ins):] or [0.0]))  # the dearest half cell (0: no CFG batch)
+        half_s.append(max(row[3 + len(stand_ins):] or [0.0]))  # the half cell (0: none proposed, or no CFG batch)
     inside = sum(block_s)
     if inside > step_s:  # blocks timed alone add up to more than the denoiser (noise, warm caches): rescale them
         block_s, ff_s = [t * step_s / inside for t in block_s], [t * step_s / inside for t in ff_s]

@@ -69,7 +69,8 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
     # remainder made predictions of the bundled PixArt ~10% too slow. The smaller of the two stands.
     warm = search.record(lambda on_block: run(full_rows), model, 0)
     traj.remainder_s = min(traj.outside_s, warm.outside_s)
-    latency, curve = latency_curve(pipe, adapter, model, blocks, layers, capture, params, [], traj, len(inputs),
+    halves = [m for m in methods if REGISTRY[m].half_batch]  # (the latency model times a half block only for them)
+    latency, curve = latency_curve(pipe, adapter, model, blocks, layers, capture, params, halves, traj, len(inputs),
                                    latency_batch, dtype, latency_cache, call_kwargs)
     rows = traj.residual[0][0].shape[0] if traj.residual and 0 in traj.residual[0] else 0  # a block call's batch
     cfg_batch = adapter.runs_cfg(guidance_scale) and rows % 2 == 0
