@@ -82,6 +82,11 @@ def fit(engine: Any, c: Any, b: int) -> Any:
     return c
 
 
+def other_half(half: slice, b: int) -> slice:
+    """The rows of a batch of b that are not `half` (one of its two contiguous halves)."""
+    return slice(half.stop, b) if half.start in (0, None) else slice(0, half.start)
+
+
 def take_half(obj: Any, b: int, half: slice) -> Any:
     """Every tensor of batch size b in `obj` (args tuple, kwargs dict, nested) cut to `half`; the rest as is."""
     if torch.is_tensor(obj):

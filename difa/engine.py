@@ -402,7 +402,7 @@ class Engine:
         """(computed rows, other rows) of a CFG batch of b, and the block run on its conditional rows: every batched
         argument (hidden states, text, timestep embedding, class labels, masks) cut to them (collapse.take_half)."""
         cond = self.adapter.cond_slice(b)
-        other = slice(cond.stop, b) if cond.start == 0 else slice(0, cond.start)
+        other = collapse.other_half(cond, b)
         h_args, h_kwargs = collapse.take_half(args, b, cond), collapse.take_half(kwargs, b, cond)
         compute = lambda: original(*h_args, **h_kwargs)  # noqa: E731
         streams = self.adapter.block_streams

@@ -31,7 +31,7 @@ import torch
 
 from difa.adapters import NO_CFG, TEMPORAL
 from difa.cells import executed_cells, keeps, writes
-from difa.collapse import take_half
+from difa.collapse import other_half, take_half
 from difa.files import check_side_file
 from difa.plan import config_hash
 from difa.techniques import REGISTRY, kind_of, slots, unfit
@@ -362,7 +362,7 @@ def _half_unit(block, args, kwargs, x, r0, r1, cond: slice, t, params) -> Callab
     """A `half_batch` cell's work (blocks.half_stand_in): the block on the conditional rows, the other rows'
     stand-in from the cached residual's halves, both written into one output."""
     b = x.shape[0]
-    other = slice(cond.stop, b) if cond.start == 0 else slice(0, cond.start)
+    other = other_half(cond, b)
     h_args, h_kwargs = take_half(args, b, cond), take_half(kwargs, b, cond)
 
     def unit():

@@ -33,6 +33,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from difa.calibration.latency import LatencyModel
+from difa.collapse import other_half
 from difa.techniques import REGISTRY
 from difa.techniques.protocol import FULL
 MAX_TOKENS = 512  # tokens sampled per block for the error table (memory: blocks x steps x batch x 512 x C)
@@ -109,7 +110,7 @@ class Table:
         if self.cond is None:
             return float("inf")  # no CFG batch to halve
         h = self.cond  # (computed half, other half) points, then this step's computed half; the computed half is exact
-        o = slice(h.stop, None) if h.start == 0 else slice(0, h.start)
+        o = other_half(h, res[s].shape[0])
         points = [(u, (res[u][h], res[u][o])) for u in used] + [(s, (res[s][h], None))]
         return float((t.estimate(points, s, cfg) - res[s][o]).abs().sum()) / self.traj.scale[j][s]  # (B/2, n, C)
 
