@@ -73,6 +73,7 @@ class Engine:
         *,
         scheduler: Any = None,
         calibrating: bool = False,
+        keep_steps: Sequence[int] | None = None,  # while calibrating: the steps whose caches are kept (None: all)
         on_step: StepHook | None = None,
         inference_steps: int | None = None,
         collapse_cfg: bool = True,
@@ -106,8 +107,9 @@ class Engine:
         self.peak_cache_bytes = 0  # most bytes held across steps so far (cache_bytes), over all generations
         self.shapes: dict[int, LayerShape] = {}
         if calibrating:  # future decisions are unknown: keep every slot that a later cell could read
-            self.keep = {name: [[any(name in REGISTRY[r].reads and not unfit(r, n, adapter) for r in REGISTRY)]
-                                * self.steps for n, _ in self.layers]
+            at = [keep_steps is None or t in keep_steps for t in range(self.steps)]
+            self.keep = {name: [[a and any(name in REGISTRY[r].reads and not unfit(r, n, adapter) for r in REGISTRY)
+                                 for a in at] for n, _ in self.layers]
                          for name, s in slots().items() if s.level == LAYER and not s.per_forward}
         else:
             self.keep = kept_slots(methods, params, executed, LAYER)
@@ -146,6 +148,9 @@ class Engine:
         self._handles: list[Any] = []
         self._installed = False
         self._block_cells: dict[int, BlockCell] = {}  # block index -> its cell in the forward in progress
+        # (block, its computation, its caches before it) while on_block observes it (Engine.rerun)
+        self._computing: tuple[int, Callable, list | None] | None = None
+        self.block_layers = [[i for i, (n, _) in enumerate(self.layers) if n.startswith(b + ".")] for b in self.block_names]
         self._shape_hooks: dict[int, Any] = {}  # layer -> the pre-hook recording its shapes (layers left stock)
         self._configs = {name: t.cfg(params) for name, t in REGISTRY.items() if t.is_block}
 
@@ -309,7 +314,7 @@ class Engine:
         self.text_tokens = int(text.shape[1]) if torch.is_tensor(text) and text.ndim == 3 else None
         self.latent_hw = (int(latents.shape[-2]), int(latents.shape[-1]))
         b = latents.shape[0]
-        if self.cfg_steps[self.step] or self.gate_steps[self.step] or self.on_step is not None \
+        if self.cfg_steps[self.step] or self.gate_steps[self.step] or self.calibrating or self.on_step is not None \
                 or collapse.gates(self, self.step):  # halves matter
             self.cond = self.adapter.cond_slice(b) if self.adapter.is_cfg_batch(args, kwargs) else None
         if self.cond is None and self.cfg_steps[self.step]:
@@ -393,10 +398,46 @@ class Engine:
         if REGISTRY[method].half_batch and self.cond is not None and not self.collapsed and x.shape[0] % 2 == 0:
             cell.half, cell.compute_half = self._half_call(j, original, args, kwargs, x.shape[0])
         self._block_cells[j] = cell
+        # (a calibration that reruns the block with other attention cells needs the caches as they were before it)
+        before = self._states_of(j) if self.calibrating and self.on_block is not None and not self._inside else None
         out = REGISTRY[method].run(cell, x, compute)
         if self.on_block is not None and not self._inside:
-            self.on_block(j, step, x, out)
+            self._computing = (j, compute, before)
+            try:
+                self.on_block(j, step, x, out)
+            finally:
+                self._computing = None
         return out if streams is None else split(out)
+
+    def rerun(self, layer_methods: Mapping[int, str]) -> torch.Tensor:
+        """Inside `on_block`: the observed block's output again, with attention layers `layer_methods` (layer index
+        -> method) running those methods at this step on the caches the generation holds; every cache, and the
+        plan, restored after. (Calibration scores attention cells by it: the block's output error, exact for a plan
+        whose only change at this step is these cells.) Joined as the block's input is (two-stream blocks)."""
+        if self._computing is None or self._computing[2] is None:
+            raise RuntimeError("Engine.rerun is called from on_block of a calibrating engine only")
+        j, compute, before = self._computing
+        after = self._states_of(j)
+        methods = {i: self.methods[i][self.step] for i in layer_methods}
+        for i, m in layer_methods.items():
+            self.methods[i][self.step] = m
+        self._restore(j, before)  # the caches this step's cells read: those of the steps before it
+        self._inside = True
+        try:
+            return compute()
+        finally:
+            self._inside = False
+            for i, m in methods.items():
+                self.methods[i][self.step] = m
+            self._restore(j, after)
+
+    def _states_of(self, j: int) -> list[dict]:
+        """Snapshots of block j's own state and of its attention layers' states."""
+        return [s.snapshot() for s in (self.block_states[j], *(self.states[i] for i in self.block_layers[j]))]
+
+    def _restore(self, j: int, snaps: list[dict]) -> None:
+        for s, snap in zip((self.block_states[j], *(self.states[i] for i in self.block_layers[j])), snaps):
+            s.restore(snap)
 
     def _half_call(self, j: int, original: Callable, args: tuple, kwargs: dict, b: int):
         """(computed rows, other rows) of a CFG batch of b, and the block run on its conditional rows: every batched

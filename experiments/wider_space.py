@@ -1,10 +1,11 @@
-"""Does the wider plan space pay? The default search (block cells and CFG cells) against block-only plans
+"""Does the wider plan space pay? The default search (block, CFG and attention cells) against block-only plans
 (`candidates=[reuse,forecast]`) and against each peer over its settings, at matched wall-clock, on seeds the
 calibration never used (issue 29).
 
     python experiments/wider_space.py [--model fmnist_dit] [--batch 25] [--repeats 4] [--n-calib 4]
         [--budgets 0.35 0.4 ... 0.8] [--targets 0.4 0.45 0.5 0.6] [--peers taylorseer fbc cache-dit]
-        [--out runs/wider_space_<model>.json]   (the plans go next to it: <out>_<default|block-only>_b<budget>.json)
+        [--variants default block-only no-attention]
+        [--out runs/wider_space_<model>.json]   (the plans go next to it: <out>_<variant>_b<budget>.json)
 
 Calibration: the README's defaults (the model config's inputs and n_calib, seed 0), one front per candidate set
 (`calibrate_front`). Evaluation: `--repeats` timed rounds after one warm-up round; every round runs every variant
@@ -45,6 +46,9 @@ from difa.peers import hook_from_spec  # noqa: E402
 
 BUDGETS = [0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8]
 BLOCK_ONLY = ["reuse", "forecast"]
+# difa's candidate sets (None: the default, every candidate technique); no-attention: the default before attention
+# cells joined the search (calibration/attention_cells.py)
+VARIANTS = {"default": None, "block-only": BLOCK_ONLY, "no-attention": BLOCK_ONLY + ["cfg_delta", "cfg_forecast"]}
 PEERS = {  # family -> {variant: (spec, params)}: each peer over the settings its own docs suggest
     # (warm-up 1 step; and 5 steps at interval 2, which reaches the 0.6-0.7 of full that interval 2 alone does not)
     "taylorseer": {f"taylorseer o{o} i{i} w{w}": ("diffusers:taylorseer",
@@ -94,6 +98,8 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
     ap.add_argument("--targets", nargs="+", type=float, default=[0.4, 0.45, 0.5, 0.6])
     ap.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS))
+    ap.add_argument("--variants", nargs="+", default=["default", "block-only"], choices=list(VARIANTS),
+                    help="difa candidate sets: the default, block-only, no-attention (block and CFG cells)")
     ap.add_argument("--n-calib", type=int, default=None, help="calibration inputs (default: the model config's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
@@ -104,7 +110,7 @@ def main() -> None:
     pipe, adapter, extra, steps, guidance, calib = m.pipe, m.adapter, m.extra, m.steps, m.guidance, m.calib
     families: dict[str, list[Method]] = {}
     calib_s = {}
-    for family, cands in (("difa default", None), ("difa block-only", BLOCK_ONLY)):
+    for family, cands in ((f"difa {v}", VARIANTS[v]) for v in a.variants):
         t0 = time.perf_counter()
         plans = calibrate_front(pipe, calib, budgets=a.budgets, steps=steps, guidance_scale=guidance, seed=0,
                                 call_kwargs=extra, name=a.model, **({} if cands is None else {"candidates": cands}))
@@ -142,7 +148,8 @@ def main() -> None:
             rows.append({"model": a.model, "family": family, "method": m.name, "latency": statistics.median(ratios),
                          "latency_min": min(ratios), "latency_max": max(ratios), "error": err, "lo": lo, "hi": hi,
                          "predicted": None if m.plan is None else m.plan.latency.get("predicted_fraction"),
-                         "cells": None if m.plan is None else m.plan.block_counts(), "measured_as": src,
+                         "cells": None if m.plan is None else m.plan.block_counts(),
+                         "attention": None if m.plan is None else m.plan.counts(), "measured_as": src,
                          "images": int(base.shape[0]), "batch": a.batch, "repeats": a.repeats})
     matched = []
     for t in a.targets:

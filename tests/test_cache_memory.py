@@ -88,7 +88,8 @@ def test_cache_slots_give_reuse_first_then_forecast_where_it_gains_most():
     the fourth to block 0 (forecast gains most there); 2 MB: the two blocks cheapest to skip; 0: none."""
     import torch
 
-    from difa.calibration.search import Table, Trajectory, cache_slots
+    from difa.calibration.cache_cap import cache_slots
+    from difa.calibration.search import Table, Trajectory
 
     steps, g = 6, torch.Generator().manual_seed(0)
     base = torch.randn(1, 8, 4, generator=g)

@@ -74,8 +74,9 @@ def calibrate_pipeline(
 ) -> Any:
     """Calibrate `pipe` on `inputs` (class ids or prompts) -> Plan (a list of them with `budgets`: calibrate_front).
 
-    search="trajectory" (default): block cells (`reuse` / `forecast` among `candidates`) from one recorded
-    generation. threshold: the fastest plan whose final-output relative L1 on the calibration inputs is <= δ;
+    search="trajectory" (default): block cells (`reuse` / `forecast`, with CFG `cfg_delta` / `cfg_forecast`,
+    among `candidates`) and attention cells (`ast` / `wars` / `tome` / `agent` among them, where they pay:
+    calibration/attention_cells.py) from one recorded generation. threshold: the fastest plan whose final-output relative L1 on the calibration inputs is <= δ;
     budget (overrides threshold): the least-error plan whose predicted latency is <= budget x full.
 
     search="greedy": DiTFastAttn's greedy over attention cells. threshold: δ; layer i of L accepts a method whose relative-L1 error on the final model output is below
@@ -84,7 +85,7 @@ def calibrate_pipeline(
     loss_on: "guided" compares the noise prediction the sampler reads (CFG halves combined with the guidance
     scale); "halves" compares both CFG halves as they leave the denoiser (DiTFastAttn, for paper parity).
     max_cache_mb (trajectory): the block residuals the plan keeps across steps, at `latency_batch` images per call
-    (default: the calibration inputs), stay within this many MB (search.cache_slots).
+    (default: the calibration inputs), stay within this many MB (cache_cap.cache_slots).
     """
     from difa.engine import ENGINE_ATTR
 

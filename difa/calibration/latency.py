@@ -57,9 +57,15 @@ class LatencyModel:
     attn_s: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # layer -> method -> one call
     forwards: int = 0  # denoiser forwards this measurement cost (0 when read from the cache)
     images: int = 0  # images per pipeline call it was timed at (0: not recorded, a cache written before)
+    # attention method -> per block, the layers an attention cell of that method runs on (set by the trajectory
+    # search: calibration/attention_cells.py; not cached)
+    cell_layers: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
 
     def block_cost(self, j: int, method: str) -> float:
-        """One cell of block j, from the measured parts its technique declares (Technique.block_cost)."""
+        """One cell of block j, from the measured parts its technique declares (Technique.block_cost); an attention
+        method: the block computed, its cell layers on that method (an attention cell)."""
+        if not REGISTRY[method].is_block:
+            return self.block_s[j] + sum(self.attn_delta(n, method) for n in self.cell_layers[method][j])
         return REGISTRY[method].block_cost(BlockTimes(self.block_s[j], self.ff_s[j], self.skip_s[j],
                                                       self.half_s[j] if self.half_s else 0.0))
 
@@ -347,14 +353,19 @@ def measure(model: torch.nn.Module, adapter: Any, blocks: Sequence[tuple[str, to
         half_s = [t * step_s / inside for t in half_s]
     attn_s = {}
     attention = [c for c in candidates if c in REGISTRY and not REGISTRY[c].is_block]
+    timed: dict[tuple, dict[str, float]] = {}  # layers alike (kind, axis, input and weight shapes) time alike
     for i, (name, attn) in enumerate(layers):
         if i in capture.attn_in:
-            attn_s[name] = time_attention(attn, name, i, capture.attn_in[i], attention, params, adapter, capture)
+            key = _signature(attn, name, capture.attn_in[i], adapter)
+            if key not in timed:
+                timed[key] = time_attention(attn, name, i, capture.attn_in[i], attention, params, adapter, capture)
+            attn_s[name] = dict(timed[key])
     model_ = LatencyModel(step_s, fixed_s, tuple(block_s), tuple(ff_s), tuple(skip_s), tuple(keep_s),
                           tuple(half_s) if any(half_s) else (), attn_s,
                           forwards=REPS + 1, images=images, block_names=tuple(n for n, _ in blocks))
     if path is not None:
-        _write_atomic(path, json.dumps({k: v for k, v in model_.to_dict().items() if k != "forwards"}))
+        _write_atomic(path, json.dumps({k: v for k, v in model_.to_dict().items()
+                                        if k not in ("forwards", "cell_layers")}))
     return model_
 
 
@@ -374,6 +385,23 @@ def _half_unit(block, args, kwargs, x, r0, r1, cond: slice, t, params) -> Callab
         torch.add(x[other], guess, out=out[other])
         return out
     return unit
+
+
+def _signature(attn: torch.nn.Module, name: str, inputs: tuple, adapter: Any) -> tuple:
+    """What an attention call's time depends on: the layer's kind and token axis, its processor's type, its
+    heads, the shapes of its weights and of its inputs. (Timing each of a DiT's identical layers on every method took
+    minutes at 4096 tokens; their timings differ by noise only.)"""
+    def shapes(obj: Any) -> Any:
+        if torch.is_tensor(obj):
+            return tuple(obj.shape), str(obj.dtype)
+        if isinstance(obj, dict):
+            return tuple(sorted((k, shapes(v)) for k, v in obj.items()))
+        if isinstance(obj, (list, tuple)):
+            return tuple(shapes(v) for v in obj)
+        return type(obj).__name__
+    weights = tuple((n, tuple(p.shape)) for n, p in attn.named_parameters())
+    return (kind_of(name, adapter), adapter.axis(name), type(attn.processor).__name__, getattr(attn, "heads", None),
+            weights, shapes(inputs))
 
 
 def time_attention(attn, name: str, i: int, inputs: tuple, methods: Sequence[str], params: Mapping, adapter: Any,

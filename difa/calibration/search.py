@@ -9,11 +9,13 @@ saved, and whole-plan checks of the final output. About 10x fewer model forwards
    the last `points` computed steps (r1 for `reuse`; r1 + (r1 - r0)(s - s1)/(s1 - s0) for a first-order
    `forecast`). The table is exact for the recorded trajectory and captures staleness (how far back s1 is), which
    one-shot "skip one cell" sensitivities miss (DESIGN.md §5). A CFG cell (`Technique.half_batch`: the block
-   computed on the conditional half) errs only on the other half: its estimator gets the recorded halves. Each
-   cell takes the best method of its tier (skipped or half; ties: the candidates' order).
+   computed on the conditional half) errs only on the other half: its estimator gets the recorded halves. An
+   attention cell (the block computed, its attention layers on a cheaper method) takes the error its block showed
+   when rerun so on the recorded caches (calibration/attention_cells.py). Each cell takes the best method of its
+   tier (attention, half or skipped; ties: the candidates' order).
 3. **Greedy by error per second.** Starting from all-full, repeatedly take the move with the least added error
-   per predicted second saved (the measured latency model): a computed cell halved or skipped, a half cell
-   skipped; recomputing only the changed block's row. This gives a nested sequence of plans from fast to slow,
+   per predicted second saved (the measured latency model): a cell moves up the tiers computed -> attention ->
+   half -> skipped; recomputing only the changed block's row. This gives a nested sequence of plans from fast to slow,
    with a predicted latency and a table error for each.
 4. **Whole-plan checks.** The table ignores how errors propagate through later blocks and steps. Budget mode
    builds two plans under the budget, the greedy's and the every-second-step schedule pruned back (or extended)
@@ -61,19 +63,27 @@ class Trajectory:
     def outside_s(self) -> float:
         return self.remainder_s if self.remainder_s is not None else max(self.wall_s - self.denoiser_s, 0.0)
 
+    @staticmethod
+    def sample(t: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, n, C): the tokens the table is kept on (evenly spaced, at most MAX_TOKENS)."""
+        n = t.shape[-2]
+        return t.detach()[..., torch.linspace(0, n - 1, min(n, MAX_TOKENS)).round().long(), :].float()
+
     def observe(self, j: int, step: int, x: torch.Tensor, out: torch.Tensor) -> None:
-        n = out.shape[-2]
-        idx = torch.linspace(0, n - 1, min(n, MAX_TOKENS)).round().long()
-        o = out.detach()[..., idx, :].float()
-        self.residual[j][step] = o - x.detach()[..., idx, :].float()
+        o = self.sample(out)
+        self.residual[j][step] = o - self.sample(x)
         self.scale[j][step] = float(o.abs().sum().clamp_min(1e-12))
 
 
-SKIP, HALF = "skip", "half"  # a cell's tier: the block skipped, or computed on one CFG half (Technique.half_batch)
+# a cell's tier: the block computed with a cheaper attention method (calibration/attention_cells.py), computed on
+# one CFG half (Technique.half_batch), or skipped; in this order a cell may only move up (RANK)
+ATTN, HALF, SKIP = "attn", "half", "skip"
+RANK = {None: 0, ATTN: 1, HALF: 2, SKIP: 3}
 
 
 def tier(method: str) -> str:
-    return HALF if REGISTRY[method].half_batch else SKIP
+    t = REGISTRY[method]
+    return ATTN if not t.is_block else HALF if t.half_batch else SKIP
 
 
 def tiers(cells: set[int] | Mapping[int, str]) -> dict[int, str]:
@@ -91,9 +101,13 @@ class Table:
     memo: dict = field(default_factory=dict)
     params: Mapping[str, Mapping] = field(default_factory=dict)
     cond: slice | None = None
+    # (block, step, attention method) -> the block's output error with that attention cell (attention_cells.score)
+    attn: Mapping[tuple[int, int, str], float] = field(default_factory=dict)
 
     def error(self, j: int, s: int, history: Sequence[int], method: str) -> float:
         t = REGISTRY[method]
+        if not t.is_block:  # an attention cell: scored on the recorded caches of the step before
+            return self.attn.get((j, s, method), float("inf"))
         used = tuple(history[-t.points:])  # the computed steps its estimator reads
         key = (j, s, method, used)
         if key not in self.memo:
@@ -118,13 +132,23 @@ class Table:
             methods: Sequence[str]) -> tuple[float, list[str], int]:
         """Table error of block j's row with `cells` not computed whole (step -> tier; a set: skipped), each cell's
         best method of its tier, and the row's staleness (the most steps any such cell is away from its last
-        computed step). A half cell is not a computed step: later cells read the step before it."""
+        computed step). A half cell is not a computed step: later cells read the step before it. An attention cell
+        is one (the block runs); where its method reads a cache, the step before must be computed in full (the
+        age its error was scored at), and no method of the tier: the cell stays computed."""
         cells = tiers(cells)
         total, history, row, stale = 0.0, [], [], 0
         for s in range(steps):
             level = cells.get(s)
             options = [m for m in methods if tier(m) == level] if level and history else []
-            if options:
+            if level == ATTN:
+                ready = row[-1:] == [FULL]
+                errs = {m: self.error(j, s, history, m) for m in options if ready or not REGISTRY[m].reads}
+                errs = {m: e for m, e in errs.items() if e < float("inf")}
+                best = min(errs, key=errs.get) if errs else FULL
+                total += errs.get(best, 0.0)
+                history.append(s)
+                row.append(best)
+            elif options:
                 stale = max(stale, s - history[-1])
                 errs = {m: self.error(j, s, history, m) for m in options}
                 best = min(errs, key=errs.get)
@@ -156,7 +180,7 @@ def greedy_sequence(table: Table, latency: LatencyModel, n_blocks: int, steps: i
     an every-second-step schedule at the same latency (measured on the bundled DiT: 0.12 vs 0.035)."""
     methods = per_block(methods, n_blocks)
     skipped: list[dict[int, str]] = [tiers(x) for x in seed] if seed is not None else [{} for _ in range(n_blocks)]
-    levels = [[v for v in (HALF, SKIP) if any(tier(m) == v for m in ms)] for ms in methods]  # cheapest saving first
+    levels = [[v for v in (ATTN, HALF, SKIP) if any(tier(m) == v for m in ms)] for ms in methods]  # cheapest saving first
     rows, errs = [], []
     for j in range(n_blocks):
         e, row, _ = table.row(j, steps, skipped[j], methods[j])
@@ -170,8 +194,8 @@ def greedy_sequence(table: Table, latency: LatencyModel, n_blocks: int, steps: i
         choice = None
         for s in range(1, steps) if methods[j] else ():  # a block with no methods allowed stays computed
             now = skipped[j].get(s)
-            for level in levels[j]:  # a computed cell may become a half or a skipped one, a half one skipped
-                if now == SKIP or now == level:
+            for level in levels[j]:  # a cell moves up the tiers only: computed -> attention -> half -> skipped
+                if RANK[level] <= RANK[now]:
                     continue
                 e, row, stale = table.row(j, steps, {**skipped[j], s: level}, methods[j])
                 saved = cost[j] - latency.row_seconds(j, row)  # the cell, less any residual its skip makes cached
@@ -246,7 +270,8 @@ def structured_path(table: Table, latency: LatencyModel, n_blocks: int, steps: i
                     full_seconds: float, stop: Callable[[Candidate], bool]) -> list[Candidate]:
     """Plans from all-full to the every-second-step schedule (its pruning path, reversed), then beyond it by the
     greedy until `stop`: slow to fast."""
-    seed = [dict.fromkeys(x, SKIP if any(tier(k) == SKIP for k in m) else HALF) if m else {}
+    seed = [dict.fromkeys(x, SKIP if any(tier(k) == SKIP for k in m) else HALF) if any(tier(k) != ATTN for k in m)
+            else {}
             for x, m in zip(alternating(n_blocks, steps), per_block(methods, n_blocks))]
     slower = prune_path(table, latency, n_blocks, steps, methods, seed, full_seconds)[::-1]
     faster = greedy_sequence(table, latency, n_blocks, steps, methods, stop, full_seconds, seed)
@@ -254,38 +279,10 @@ def structured_path(table: Table, latency: LatencyModel, n_blocks: int, steps: i
 
 
 def per_block(methods: Sequence[str] | Sequence[Sequence[str]], n_blocks: int) -> list[tuple[str, ...]]:
-    """The methods each block may take: one list for all blocks, or one per block (a cache cap: cache_slots)."""
+    """The methods each block may take: one list for all blocks, or one per block (a cache cap: calibration/cache_cap.py)."""
     if methods and not isinstance(methods[0], str):
         return [tuple(m) for m in methods]
     return [tuple(methods)] * n_blocks
-
-
-def cache_slots(table: Table, steps: int, methods: Sequence[str], slot_bytes: Sequence[int],
-                cap_bytes: float) -> list[tuple[str, ...]]:
-    """Per block, the methods a plan may use so that its block caches fit in `cap_bytes` whatever cells the search
-    skips: a block whose methods read at most p residual points holds p residuals (slot_bytes[j] each; `reuse` 1, a
-    first-order `forecast` 2). From the every-second-step schedule's table errors: first the fewest-point methods
-    to the blocks cheapest to skip, then each dearer level of points to the blocks where it removes the most error,
-    while the cap allows. A block left without a method is never skipped."""
-    n = len(slot_bytes)
-    odd = set(range(1, steps, 2))
-    levels = sorted({REGISTRY[m].points for m in methods})
-    at = {p: [m for m in methods if REGISTRY[m].points <= p] for p in levels}  # the methods a block of p slots may use
-    best = [table.row(j, steps, odd, list(methods))[0] for j in range(n)]
-    held = [0] * n  # residual slots granted per block
-    left = float(cap_bytes)
-    for k, p in enumerate(levels):
-        if k == 0:
-            order = sorted(range(n), key=lambda j: best[j])  # cheapest to skip first
-        else:
-            below = [table.row(j, steps, odd, at[levels[k - 1]])[0] if held[j] else float("inf") for j in range(n)]
-            order = sorted((j for j in range(n) if held[j]), key=lambda j: best[j] - below[j])  # most gain first
-        for j in order:
-            need = slot_bytes[j] * (p - held[j])
-            if need <= left:
-                held[j] = p
-                left -= need
-    return [tuple(m for m in methods if held[j] and REGISTRY[m].points <= held[j]) for j in range(n)]
 
 
 def alternating(n_blocks: int, steps: int) -> list[set[int]]:
@@ -413,9 +410,10 @@ def front(table: Table, latency: LatencyModel, n_blocks: int, steps: int,
 
 def _seed_of(seq: Sequence[Candidate], methods: Sequence[Sequence[str]], steps: int) -> Candidate:
     """The every-second-step schedule on the structured path (where its pruning path ends)."""
-    want = sum(1 for m in methods if m) * len(range(1, steps, 2))
+    want = sum(1 for m in methods if any(tier(k) != ATTN for k in m)) * len(range(1, steps, 2))
     return next(c for c in seq if _skips(c.rows) == want)
 
 
 def _skips(rows: Sequence[Sequence[str]]) -> int:
-    return sum(m != FULL for r in rows for m in r)
+    """Cells whose block is skipped or halved (attention cells not counted)."""
+    return sum(m != FULL and not (m in REGISTRY and tier(m) == ATTN) for r in rows for m in r)

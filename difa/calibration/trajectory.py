@@ -4,15 +4,17 @@ latency model, and runs the trajectory search (calibration/search.py) on it; ret
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
 
 from difa.apply import plan_blocks, plan_layers
-from difa.calibration import search
+from difa.calibration import attention_cells, cache_cap, search
 from difa.calibration.latency import Capture
 from difa.calibration.timing import latency_curve, latency_record, shape_of
 from difa.cells import executed_share
+from difa.collapse import other_half
 from difa.cost import plan_flops
 from difa.engine import Engine
 from difa.errors import DifaError
@@ -39,17 +41,27 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
         if not methods:
             raise DifaError(f"candidates {list(candidates)} need a CFG batch in every block, which {adapter.family} "
                             f"at guidance_scale={guidance_scale} does not have; add reuse or forecast to the candidates")
+    # attention cells (calibration/attention_cells.py); those that share work across the CFG halves need CFG
+    attn_methods = [c for c in candidates if attention_cells.searchable(c)
+                    and (adapter.runs_cfg(guidance_scale) or not REGISTRY[c].shares_cfg)]
     blocks = plan_blocks(pipe)
     if not blocks:
         raise DifaError(f"found no transformer blocks in {type(model).__name__}; use search=greedy")
     calls = denoiser_calls(pipe.scheduler, steps)
     params = technique_params(window, techniques)
-    attention = [[FULL] * calls for _ in layers]
+    full_attention = [[FULL] * calls for _ in layers]
     forwards = [0]
 
-    def run(rows, on_block=None) -> torch.Tensor:
-        engine = Engine(model, adapter, layers, attention, params, scheduler=pipe.scheduler, inference_steps=steps,
-                        blocks=blocks, block_methods=rows, on_block=on_block)
+    def run(rows, on_block=None, attention=None, scorer=None) -> torch.Tensor:
+        """One generation with block rows `rows` and attention rows `attention` (default all full); a `scorer`
+        observes every block of an all-full generation that keeps every cache (attention_cells)."""
+        engine = Engine(model, adapter, layers, [list(r) for r in attention or full_attention], params,
+                        scheduler=pipe.scheduler, inference_steps=steps, blocks=blocks, block_methods=rows,
+                        on_block=scorer or on_block, calibrating=scorer is not None,
+                        keep_steps=None if scorer is None else {s - 1 for s in scorer.steps or range(1, calls)},
+                        metric_layers=list(range(len(layers))) if scorer is not None else None)
+        if scorer is not None:
+            scorer.engine = engine
         generator = torch.Generator(device="cpu").manual_seed(seed)
         with engine:
             out = adapter.call_pipeline(pipe, inputs, steps=steps, guidance_scale=guidance_scale, generator=generator,
@@ -67,24 +79,37 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
     # The time outside the denoiser, again on a warm all-full run: the first generation of a process pays one-time
     # costs (a text encoder's first call, allocator growth) that a served plan does not, and an overstated
     # remainder made predictions of the bundled PixArt ~10% too slow. The smaller of the two stands.
-    warm = search.record(lambda on_block: run(full_rows), model, 0)
+    # (the same generation probes the attention cells: calibration/attention_cells.py)
+    names, block_names = [n for n, _ in layers], [n for n, _ in blocks]
+    probe = attention_cells.Scorer(names, attention_cells.cell_layers(adapter, names, block_names, attn_methods),
+                                   [attn_methods] * len(blocks), traj.sample, attention_cells.probe_steps(calls),
+                                   _guided(adapter, guidance_scale) if adapter.runs_cfg(guidance_scale) else None)
+    warm = search.record(lambda on_block: run(full_rows, scorer=probe if attn_methods else None), model, 0)
     traj.remainder_s = min(traj.outside_s, warm.outside_s)
     halves = [m for m in methods if REGISTRY[m].half_batch]  # (the latency model times a half block only for them)
-    latency, curve = latency_curve(pipe, adapter, model, blocks, layers, capture, params, halves, traj, len(inputs),
-                                   latency_batch, dtype, latency_cache, call_kwargs)
+    latency, curve = latency_curve(pipe, adapter, model, blocks, layers, capture, params, halves + attn_methods, traj,
+                                   len(inputs), latency_batch, dtype, latency_cache, call_kwargs)
+    on = attention_cells.cell_layers(adapter, names, block_names, attn_methods, latency.attn_s)
+    latency = replace(latency, cell_layers=on)
+    curve = {b: replace(m, cell_layers=on) for b, m in curve.items()}
     rows = traj.residual[0][0].shape[0] if traj.residual and 0 in traj.residual[0] else 0  # a block call's batch
     cfg_batch = adapter.runs_cfg(guidance_scale) and rows % 2 == 0
     table = search.Table(traj, params=params, cond=adapter.cond_slice(rows) if cfg_batch else None)
-    allowed = methods
+    table.attn = attention_cells.table(probe.result(), latency, calls)  # the cells that save time
+    forwards[0] += -(-probe.reruns // len(blocks))  # the probe's block reruns, in whole-model forwards
+    cells = [m for m in attn_methods if any(k[2] == m for k in table.attn)]
+    allowed = methods + cells
     if max_cache_mb is not None:  # per block, the methods whose residual slots fit the cap (at the latency batch)
         slot_bytes = [_slot_bytes(capture, j) for j in range(len(blocks))]
-        allowed = search.cache_slots(table, calls, methods, slot_bytes, max_cache_mb * 2**20)
+        allowed = [a + tuple(cells) for a in cache_cap.cache_slots(table, calls, methods, slot_bytes,
+                                                                 max_cache_mb * 2**20)]
     measured: dict[tuple, float] = {}
 
     def check(rows) -> float:  # one check generation per distinct plan, however many budgets propose it
         key = tuple(map(tuple, rows))
         if key not in measured:
-            measured[key] = search.final_error(run(rows), traj.final)
+            block_rows, attention = attention_cells.split(rows, names, latency, calls)
+            measured[key] = search.final_error(run(block_rows, attention=attention), traj.final)
         return measured[key]
 
     goals = sorted(set(budgets)) if budgets is not None else [None]
@@ -106,7 +131,8 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
     front = {"budgets": [b for b, *_ in found]} if budgets is not None and len(found) > 1 else {}
     plans = []
     for b, chosen, seq, checks, kept_from in found:
-        rows = tuple(tuple(r) for r in chosen.rows)
+        block_rows, attention = attention_cells.split(chosen.rows, names, latency, calls)
+        rows = tuple(tuple(r) for r in block_rows)
         executed = executed_share([n for n, _ in layers], [n for n, _ in blocks], rows, calls)
         flops = plan_flops(attention, shapes, params, [n for n, _ in layers], adapter.runs_cfg(guidance_scale),
                            executed) if shapes else {}
@@ -129,7 +155,7 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
                 "budget": b,
                 "inputs": list(inputs),
                 "seed": seed,
-                "candidates": methods,
+                "candidates": allowed if max_cache_mb is None else methods + cells,
                 "loss": "relative L1 (sum |a-b| / sum |b|) of the final output against the all-full generation",
                 "table_error": round(chosen.table_error, 5),
                 "measured_error": None if chosen.measured is None else round(chosen.measured, 5),
@@ -154,3 +180,12 @@ def _slot_bytes(capture: Capture, j: int) -> int:
     args, kwargs = capture.block_in[j]
     x = args[0] if args else kwargs["hidden_states"]
     return x.numel() * x.element_size()
+
+
+def _guided(adapter, g: float):
+    """(B, n, C) of a CFG batch -> u + g (c - u) (B/2, n, C), the combination the sampler takes."""
+    def combine(t: torch.Tensor) -> torch.Tensor:
+        c = adapter.cond_slice(t.shape[0])
+        u = other_half(c, t.shape[0])
+        return t[u] + g * (t[c] - t[u])
+    return combine
