@@ -34,7 +34,7 @@ from difa.evaluation import Method, batch_seed, class_inputs, count_flops, gener
 from difa.models import load_configured  # noqa: E402
 from difa.peers import hook_from_spec  # noqa: E402
 
-CONF = Path(__file__).resolve().parents[1] / "difa" / "conf" / "model"
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 PEERS = {"taylorseer o1 i2": ("diffusers:taylorseer", {"order": 1, "cache_interval": 2, "warmup_steps": 1}),
          "taylorseer o1 i3": ("diffusers:taylorseer", {"order": 1, "cache_interval": 3, "warmup_steps": 1}),
          "fbc 0.05": ("diffusers:fbc", {"threshold": 0.05}),

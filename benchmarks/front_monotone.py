@@ -30,7 +30,7 @@ from difa.calibration import calibrate_front, calibrate_pipeline, search  # noqa
 from difa.evaluation import batch_seed  # noqa: E402
 from difa.models import load_pipeline, pipeline_call_kwargs  # noqa: E402
 
-CONF = Path(__file__).resolve().parents[1] / "difa" / "conf" / "model"
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 BUDGETS = [round(0.3 + 0.05 * i, 2) for i in range(13)]
 
 

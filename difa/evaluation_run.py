@@ -114,9 +114,9 @@ def evaluate(*, model: Mapping[str, Any], pipe: Any = None, load: Callable[[], A
              time_batches: int | None = 2, device: str = "cpu", dtype: str = "float32",
              save_plan: str | Path | None = None, inputs: Any = None) -> Evaluation:
     """The uncompressed model next to a plan or caching peer on the same seeds; the settings and their defaults are
-    difa/conf/evaluate.yaml's (except baseline_cache: off).
+    conf/evaluate.yaml's (except baseline_cache: off).
 
-    model: the model config as a dict (difa/conf/model/*.yaml: name, family, steps, guidance_scale, dataset,
+    model: the model config as a dict (conf/model/*.yaml: name, family, steps, guidance_scale, dataset,
     call_kwargs); pipe: its loaded pipeline, or load: a function of no arguments that loads it once the arguments
     are checked. plan: a Plan, a plan file, "none" / None (the baseline alone), "preset:<name>" or a peer spec
     ("diffusers:<name>", "cachedit:dbcache", "smoothcache:<schedule.json|calibrate>"); params: the preset's or the

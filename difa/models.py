@@ -1,6 +1,6 @@
 """Load diffusers pipelines: real checkpoints (hub id or local dir) and tiny random-weight models (difa.tiny).
 
-A model config (a Hydra `difa/conf/model/*.yaml` node) has the keys
+A model config (a Hydra `conf/model/*.yaml` node) has the keys
 `name`, `family` (a row of difa.adapters.ADAPTERS), `pipeline` (a diffusers class name),
 `path` (hub id or local save_pretrained dir, or null), `tiny` (null or a family name),
 `seed` (for tiny) and `resolution` (pixels).
@@ -176,7 +176,7 @@ class Configured:
 
     pipe: DiffusionPipeline
     adapter: object  # difa.adapters.Adapter
-    cfg: dict  # the model config (difa/conf/model/<name>.yaml)
+    cfg: dict  # the model config (conf/model/<name>.yaml)
     extra: dict  # the pipeline's call kwargs: the family's, then the config's `call_kwargs`
     steps: int
     guidance: float
@@ -189,7 +189,9 @@ def load_configured(name: str, n_calib: int | None = None) -> Configured:
 
     from difa.adapters import adapter_for
 
-    path = Path(__file__).resolve().parent / "conf" / "model" / f"{name}.yaml"
+    from difa.paths import conf_dir
+
+    path = conf_dir() / "model" / f"{name}.yaml"
     if not path.is_file():
         raise DifaError(f"no model config {name!r} (looked for {path})")
     cfg = yaml.safe_load(path.read_text())

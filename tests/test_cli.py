@@ -371,3 +371,27 @@ def test_a_plan_does_not_choose_what_gets_loaded(tmp_path, caplog):
     plan_path.write_text(json.dumps(d))
     with pytest.raises(DifaError, match="names model 'mystery', which has no model config here; .*\\+model=<name>"):
         generate_cli.run(config("generate", [f"plan={plan_path}", "n=1", f"out={tmp_path / 'img'}"]))
+
+
+def test_the_difa_console_script_runs_the_same_commands(tmp_path, capsys):
+    import sys
+
+    from difa.cli.main import main
+
+    assert main(["--help"]) == 0 and "difa {calibrate,generate,evaluate}" in capsys.readouterr().out
+    assert main(["calibrat"]) == 2 and "unknown command 'calibrat'" in capsys.readouterr().err
+    argv = list(sys.argv)
+    assert main(["generate", "+model=tiny_dit", "plan=none", "n=1", "steps=2", f"out={tmp_path / 'img'}",
+                 f"hydra.run.dir={tmp_path}"]) == 0
+    assert sys.argv == argv and (tmp_path / "img" / "grid.png").is_file()
+    assert "(tiny_dit, 2 steps" in capsys.readouterr().out
+
+
+def test_a_missing_extra_is_named_in_one_line():
+    from difa.errors import DifaError, need
+
+    need("eval", ("json",), "x")  # present: nothing to say
+    with pytest.raises(DifaError) as e:
+        need("eval", ("json", "difa_no_such_module_x"), "difa evaluate")
+    assert str(e.value) == ("difa evaluate needs difa_no_such_module_x, which the core install leaves out: "
+                            "pip install 'difa[eval]'")

@@ -165,7 +165,7 @@ def test_load_configured_gives_the_pipeline_as_the_clis_call_it():
     from difa.models import load_configured
 
     m = load_configured("fmnist_dit", n_calib=12)
-    cfg = yaml.safe_load(open("difa/conf/model/fmnist_dit.yaml"))
+    cfg = yaml.safe_load(open("conf/model/fmnist_dit.yaml"))
     assert isinstance(m.pipe, DiTPipeline) and m.adapter.family == "dit"
     assert (m.steps, m.guidance) == (cfg["steps"], cfg["guidance_scale"])
     assert m.calib == [cfg["inputs"][i % len(cfg["inputs"])] for i in range(12)] and len(cfg["inputs"]) < 12

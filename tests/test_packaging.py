@@ -59,10 +59,12 @@ def test_wheel_holds_every_package_the_configs_and_the_bundled_files(wheel):
     packages = {str(p.parent.relative_to(REPO)) for p in (REPO / "difa").rglob("__init__.py")}
     shipped = {n.rsplit("/", 1)[0] for n in names if n.endswith("/__init__.py")}
     assert packages <= shipped, f"add {sorted(packages - shipped)} to [tool.setuptools] packages in pyproject.toml"
-    confs = {str(p.relative_to(REPO)) for p in (REPO / "difa" / "conf").rglob("*.yaml")}
+    confs = {"difa/conf/" + str(p.relative_to(REPO / "conf")) for p in (REPO / "conf").rglob("*.yaml")}  # conf/ ->
     assert confs and confs <= names and "difa/conf/hydra/launcher/local.yaml" in names
     data = {"difa/bundled/" + str(p.relative_to(REPO / "data")) for p in (REPO / "data").rglob("*") if p.is_file()}
     assert "difa/bundled/models/fmnist-dit/model_index.json" in data and data <= names
+    (entry,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    assert "difa = difa.cli.main:main" in zipfile.ZipFile(wheel).read(entry).decode()  # the console script
 
 
 def test_installed_wheel_calibrates_and_generates_from_an_unrelated_directory(wheel, tmp_path):

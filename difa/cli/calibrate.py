@@ -69,22 +69,31 @@ def run(cfg: DictConfig) -> tuple[Plan, Path]:
         record = {**plan.calibration, "model_config": OmegaConf.to_container(m, resolve=True), "device": cfg.device,
                   "dtype": cfg.dtype, "weights_mb": round(weights_mb(pipe), 3)}
         plan = plan.with_(calibration=record)
-        from difa.plots import plan_heatmap
-
         # The heatmap first: a kill between the two writes leaves the old plan next to a new heatmap, never a new
         # plan next to an old heatmap.
-        heatmap = plan_heatmap(plan, out.with_suffix(".png"), follow=False)
+        heatmap = _heatmap(plan, out.with_suffix(".png"))
         plan.save(out)
         checkpoint.clear()
     print(summary(plan, out) + f"\nheatmap    {heatmap}")
     return plan, out
 
 
+def _heatmap(plan: Plan, path: Path) -> str:
+    """Write the plan's heatmap; without matplotlib (a core install) say which extra draws it."""
+    try:
+        import matplotlib
+    except ImportError:
+        matplotlib = None
+    if matplotlib is None:
+        return "not drawn: matplotlib is missing (pip install 'difa[eval]')"
+    from difa.plots import plan_heatmap
+
+    return str(plan_heatmap(plan, path, follow=False))
+
+
 def run_front(cfg: DictConfig, m: DictConfig, args: dict, inputs: list, techniques: dict) -> tuple[list[Plan], Path]:
     """One plan per budget from one recorded trajectory, written as <out dir>/<model>_b<budget>_s<steps>.json with
     its heatmap, and the front's plot (<model>_front_s<steps>.png); `out` names the directory (default plans/)."""
-    from difa.plots import front_plot, plan_heatmap
-
     budgets, steps = args["budgets"], args["steps"]
     folder = Path(cfg.out) if cfg.out else Path("plans")
     if folder.suffix == ".json":
@@ -101,15 +110,20 @@ def run_front(cfg: DictConfig, m: DictConfig, args: dict, inputs: list, techniqu
         extra = {"model_config": OmegaConf.to_container(m, resolve=True), "device": cfg.device, "dtype": cfg.dtype,
                  "weights_mb": round(weights_mb(pipe), 3)}
         plans = [p.with_(calibration={**p.calibration, **extra}) for p in plans]
+        drawn = _heatmap(plans[0], outs[0].with_suffix(".png"))  # (the first heatmap, or why none is drawn)
         for plan, out in zip(plans, outs):
-            plan_heatmap(plan, out.with_suffix(".png"), follow=False)
+            if plan is not plans[0] and not drawn.startswith("not drawn"):
+                _heatmap(plan, out.with_suffix(".png"))
             plan.save(out)
-        front_plot(plans, figure, follow=False)
-    print(front_summary(plans, outs, figure))
+        if not drawn.startswith("not drawn"):
+            from difa.plots import front_plot
+
+            front_plot(plans, figure, follow=False)
+    print(front_summary(plans, outs, figure if not drawn.startswith("not drawn") else drawn))
     return plans, folder
 
 
-def front_summary(plans: list[Plan], outs: list[Path], figure: Path) -> str:
+def front_summary(plans: list[Plan], outs: list[Path], figure: Path | str) -> str:
     """One screen: a line per budget (predicted latency, checked error, skipped block cells, file)."""
     c = plans[0].calibration
     lines = [f"difa front: {len(plans)} plans of {plans[0].model.name or plans[0].model.cls} from one recorded "

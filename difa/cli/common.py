@@ -10,8 +10,9 @@ from typing import Any, Callable, Mapping, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from difa.errors import DifaError
+from difa.paths import conf_dir
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the Hydra configs ship inside the package (difa/conf)
+CONF_DIR = conf_dir()  # the Hydra configs: conf/ in a checkout, difa/conf in an installed wheel
 MODEL_DIR = CONF_DIR / "model"
 # The source checkout's root, for tests and experiments run from a checkout; library code never resolves files
 # against it (bundled models: difa.models.resolve_path).

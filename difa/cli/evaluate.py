@@ -15,6 +15,7 @@ from difa.cli.common import (CONF_DIR, HOOK_KEYS, PRESET_KEYS, check_known_keys,
                              is_preset, load_model, model_config, plan_model_config, precheck, reject_unplussed_model,
                              report_errors)
 from difa.evaluation import NO_PLAN, evaluate
+from difa.errors import need
 from difa.evaluation_run import check_out
 from difa.files import check_target
 from difa.peers import is_hook
@@ -32,7 +33,11 @@ def resolve(cfg: DictConfig) -> DictConfig:
     return model_config(cfg.default_model)
 
 
+EVAL_MODULES = ("torchvision", "pytorch_fid", "torchmetrics", "scipy", "pandas", "matplotlib")  # the eval extra
+
+
 def run(cfg: DictConfig):
+    need("eval", EVAL_MODULES, "difa evaluate")
     check_known_keys(cfg, "evaluate")
     check_settings(cfg)
     m = resolve(cfg)
