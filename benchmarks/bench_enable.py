@@ -1,5 +1,5 @@
-"""`difa.enable` on the bundled DiT: the first call's cost (the call plus the calibration), then the enabled
-pipeline against the unpatched one, interleaved.
+"""`difa.enable` on the bundled DiT: the first call's cost (the calibration, which returns the call's images),
+then the enabled pipeline against the unpatched one, interleaved.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_enable.py [--budget 0.5] [--batch 4] [--repeats 4]
 
@@ -51,7 +51,7 @@ def main() -> None:
             ratios.append(times["enabled"] / times["plain"])
         difa.disable(enabled)
     pred = predicted_at(plan.latency, a.batch)
-    print(f"fmnist_dit, batch {a.batch}, budget {a.budget}: first call (call + calibration) {first:.1f} s, "
+    print(f"fmnist_dit, batch {a.batch}, budget {a.budget}: first call (the calibration) {first:.1f} s, "
           f"calibration {plan.calibration['wall_time_s']:.1f} s, {plan.calibration['forwards']} forwards")
     predicted = f"; predicted {pred['fraction']:.3f}" if pred else ""
     print(f"enabled / unpatched: {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) over "

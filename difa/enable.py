@@ -2,9 +2,10 @@
 
 After `enable`, `pipe(...)` is called as usual. The first call with some settings (the model, the scheduler, the
 number of steps, the guidance scale, the resolution and the batch: everything that shapes what the denoiser sees,
-not the prompts or class ids) runs the pipeline as it is, so its images are the pipeline's own, and then calibrates
-a plan for those settings with the default search on that call's own inputs (`calibrate_pipeline`; its
-generations use seed 0 and the call's inputs, never the caller's generator). The plan goes into a plan cache, one
+not the prompts or class ids) calibrates a plan for those settings with the default search on that call itself
+(`calibrate_pipeline(call=...)`): every generation of the calibration replays the call with a copy of its
+generator, and the call returns the recorded all-full generation, so its images are the pipeline's own and the
+calibration costs no generation more than it would alone. The plan goes into a plan cache, one
 file per settings key (`DIFA_CACHE`, else ~/.cache/difa), written atomically: a killed calibration leaves no plan
 behind. Later calls with the same settings apply the cached plan (in this process, or any later one); a call with
 other settings calibrates again. The calibration's cost is logged once per plan (logger "difa", INFO).
@@ -131,16 +132,28 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
         return call(self, *args, **kwargs)
     key, s = settings(self, state, args, kwargs)
     plan = state.plans.get(key) or _cached(state.cache / f"{key}.json")
-    if plan is None:  # first call with these settings: the pipeline's own images, then a plan for them
+    if plan is None:  # first call with these settings: calibrate, its recorded all-full generation being this call
         remove_plan(self)
         state.applied = None
-        out = call(self, *args, **kwargs)
+        bound = inspect.signature(call).bind(self, *args, **kwargs)
+        gen = bound.arguments.get("generator")
+        if gen is None:  # (the calibration replays the call: its noise must come from a generator it can copy)
+            gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        first = _states(gen)
+        outputs = []
+
+        def replay():
+            bound.arguments["generator"] = _copies(gen, first)  # the call's noise, every time
+            out = call(*bound.args, **bound.kwargs)
+            outputs.append(out)
+            return out
+
         state.busy = True
         try:
-            state.plans[key] = _calibrate(self, state, key, s, args, kwargs)
+            state.plans[key] = _calibrate(self, state, key, s, args, kwargs, replay)
         finally:
             state.busy = False
-        return out
+        return outputs[0]  # the recorded generation: every block computed, no plan applied
     state.plans[key] = plan
     if state.applied != key:
         apply_plan(self, plan)
@@ -148,7 +161,7 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
     return call(self, *args, **kwargs)
 
 
-def _calibrate(pipe: Any, state: Enabled, key: str, s: Mapping, args: tuple, kwargs: Mapping) -> Plan:
+def _calibrate(pipe: Any, state: Enabled, key: str, s: Mapping, args: tuple, kwargs: Mapping, replay) -> Plan:
     from difa.calibration import calibrate_pipeline
 
     adapter = adapter_for(pipe)
@@ -168,7 +181,7 @@ def _calibrate(pipe: Any, state: Enabled, key: str, s: Mapping, args: tuple, kwa
     plan = calibrate_pipeline(pipe, inputs, steps=int(steps), guidance_scale=float(guidance), seed=0,
                               call_kwargs=extra, name=f"enable-{key}", latency_cache=state.cache / "latency",
                               threshold=state.threshold if state.threshold is not None else 0.0,
-                              budget=state.budget)  # (a budget overrides the threshold)
+                              budget=state.budget, call=replay)  # (a budget overrides the threshold)
     plan = plan.with_(calibration={**plan.calibration, "enable_settings": dict(s)})
     path = plan.save(state.cache / f"{key}.json")  # atomic: a kill leaves no half-written plan
     LOG.info("difa: calibrated a plan for these settings in %.1f s (%s model forwards), predicted %.3f of full "
@@ -182,6 +195,18 @@ def _passed(adapter: Any, kwargs: Mapping) -> dict:
     """The keyword arguments the caller passed that are settings (neither the inputs, the guidance, nor NOT_SETTINGS)."""
     skip = NOT_SETTINGS | {INPUT_KEYS[adapter.inputs_kind], adapter.guidance_arg}
     return {k: v for k, v in kwargs.items() if k not in skip}
+
+
+def _states(gen: Any) -> Any:
+    """The state of a generator, or of each of a list of them (one per image)."""
+    return [g.get_state() for g in gen] if isinstance(gen, (list, tuple)) else gen.get_state()
+
+
+def _copies(gen: Any, states: Any) -> Any:
+    """Fresh generators on the devices of `gen`, in `states`."""
+    if isinstance(gen, (list, tuple)):
+        return [torch.Generator(device=g.device).set_state(st) for g, st in zip(gen, states)]
+    return torch.Generator(device=gen.device).set_state(states)
 
 
 def _cached(path: Path) -> Plan | None:

@@ -125,6 +125,10 @@ def test_a_method_that_reads_a_cache_needs_the_step_before_computed_in_full():
     assert row[2:4] == ["tome", "tome"] and total == pytest.approx(0.05)
     _, row, _ = table.row(0, 6, {1: S.SKIP, 2: S.ATTN}, ["reuse", "ast"])
     assert row[:3] == ["full", "reuse", "full"]  # after a skipped step the cache is older than it was scored at
+    # a block with a half cell keeps its attention full throughout (plan validation): no attention cell
+    halved = S.Table(table.traj, attn=attn, cond=slice(0, 1))
+    _, row, _ = halved.row(0, 6, {2: S.HALF, 4: S.ATTN}, ["cfg_delta", "tome"])
+    assert row[2] == "cfg_delta" and row[4] == "full"
     # an attention cell is a computed step for the block's stand-ins after it
     _, row, stale = table.row(0, 6, {2: S.ATTN, 3: S.SKIP}, ["reuse", "tome"])
     assert row[2:4] == ["tome", "reuse"] and stale == 1

@@ -71,6 +71,7 @@ def calibrate_pipeline(
     max_cache_mb: float | None = None,
     checkpoint: Any = None,  # greedy: a calibration.checkpoint.Checkpoint to resume from and write to
     budgets: Sequence[float] | None = None,  # (calibrate_front's: one plan per budget)
+    call: Any = None,  # trajectory: runs the pipeline for every generation of the calibration (see below)
 ) -> Any:
     """Calibrate `pipe` on `inputs` (class ids or prompts) -> Plan (a list of them with `budgets`: calibrate_front).
 
@@ -86,6 +87,9 @@ def calibrate_pipeline(
     scale); "halves" compares both CFG halves as they leave the denoiser (DiTFastAttn, for paper parity).
     max_cache_mb (trajectory): the block residuals the plan keeps across steps, at `latency_batch` images per call
     (default: the calibration inputs), stay within this many MB (cache_cap.cache_slots).
+    call (trajectory): a function that runs the pipeline once on `inputs` and returns its output, used for every
+    generation of the calibration instead of a call seeded with `seed`; it must draw the same noise each time
+    (difa.enable: the user's own call with a copy of its generator, so the recorded generation is that call's).
     """
     from difa.engine import ENGINE_ATTR
 
@@ -105,8 +109,11 @@ def calibrate_pipeline(
                                 budgets=budgets if budgets is not None else None if budget is None else [budget],
                                 steps=steps, guidance_scale=guidance_scale, seed=seed, candidates=cands, window=window,
                                 call_kwargs=call_kwargs, name=name, techniques=techniques, dtype=dtype,
-                                latency_cache=latency_cache, latency_batch=latency_batch, max_cache_mb=max_cache_mb)
+                                latency_cache=latency_cache, latency_batch=latency_batch, max_cache_mb=max_cache_mb,
+                                call=call)
         return plans if budgets is not None else plans[0]
+    if call is not None:
+        raise DifaError("call= runs the trajectory search's generations; search=greedy makes its own")
     return calibrate_greedy(pipe, inputs, threshold=threshold, steps=steps, guidance_scale=guidance_scale, seed=seed,
                             candidates=cands, cands=cands, window=window, call_kwargs=call_kwargs, name=name,
                             progress=progress, techniques=techniques, loss_on=loss_on, dtype=dtype,

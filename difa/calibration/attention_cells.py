@@ -12,8 +12,9 @@ attention), competing with the block's skipped and CFG cells by error per predic
   error is sum |out_m - out| / sum |out| on the block table's sampled tokens and normalization, exact at those
   steps for a plan whose only change there is that cell, and interpolated linearly between them (`table`): the
   whole-plan checks then measure what the search built. A method that reads a cache is proposed only where the
-  block was computed in full the step before (search.Table.row), the age its error was measured at.
-- **Cost.** PROBES x methods reruns of every block: on the bundled DiT (6 methods) 24 model forwards, with no
+  block was computed in full the step before (search.Table.row), the age its error was measured at; a block
+  with a CFG (half) cell takes none (plan validation keeps such a block's attention full throughout).
+- **Cost.** PROBES x methods reruns of every block: on the bundled DiT (4 methods) 16 model forwards, with no
   generation of its own.
 - **Not here.** T-GATE (`collapses_cfg`): its gain is the whole step on one CFG half once every cross-attention
   is gated, which a per-block score cannot see. Attention shared across the CFG halves (`asc`, `wars+asc`,

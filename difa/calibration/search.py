@@ -137,12 +137,15 @@ class Table:
         age its error was scored at), and no method of the tier: the cell stays computed."""
         cells = tiers(cells)
         total, history, row, stale = 0.0, [], [], 0
+        # a block with a half cell takes no attention cell: its attention layers stay full throughout (plan.validate)
+        halved = HALF in cells.values() and any(tier(m) == HALF for m in methods)
         for s in range(steps):
             level = cells.get(s)
             options = [m for m in methods if tier(m) == level] if level and history else []
             if level == ATTN:
-                ready = row[-1:] == [FULL]
-                errs = {m: self.error(j, s, history, m) for m in options if ready or not REGISTRY[m].reads}
+                ready = row[-1:] == [FULL] and not halved
+                errs = {m: self.error(j, s, history, m) for m in options
+                        if not halved and (ready or not REGISTRY[m].reads)}
                 errs = {m: e for m, e in errs.items() if e < float("inf")}
                 best = min(errs, key=errs.get) if errs else FULL
                 total += errs.get(best, 0.0)

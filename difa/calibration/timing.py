@@ -26,7 +26,8 @@ SERVE_FACTORS = (0.25, 4.0)
 
 
 def latency_model(pipe, adapter, model, blocks, layers, capture: Capture, params, cands, traj, images: int,
-                  latency_batch: int | None, dtype: str, cache, call_kwargs: Mapping | None = None) -> LatencyModel:
+                  latency_batch: int | None, dtype: str, cache, call_kwargs: Mapping | None = None,
+                  own_calls: bool = True) -> LatencyModel:
     """The measured cost model at `latency_batch` images per call (default: the calibration's `images`). Outside the
     denoiser: the calibration run's own remainder (scaled with the batch), plus the VAE decode where calibration
     skipped it (latent output)."""
@@ -36,19 +37,19 @@ def latency_model(pipe, adapter, model, blocks, layers, capture: Capture, params
     fixed = 0.0
     if traj is not None:
         fixed = traj.outside_s * batch / images
-        if adapter.calib_output_type == "latent":
+        if own_calls and adapter.calib_output_type == "latent":  # (a caller's own calls: the time they spend)
             fixed += decode_seconds(pipe, capture, batch, traj.final, call_kwargs)
     return measure(model, adapter, blocks, layers, capture, params, cands, fixed, dtype=dtype, cache_dir=cache,
                    images=batch)
 
 
 def latency_curve(pipe, adapter, model, blocks, layers, capture: Capture, params, cands, traj, images: int,
-                  latency_batch: int | None, dtype: str, cache,
-                  call_kwargs: Mapping | None = None) -> tuple[LatencyModel, dict[int, LatencyModel]]:
+                  latency_batch: int | None, dtype: str, cache, call_kwargs: Mapping | None = None,
+                  own_calls: bool = True) -> tuple[LatencyModel, dict[int, LatencyModel]]:
     """(the model at the latency batch b, {batch: model} at b and SERVE_FACTORS x b). The capture is left at b."""
     b = latency_batch or images
     main = latency_model(pipe, adapter, model, blocks, layers, capture, params, cands, traj, images, b, dtype, cache,
-                         call_kwargs)
+                         call_kwargs, own_calls)
     curve = {b: main}
     # Attention methods are timed at b only; at the other batches their differences to full attention are b's,
     # scaled with the batch (attention work is linear in it): timing every attention method on every layer at 4b
@@ -58,7 +59,7 @@ def latency_curve(pipe, adapter, model, blocks, layers, capture: Capture, params
         nb = max(1, round(b * f))
         if nb not in curve:
             at = latency_model(pipe, adapter, model, blocks, layers, capture, params, blocks_only, traj, images, nb,
-                               dtype, cache, call_kwargs)
+                               dtype, cache, call_kwargs, own_calls)
             curve[nb] = replace(at, attn_s=_scaled(at.attn_s, main.attn_s, nb / b))
     retile(capture, b / capture.images)  # back to b: the plan's shapes and slot sizes are read there
     capture.images = b

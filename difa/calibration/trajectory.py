@@ -27,7 +27,7 @@ from difa.techniques.protocol import FULL
 def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: Sequence[float] | None, steps: int,
                     guidance_scale: float, seed: int, candidates: Sequence[str], window, call_kwargs, name: str,
                     techniques, dtype: str, latency_cache, latency_batch: int | None,
-                    max_cache_mb: float | None = None) -> list[Plan]:
+                    max_cache_mb: float | None = None, call=None) -> list[Plan]:
     """One recorded trajectory, one latency model and one error table; then one plan per budget (ascending), or one
     plan for `threshold` (budgets None). A front takes every plan from one of the search's two paths, the one with
     less measured error summed over its budgets (search.front): its plans are nested, so errors on unseen seeds
@@ -64,10 +64,11 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
             scorer.engine = engine
         generator = torch.Generator(device="cpu").manual_seed(seed)
         with engine:
-            out = adapter.call_pipeline(pipe, inputs, steps=steps, guidance_scale=guidance_scale, generator=generator,
-                                        output_type=adapter.calib_output_type, extra=call_kwargs)
+            out = call() if call is not None else adapter.call_pipeline(
+                pipe, inputs, steps=steps, guidance_scale=guidance_scale, generator=generator,
+                output_type=adapter.calib_output_type, extra=call_kwargs)
         forwards[0] += engine.forwards
-        return adapter.outputs(out)
+        return _images(adapter, out)
 
     t0 = time.perf_counter()
     full_rows = [[FULL] * calls for _ in blocks]
@@ -88,7 +89,8 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
     traj.remainder_s = min(traj.outside_s, warm.outside_s)
     halves = [m for m in methods if REGISTRY[m].half_batch]  # (the latency model times a half block only for them)
     latency, curve = latency_curve(pipe, adapter, model, blocks, layers, capture, params, halves + attn_methods, traj,
-                                   len(inputs), latency_batch, dtype, latency_cache, call_kwargs)
+                                   len(inputs), latency_batch, dtype, latency_cache, call_kwargs,
+                                   own_calls=call is None)
     on = attention_cells.cell_layers(adapter, names, block_names, attn_methods, latency.attn_s)
     latency = replace(latency, cell_layers=on)
     curve = {b: replace(m, cell_layers=on) for b, m in curve.items()}
@@ -189,3 +191,15 @@ def _guided(adapter, g: float):
         u = other_half(c, t.shape[0])
         return t[u] + g * (t[c] - t[u])
     return combine
+
+
+def _images(adapter, out) -> torch.Tensor:
+    """The images (or latents, videos) of a pipeline call's output as one float tensor: a caller's own call
+    (`call=`) may ask for PIL images or numpy arrays, or a tuple (return_dict=False)."""
+    images = out[0] if isinstance(out, tuple) else adapter.outputs(out)
+    if torch.is_tensor(images):
+        return images
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(images if not isinstance(images, list) else
+                                       [np.asarray(i) for i in images])).float()
