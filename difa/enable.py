@@ -125,7 +125,7 @@ def settings(pipe: Any, state: Enabled, args: tuple, kwargs: Mapping) -> tuple[s
 
 
 def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
-    """The hooked `pipe(...)`: the settings' plan applied (calibrated after the call if there is none yet)."""
+    """The hooked `pipe(...)`: the settings' plan applied (calibrated on this very call if there is none yet)."""
     state: Enabled = getattr(self, STATE_ATTR)
     call = state.cls.__call__
     if state.busy:
