@@ -105,14 +105,18 @@ def disable(pipe: Any) -> bool:
     return True
 
 
-def settings(pipe: Any, state: Enabled, args: tuple, kwargs: Mapping) -> tuple[str, dict]:
+def _given(pipe: Any, state: Enabled, args: tuple, kwargs: Mapping) -> dict:
+    """The call's arguments by name, the pipeline's defaults filled in."""
+    bound = inspect.signature(state.cls.__call__).bind(pipe, *args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def settings(pipe: Any, state: Enabled, given: Mapping, kwargs: Mapping) -> tuple[str, dict]:
     """(key, settings) of a call: the model (class, config, a fingerprint of its weights), the scheduler, the
     shaping arguments as given or defaulted by the pipeline's signature, the batch, and the goal."""
     adapter = adapter_for(pipe)
     model = adapter.denoiser(pipe)
-    bound = inspect.signature(state.cls.__call__).bind(pipe, *args, **kwargs)
-    bound.apply_defaults()
-    given = dict(bound.arguments)
     inputs = given.get(INPUT_KEYS[adapter.inputs_kind])
     batch = len(inputs) if isinstance(inputs, (list, tuple)) else 1
     s = {"model": type(model).__name__, "config": config_hash(model.config), "weights": _fingerprint(model),
@@ -130,7 +134,8 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
     call = state.cls.__call__
     if state.busy:
         return call(self, *args, **kwargs)
-    key, s = settings(self, state, args, kwargs)
+    given = _given(self, state, args, kwargs)
+    key, s = settings(self, state, given, kwargs)
     plan = state.plans.get(key) or _cached(state.cache / f"{key}.json")
     if plan is None:  # first call with these settings: calibrate, its recorded all-full generation being this call
         remove_plan(self)
@@ -150,7 +155,7 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
 
         state.busy = True
         try:
-            state.plans[key] = _calibrate(self, state, key, s, args, kwargs, replay)
+            state.plans[key] = _calibrate(self, state, key, s, given, kwargs, replay)
         finally:
             state.busy = False
         return outputs[0]  # the recorded generation: every block computed, no plan applied
@@ -161,13 +166,10 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
     return call(self, *args, **kwargs)
 
 
-def _calibrate(pipe: Any, state: Enabled, key: str, s: Mapping, args: tuple, kwargs: Mapping, replay) -> Plan:
+def _calibrate(pipe: Any, state: Enabled, key: str, s: Mapping, given: Mapping, kwargs: Mapping, replay) -> Plan:
     from difa.calibration import calibrate_pipeline
 
     adapter = adapter_for(pipe)
-    bound = inspect.signature(state.cls.__call__).bind(pipe, *args, **kwargs)
-    bound.apply_defaults()
-    given = dict(bound.arguments)
     inputs = given[INPUT_KEYS[adapter.inputs_kind]]
     inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     steps = given.get("num_inference_steps")

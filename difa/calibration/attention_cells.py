@@ -83,28 +83,27 @@ def table(probe: Mapping[tuple[int, int, str], float], latency: LatencyModel, st
 
 
 class Scorer:
-    """The `on_block` observer of an all-full generation that keeps every cache (see the module doc): for each
-    block j, the methods `pays[j]` rerun on their cell layers `layers_of[method][j]`, at `steps` (None: every step
-    after the first). `engine` is set by the driver before the generation runs; `errors[(block, step, method)]` is
-    what it measured."""
+    """The `on_block` observer of an all-full generation that keeps the caches of the steps before `steps` (see the
+    module doc): at those steps every block reruns with its cell layers `layers_of[method][j]` on each method.
+    `engine` is set by the driver before the generation runs; `errors[(block, step, method)]` is what it measured."""
 
     def __init__(self, layers: Sequence[str], layers_of: Mapping[str, Sequence[Sequence[str]]],
-                 pays: Sequence[Sequence[str]], sample: Callable[[torch.Tensor], torch.Tensor],
-                 steps: set[int] | None = None, guided: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 sample: Callable[[torch.Tensor], torch.Tensor], steps: set[int],
+                 guided: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.engine: Any = None
         self.guided = guided
         self.layer_index = {n: i for i, n in enumerate(layers)}
-        self.layers_of, self.pays, self.sample, self.steps = layers_of, pays, sample, steps
+        self.layers_of, self.sample, self.steps = layers_of, sample, steps
         self.errors: dict[tuple[int, int, str], float] = {}
         self.reruns = 0
         self.failed: set[tuple[int, str]] = set()  # (block, method) that raised: never proposed
 
     def __call__(self, j: int, step: int, x: torch.Tensor, out: torch.Tensor) -> None:
-        if step == 0 or (self.steps is not None and step not in self.steps):
+        if step not in self.steps:
             return
         ref = self.score_on(out)
         scale = float(ref.abs().sum().clamp_min(1e-12))
-        for m in self.pays[j]:
+        for m in self.layers_of:
             if (j, m) in self.failed or not self.layers_of[m][j]:
                 continue
             cells = {self.layer_index[n]: m for n in self.layers_of[m][j]}

@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 from difa.calibration.latency import Capture, LatencyModel, decode_seconds, measure, retile
 from difa.cost import collapsed_steps
 from difa.techniques import REGISTRY
+from difa.techniques.protocol import FULL
 from difa.calls import shape as _shape
 
 
@@ -124,8 +125,8 @@ def _scaled(at: Mapping[str, Mapping[str, float]], main: Mapping[str, Mapping[st
     full at the latency batch (`main`) times k."""
     out = {}
     for n, t in main.items():
-        full = at.get(n, {}).get("full")
-        if full is None or "full" not in t:
+        full = at.get(n, {}).get(FULL)
+        if full is None or FULL not in t:
             continue
-        out[n] = {"full": full, **{m: full + k * (v - t["full"]) for m, v in t.items() if m != "full"}}
+        out[n] = {FULL: full, **{m: full + k * (v - t[FULL]) for m, v in t.items() if m != FULL}}
     return out

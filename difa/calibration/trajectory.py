@@ -58,7 +58,7 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
         engine = Engine(model, adapter, layers, [list(r) for r in attention or full_attention], params,
                         scheduler=pipe.scheduler, inference_steps=steps, blocks=blocks, block_methods=rows,
                         on_block=scorer or on_block, calibrating=scorer is not None,
-                        keep_steps=None if scorer is None else {s - 1 for s in scorer.steps or range(1, calls)},
+                        keep_steps=None if scorer is None else {s - 1 for s in scorer.steps},
                         metric_layers=list(range(len(layers))) if scorer is not None else None)
         if scorer is not None:
             scorer.engine = engine
@@ -83,7 +83,7 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
     # (the same generation probes the attention cells: calibration/attention_cells.py)
     names, block_names = [n for n, _ in layers], [n for n, _ in blocks]
     probe = attention_cells.Scorer(names, attention_cells.cell_layers(adapter, names, block_names, attn_methods),
-                                   [attn_methods] * len(blocks), traj.sample, attention_cells.probe_steps(calls),
+                                   traj.sample, attention_cells.probe_steps(calls),
                                    _guided(adapter, guidance_scale) if adapter.runs_cfg(guidance_scale) else None)
     warm = search.record(lambda on_block: run(full_rows, scorer=probe if attn_methods else None), model, 0)
     traj.remainder_s = min(traj.outside_s, warm.outside_s)
