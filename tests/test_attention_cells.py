@@ -172,34 +172,39 @@ def test_the_searchs_seconds_are_the_plans_prediction():
 
 @pytest.mark.parametrize("family", ["dit", "pixart"])
 def test_a_plan_with_attention_cells_does_what_its_calibration_recorded(family, tmp_path, monkeypatch):
-    """Where the latency model says attention cells pay (timings faked: attention nearly free on `ast` / `wars`),
-    the search plans them; the plan runs, within its budget, with the recorded error on those inputs."""
-    import difa
-    from difa.calibration import latency
-    from tests.test_search import calibrate, final, reachable
+    """Where the latency model says only attention cells pay (timings faked: attention nearly free on `ast` /
+    `wars`, a skipped or halved block as dear as a computed one), a budget under full takes them; the plan runs,
+    within its budget, with the recorded error on those inputs. (With real block timings, which budgets take
+    attention cells depends on the machine's load: a run of the whole suite beside other work took none.)"""
+    from dataclasses import replace
 
-    real = latency.time_attention
+    import difa
+    from difa.calibration import latency, timing
+    from tests.test_search import calibrate, final
+
+    real, measure = latency.time_attention, timing.measure
 
     def cheap(*args, **kwargs):
         timed = real(*args, **kwargs)
         return {m: (t if m == "full" else t * 0.05) if m in ("full", "ast", "wars") else t for m, t in timed.items()}
 
+    def no_block_savings(*args, **kwargs):
+        m = measure(*args, **kwargs)
+        return replace(m, skip_s=m.block_s, keep_s=(), half_s=m.block_s if m.half_s else ())
+
     monkeypatch.setattr(latency, "time_attention", cheap)
+    monkeypatch.setattr(timing, "measure", no_block_savings)
     pipe = tiny(family)
     ref = final(pipe, family)
-    seen = set()
-    for share in (0.3, 0.5, 0.7):  # (which budgets take attention cells depends on the timings and the table)
-        budget = reachable(pipe, family, tmp_path, share)
+    for budget in (0.995, 0.98):
         plan = calibrate(pipe, family, tmp_path, budget=budget)
         used = {m for row in plan.methods for m in row} - {"full"}
-        assert used <= {"ast", "wars"}
-        seen |= used
+        assert used and used <= {"ast", "wars"}
         assert plan.latency["predicted_fraction"] <= budget + 5e-5
         difa.apply_plan(pipe, plan)
         got = final(pipe, family)
         difa.remove_plan(pipe)
         assert S.final_error(got, ref) == pytest.approx(plan.calibration["measured_error"], abs=1e-5)
-    assert seen  # some budget took attention cells
 
 
 def test_attention_timings_at_other_batches_scale_the_methods_difference():

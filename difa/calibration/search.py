@@ -387,8 +387,10 @@ def budget_options(table: Table, latency: LatencyModel, n_blocks: int, steps: in
     # A second, structured candidate: the every-second-step schedule, pruned back to the budget or extended to it
     # by the same greedy. The table cannot see how errors propagate, so both are checked on the final output.
     path = structured_path(table, latency, n_blocks, steps, methods, full, under)
-    other = [c for c in path if under(c)][0]
-    return [greedy] + ([other] if under(other) and other.rows != greedy.rows else []), seq
+    # (it may never get under the budget: with attention cells that read the step before, the schedule's
+    # computed steps cannot take them, and only the greedy's path reaches the budget)
+    other = next((c for c in path if under(c)), None)
+    return [greedy] + ([other] if other is not None and other.rows != greedy.rows else []), seq
 
 
 def front(table: Table, latency: LatencyModel, n_blocks: int, steps: int,
