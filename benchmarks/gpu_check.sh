@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${INSTALL:-0}" == 1 ]]; then pip install -q -e '.[cuda]'; fi
 python benchmarks/gpu_check.py "$@"
+# the user's stack under a plan: offloading (enable_model_cpu_offload / enable_sequential_cpu_offload), regional
+# torch.compile; context parallelism where two GPUs are there (README "Works with")
+python benchmarks/gpu_stack_check.py "$@"
 # then the end-to-end plans at real widths and full depth (benchmarks/bench_scale.py); skipped in the dry run
 if [[ " $* " != *" --dry-run "* ]]; then
   timeout 300 python benchmarks/bench_scale.py --device cuda --dtype float16 --steps 3 --reps 3 \

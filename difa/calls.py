@@ -74,6 +74,7 @@ class PlanProcessor:
         self.layer = layer
         self.original = original
 
+    @torch.compiler.disable  # the cell's dispatch reads the step counter: traced, it would recompile every step
     def __call__(self, attn, hidden_states, *args, **kwargs):
         args = list(args)
         ehs = args.pop(0) if args else kwargs.pop("encoder_hidden_states", None)

@@ -8,6 +8,8 @@ Trap: on SD-XL the halves also differ in the pooled text embedding (added_cond_k
 there the collapse is T-GATE's own choice of half (Adapter.collapse_to: the unconditional one), not a lossless
 rewrite of the whole-batch step. A step where no cross-attention runs (a DeepCache step on SD-XL) collapses as the
 last step where some did.
+A ControlNet (or T2I-Adapter) under CFG reads the text, so its residuals differ between the halves: where a
+denoiser call carries such residuals with unequal halves, the step runs on the whole batch (`same_controls`).
 """
 
 from __future__ import annotations
@@ -44,8 +46,26 @@ def _halves_differ(value: Any, b: int) -> bool:
     return False
 
 
-def can_collapse(engine: Any, step: int, b: int) -> bool:
+# the denoiser call arguments that carry a ControlNet's or an adapter's residuals (UNet2DConditionModel,
+# SD3Transformer2DModel, FluxTransformer2DModel, ...): added into the hidden states, so they must match across halves
+CONTROLS = ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals",
+            "block_controlnet_hidden_states", "controlnet_block_samples", "controlnet_single_block_samples")
+
+
+def same_controls(kwargs: dict, b: int) -> bool:
+    """Every control residual of a denoiser call has equal CFG halves (or there is none)."""
+    for name in CONTROLS:
+        value = kwargs.get(name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if torch.is_tensor(v) and _halves_differ(v, b):
+                return False
+    return True
+
+
+def can_collapse(engine: Any, step: int, b: int, kwargs: dict | None = None) -> bool:
     if engine.cond is None or not gates(engine, step):
+        return False
+    if kwargs is not None and not same_controls(kwargs, b):
         return False
     cells = [(engine.states[i], row[step]) for i, row in enumerate(engine.methods)]
     cells += [(engine.block_states[j], engine.block_methods[j][step]) for j, _, _ in engine.blocks]
@@ -58,6 +78,7 @@ def can_collapse(engine: Any, step: int, b: int) -> bool:
     return True
 
 
+@torch.compiler.disable  # (reads the step counter: see difa/wrap.py)
 def post_forward(engine: Any, module, args, output):
     if not engine.collapsed or engine._inside:
         return None

@@ -227,10 +227,22 @@ def _fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            h.update(name.encode())
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            if p.device.type == "meta" or type(p.detach()) is not torch.Tensor:
+                continue  # offloaded (accelerate's sequential offload) or a quantized tensor subclass (torchao)
             h.update(p.detach().reshape(-1)[:256].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
 def _plain(v: Any) -> Any:
-    return v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+    """A call argument as it enters the settings key. An image or tensor argument (a ControlNet's control image, an
+    image-to-image input) counts by its type and shape, like the prompts by their number: its pixels change what is
+    generated, not the work the denoiser does."""
+    if isinstance(v, (int, float, str, bool, type(None))):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    shape = getattr(v, "shape", None)
+    if shape is None and type(v).__module__.startswith("PIL"):
+        shape = getattr(v, "size", None)  # PIL images: (width, height)
+    return f"{type(v).__name__}{tuple(shape)}" if shape is not None else repr(v)

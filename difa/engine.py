@@ -9,11 +9,12 @@ counter wraps after `steps` forwards (a new generation), and `Engine.reset()` re
 Layers whose methods hold a block-input slot (ToMe's similarity metric) get a pre-hook on their block that
 hands it over.
 
-Block cells: a block whose plan row is not all `full` gets its `forward` wrapped (an instance attribute, removed
-on undo); the block technique decides whether to call the original forward. A slot filled from a block's submodule
-("submodule:ff") and a technique that `replaces` a submodule get that submodule's forward wrapped too. Attention
+Block cells: a block whose plan row is not all `full` has its calls routed through the engine (difa/wrap.py: a
+class swap, undone exactly; `forward` is left to others, e.g. accelerate's offload hooks, and to torch.compile);
+the block technique decides whether to call the stock block. A slot filled from a block's submodule ("submodule:ff")
+and a technique that `replaces` a submodule get that submodule's calls routed too. Attention
 cells of a skipped block never run, so their caches are derived from the cells that do run (`cells.executed_cells`).
-A `half_batch` cell (a CFG cell) also gets the block's original forward on the conditional rows of every batched
+A `half_batch` cell (a CFG cell) also gets the stock block called on the conditional rows of every batched
 argument (`_half_call`); its attention layers then run on half the batch (validation keeps them `full`).
 
 CFG collapse (difa/collapse.py): when every cross-attention layer of a CFG step runs a technique that
@@ -29,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from difa import collapse
+from difa import collapse, parallel
 from difa.calls import PlanProcessor, compact, join_streams, plan_processor, shape
 from difa.adapters import CROSS_ATTN, JOINT, TEMPORAL, Adapter
 from difa.attention.merge import token_grid
@@ -39,6 +40,7 @@ from difa.techniques import REGISTRY, joint, kind_of, slots, unfit
 from difa.techniques.base import Cell, LayerShape, LayerState
 from difa.techniques.blocks import BlockCell, BlockState
 from difa.techniques.protocol import BLOCK, FULL, LAYER
+from difa.wrap import Router
 
 ENGINE_ATTR = "_difa_engine"  # the handle on the denoiser, so that remove_plan(pipe) can find it
 SUBMODULE = "submodule:"  # a slot source: the block's submodule of that name
@@ -146,6 +148,7 @@ class Engine:
         self._next = 0
         self._inside = False
         self._handles: list[Any] = []
+        self._router = Router()  # the blocks' (and submodules') calls routed through _run_block / _run_sub
         self._installed = False
         self._block_cells: dict[int, BlockCell] = {}  # block index -> its cell in the forward in progress
         # (block, its computation, its caches before it) while on_block observes it (Engine.rerun)
@@ -172,8 +175,10 @@ class Engine:
 
     def _record_shape(self, i: int, module, args, kwargs) -> None:
         """A stock layer's shapes at its first call inside a denoiser forward (the cost model's input); then the
-        hook removes itself."""
-        if self.step is None or i in self.shapes:
+        hook removes itself. Inside a compiled block it does nothing (a traced read of the step counter would
+        recompile every step, and removing a hook while tracing breaks the graph): shapes are for calibration and
+        evaluation, which run eagerly."""
+        if torch.compiler.is_compiling() or self.step is None or i in self.shapes:
             return None
         x = args[0] if args else kwargs.get("hidden_states")
         context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
@@ -190,6 +195,7 @@ class Engine:
     def install(self) -> "Engine":
         if self._installed:
             return self
+        self._check_parallel()  # before any change: a refused plan leaves the model as it was
         old = getattr(self.model, ENGINE_ATTR, None)
         if old is not None:
             old.remove()
@@ -209,10 +215,9 @@ class Engine:
                     users = sorted({m for m in self.block_methods[j] if REGISTRY[m].replaces == sub} or {FULL})
                     raise DifaError(f"block {name} has no submodule {sub!r}, so {', '.join(map(repr, users))} cannot "
                                     f"run there; use {FULL!r}")
-            block.forward = functools.partial(self._run_block, j, block.forward)
+            self._router.route(block, functools.partial(self._run_block, j))
             for sub in self._submodules(j):
-                module = getattr(block, sub)
-                module.forward = functools.partial(self._run_sub, j, sub, module.forward)
+                self._router.route(getattr(block, sub), functools.partial(self._run_sub, j, sub))
         for i in self.metric_layers:
             block = self.model.get_submodule(self.layers[i][0].rsplit(".", 1)[0])
             self._handles.append(block.register_forward_pre_hook(functools.partial(self._block_input, i), with_kwargs=True))
@@ -222,6 +227,12 @@ class Engine:
         self._installed = True
         return self
 
+    def _check_parallel(self) -> None:
+        why = parallel.conflict(self.model, [(n, row) for (n, _), row in zip(self.layers, self.methods)],
+                                [(n, m, self.block_methods[j]) for j, n, m in self.blocks], FULL)
+        if why is not None:
+            raise DifaError(why)
+
     def remove(self) -> None:
         """Undo install(): original processors back, hooks and the scheduler wrapper gone."""
         if not self._installed:
@@ -229,10 +240,7 @@ class Engine:
         for _, attn in self.layers:
             if isinstance(attn.processor, PlanProcessor) and attn.processor.engine is self:
                 attn.set_processor(attn.processor.original)
-        for _, _, block in self.blocks:
-            for module in (block, *block.children()):
-                if _ours(vars(module).get("forward"), self):
-                    del module.forward
+        self._router.unroute()
         for h in [*self._handles, *self._shape_hooks.values()]:
             h.remove()
         self._handles.clear()
@@ -296,6 +304,7 @@ class Engine:
         self.scheduler.set_timesteps = set_timesteps
 
     # -- per forward -----------------------------------------------------------------------
+    @torch.compiler.disable  # a compiled denoiser calls it eagerly (the step counter must not be guarded on)
     def _pre_forward(self, module, args, kwargs):
         if self._inside:
             return None
@@ -306,6 +315,8 @@ class Engine:
                             "count or reset its caches; call apply_plan(pipe, plan) again after changing the scheduler")
         if self._next >= self.steps:
             self.reset()
+        if self._next == 0:  # a new generation: parallelism may have been enabled since install
+            self._check_parallel()
         self.step, self._next = self._next, self._next + 1
         self.cond = None
         self.collapsed = False
@@ -325,7 +336,7 @@ class Engine:
         if self.on_step is not None:
             self._decide(module, args, kwargs)
         self.forwards += 1
-        if collapse.can_collapse(self, self.step, b):
+        if collapse.can_collapse(self, self.step, b, kwargs):
             self.collapsed = True
             keep = self.adapter.kept_half(b)  # the half T-GATE's own pipeline runs after the gate
             self.cond = None
@@ -376,7 +387,8 @@ class Engine:
                 state.slots[name] = collapse.fit(self, value, b)
 
     def _run_block(self, j: int, original: Callable, *args, **kwargs):
-        """The wrapped forward of block j: its plan cell decides whether and how the block runs. A two-stream block
+        """A call of block j, routed here (difa/wrap.py; `original` is the stock call): its plan cell decides whether
+        and how the block runs. A two-stream block
         (Adapter.block_streams) is seen by the block techniques as one tensor: hidden_states and encoder_hidden_states
         joined along the tokens (input and output alike), so a residual or a forecast covers both streams."""
         step = self.step
@@ -454,7 +466,7 @@ class Engine:
         return (cond, other), compute
 
     def _run_sub(self, j: int, sub: str, original: Callable, x, *args, **kwargs):
-        """The wrapped forward of block j's submodule `sub` (the feed-forward: x (B, N, C), its normed input): the
+        """A routed call of block j's submodule `sub` (the feed-forward: x (B, N, C), its normed input): the
         cell's technique replaces it, or its output is cached where a later cell reads it."""
         cell = self._block_cells.get(j)
         if self.step is None or cell is None or cell.step != self.step:
@@ -520,6 +532,3 @@ def residual_points(row: Sequence[str]) -> int:
     readers = [REGISTRY[m].points for m in row if REGISTRY[m].reads]
     return max(readers) if readers else 2
 
-
-def _ours(forward: Any, engine: "Engine") -> bool:
-    return isinstance(forward, functools.partial) and getattr(forward.func, "__self__", None) is engine
