@@ -8,8 +8,8 @@ Four copies of the pipeline (the same weights): eager full, eager plan, compiled
 compiles each transformer block (difa.compile_blocks; diffusers' compile_repeated_blocks does the same for the
 models that list their blocks), `whole` the denoiser (`transformer.compile()`). One warm-up call each (the
 compilation), then each round calls the four once, in a rotated order, on the same class ids and seed. Printed: per
-ratio the median (min-max) over the rounds, and dynamo's graph count after the warm-up and at the end (equal: no
-recompile after the first generation).
+ratio the median (min-max) over the rounds and the ratio of the fastest rounds, and dynamo's graph count after the
+warm-up and at the end (equal: no recompile after the first generation).
 """
 
 from __future__ import annotations
@@ -73,9 +73,11 @@ def main() -> None:
     predicted = predicted_at(plan.latency or {}, a.batch)
     print(f"{a.model} batch {a.batch}, {plan.inference_steps} steps, plan {a.plan} (predicted fraction of the eager "
           f"full model {predicted['fraction']:.3f}), {a.mode} {a.backend}, {a.repeats} rounds" if predicted else "")
+    fastest = {name: min(r[name] for r in rounds) for name in names}  # (this machine's rounds swing widely)
     for label, (x, y) in ratios.items():
         v = [r[x] / r[y] for r in rounds]
-        print(f"  {label:32s} {statistics.median(v):.3f} ({min(v):.3f}-{max(v):.3f})")
+        print(f"  {label:32s} {statistics.median(v):.3f} ({min(v):.3f}-{max(v):.3f})  fastest rounds "
+              f"{fastest[x] / fastest[y]:.3f}")
     for name in names:
         v = [r[name] for r in rounds]
         print(f"  seconds {name:14s} {statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})")

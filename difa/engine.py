@@ -155,6 +155,7 @@ class Engine:
         self._computing: tuple[int, Callable, list | None] | None = None
         self.block_layers = [[i for i, (n, _) in enumerate(self.layers) if n.startswith(b + ".")] for b in self.block_names]
         self._shape_hooks: dict[int, Any] = {}  # layer -> the pre-hook recording its shapes (layers left stock)
+        self._shape_layer: dict[int, int] = {}  # id(attention module) -> its layer index, for that hook
         self._configs = {name: t.cfg(params) for name, t in REGISTRY.items() if t.is_block}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -173,12 +174,17 @@ class Engine:
         return (self.on_step is not None or self.calibrating or any(m != FULL for m in self.methods[i])
                 or any(self.cell_keep[i]))
 
-    def _record_shape(self, i: int, module, args, kwargs) -> None:
+    def _record_shape(self, module, args, kwargs) -> None:
         """A stock layer's shapes at its first call inside a denoiser forward (the cost model's input); then the
         hook removes itself. Inside a compiled block it does nothing (a traced read of the step counter would
         recompile every step, and removing a hook while tracing breaks the graph): shapes are for calibration and
-        evaluation, which run eagerly."""
-        if torch.compiler.is_compiling() or self.step is None or i in self.shapes:
+        evaluation, which run eagerly. Trap: one hook for every layer, not one partial per layer index - dynamo
+        guards on a partial's arguments, so each block would get its own graph and the blocks would exhaust
+        torch's recompile limit (8 per function), after which they silently run eagerly."""
+        if torch.compiler.is_compiling() or self.step is None:
+            return None
+        i = self._shape_layer.get(id(module))
+        if i is None or i in self.shapes:
             return None
         x = args[0] if args else kwargs.get("hidden_states")
         context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
@@ -203,8 +209,8 @@ class Engine:
             if self._needs_processor(i):
                 attn.set_processor(plan_processor(self, i, attn.processor))
             else:  # the stock processor runs every cell: only its shapes are recorded, at its first call
-                self._shape_hooks[i] = attn.register_forward_pre_hook(functools.partial(self._record_shape, i),
-                                                                       with_kwargs=True)
+                self._shape_layer[id(attn)] = i
+                self._shape_hooks[i] = attn.register_forward_pre_hook(self._record_shape, with_kwargs=True)
         self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         if self.collapse_cfg:
             self._handles.append(self.model.register_forward_hook(functools.partial(collapse.post_forward, self)))
@@ -218,6 +224,13 @@ class Engine:
             self._router.route(block, functools.partial(self._run_block, j))
             for sub in self._submodules(j):
                 self._router.route(getattr(block, sub), functools.partial(self._run_sub, j, sub))
+        if self.blocks and len(self.block_methods) == len(self.blocks_by_index):
+            # the unplanned blocks too (their calls pass straight through): under regional torch.compile, a block
+            # graph guards on its module's class, and blocks of two classes would need twice the graphs
+            planned = {j for j, _, _ in self.blocks}
+            for j, block in enumerate(self.blocks_by_index):
+                if j not in planned:
+                    self._router.route(block, functools.partial(self._run_block, j))
         for i in self.metric_layers:
             block = self.model.get_submodule(self.layers[i][0].rsplit(".", 1)[0])
             self._handles.append(block.register_forward_pre_hook(functools.partial(self._block_input, i), with_kwargs=True))
@@ -245,6 +258,7 @@ class Engine:
             h.remove()
         self._handles.clear()
         self._shape_hooks.clear()
+        self._shape_layer.clear()
         if self.scheduler is not None and "set_timesteps" in vars(self.scheduler):
             del self.scheduler.set_timesteps
         if getattr(self.model, ENGINE_ATTR, None) is self:

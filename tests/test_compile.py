@@ -78,7 +78,9 @@ def test_regional_compile_keeps_a_block_plan_without_breaks_or_recompiles(family
         n = difa.compile_blocks(pipe, backend="eager", fullgraph=True)
     assert n == len(plan.model.blocks)
     first = compiles_in_the_first_steps_only(pipe, family)
-    assert graphs() >= 1 and breaks() == 0
+    # every block shares the same graphs (two: the first block's input is a transposed view, the others' are not):
+    # a per-block graph would exhaust torch's recompile limit (8) on a real model, which then silently runs eagerly
+    assert 1 <= graphs() <= 2 < len(plan.model.blocks) and breaks() == 0
     torch.testing.assert_close(first, eager, rtol=0, atol=1e-6)
     torch.testing.assert_close(second_generation_compiles_nothing(pipe, family), eager, rtol=0, atol=1e-6)
     difa.remove_plan(pipe)
