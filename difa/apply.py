@@ -109,12 +109,12 @@ def compile_blocks(obj: Any, **compile_kwargs: Any) -> int:
     """Regional torch.compile of a pipeline's (or bare denoiser's) transformer blocks, in place: `block.compile()`
     on each block a plan can hold cells for, as diffusers' `compile_repeated_blocks` does for the models that list
     their repeated blocks (DiT and PixArt do not). A plan's engine routes each block call outside the compiled region
-    (difa/wrap.py), so each block's computed path compiles once and a new step does not recompile, whether the plan
-    is applied before or after. `compile_kwargs` go to torch.compile (backend, mode, fullgraph, dynamic); `dynamic`
-    defaults to False: a plan with CFG cells calls its blocks on the whole CFG batch and on its conditional half, and
-    two static graphs per block run faster than the one dynamic-shape graph dynamo would otherwise switch to at the
-    second batch size (benchmarks/bench_compile.py). Returns the number of blocks compiled. (Compiling the whole denoiser instead also runs a plan, with a graph break at each
-    routed block, the routed blocks then eager: README "Works with".)"""
+    (difa/wrap.py), so the blocks share their graphs, compile during the first generation and never recompile after,
+    whether the plan is applied before or after. `compile_kwargs` go to torch.compile (backend, mode, fullgraph,
+    dynamic); `dynamic` defaults to False: a plan with CFG cells calls its blocks on the whole CFG batch and on its
+    conditional half, which then get a static graph each instead of one with a dynamic batch dimension. Returns the
+    number of blocks compiled. (Compiling the whole denoiser instead also runs a plan, but the routed blocks then
+    run eagerly: README "Works with".)"""
     blocks = plan_blocks(obj)
     if not blocks:
         raise DifaError(f"{type(adapter_for(obj).denoiser(obj)).__name__} has no transformer blocks to compile; "

@@ -140,6 +140,7 @@ def test_launcher_configs_compose(launcher, target, key, value):
         assert cfg.hydra.launcher._target_.endswith(target) and cfg.hydra.launcher[key] == value
 
 
+@pytest.mark.slow
 def test_joblib_sweep_of_evaluate_then_collect(tmp_path):
     """The README's sweep shape on the tiny model: two plans in parallel jobs, one CSV per job folder, collected."""
     torch.set_num_threads(1)

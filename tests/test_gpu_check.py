@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -45,6 +47,7 @@ def test_without_cuda_it_says_so_in_one_line(capsys):
     assert "no CUDA device here" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_scale_runs_every_plan_at_a_toy_size(capsys):
     """benchmarks/bench_scale.py at DiT-XL's width, three blocks, 256 tokens: a row per plan with finite numbers, the
     all-full plan at FLOPs 1 and predicted 1, and block reuse at about two thirds of the FLOPs (1 of 3 steps

@@ -67,6 +67,7 @@ def test_wheel_holds_every_package_the_configs_and_the_bundled_files(wheel):
     assert "difa = difa.cli.main:main" in zipfile.ZipFile(wheel).read(entry).decode()  # the console script
 
 
+@pytest.mark.slow
 def test_installed_wheel_calibrates_and_generates_from_an_unrelated_directory(wheel, tmp_path):
     site, work = tmp_path / "site", tmp_path / "elsewhere"
     work.mkdir()

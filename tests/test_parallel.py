@@ -98,6 +98,7 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
+@pytest.mark.slow
 def test_every_rank_follows_the_plan_on_its_shard(ranks):
     r0, r1 = ranks
     assert (r0["single"] - r0["full"]).abs().max() > 1e-3  # the plan changes the images
@@ -109,6 +110,7 @@ def test_every_rank_follows_the_plan_on_its_shard(ranks):
     assert r0["single_tokens"] and [2 * n for n in r0["parallel_tokens"]] == r0["single_tokens"]
 
 
+@pytest.mark.slow
 def test_attention_cells_are_refused_under_context_parallelism(ranks):
     for r in ranks:
         assert "attention cells" in r["refused"] and "context parallel" in r["refused"] and "\n" not in r["refused"]

@@ -113,6 +113,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_match_one(tmp_path):
     script = tmp_path / "sharded.py"
     script.write_text(SCRIPT)
