@@ -202,6 +202,7 @@ class Engine:
         if self._installed:
             return self
         self._check_parallel()  # before any change: a refused plan leaves the model as it was
+        self._check_submodules()
         old = getattr(self.model, ENGINE_ATTR, None)
         if old is not None:
             old.remove()
@@ -214,23 +215,13 @@ class Engine:
         self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         if self.collapse_cfg:
             self._handles.append(self.model.register_forward_hook(functools.partial(collapse.post_forward, self)))
-        for j, name, block in self.blocks:
-            for sub in self._submodules(j):
-                module = getattr(block, sub, None)
-                if not isinstance(module, torch.nn.Module):
-                    users = sorted({m for m in self.block_methods[j] if REGISTRY[m].replaces == sub} or {FULL})
-                    raise DifaError(f"block {name} has no submodule {sub!r}, so {', '.join(map(repr, users))} cannot "
-                                    f"run there; use {FULL!r}")
+        # every block of a plan with block cells is routed, the unplanned ones passing straight through: under
+        # regional torch.compile a block graph guards on its module's class, and two classes would need twice the graphs
+        for j, block in enumerate(self.blocks_by_index if self.blocks else ()):
             self._router.route(block, functools.partial(self._run_block, j))
+        for j, _, block in self.blocks:
             for sub in self._submodules(j):
                 self._router.route(getattr(block, sub), functools.partial(self._run_sub, j, sub))
-        if self.blocks and len(self.block_methods) == len(self.blocks_by_index):
-            # the unplanned blocks too (their calls pass straight through): under regional torch.compile, a block
-            # graph guards on its module's class, and blocks of two classes would need twice the graphs
-            planned = {j for j, _, _ in self.blocks}
-            for j, block in enumerate(self.blocks_by_index):
-                if j not in planned:
-                    self._router.route(block, functools.partial(self._run_block, j))
         for i in self.metric_layers:
             block = self.model.get_submodule(self.layers[i][0].rsplit(".", 1)[0])
             self._handles.append(block.register_forward_pre_hook(functools.partial(self._block_input, i), with_kwargs=True))
@@ -239,6 +230,14 @@ class Engine:
         setattr(self.model, ENGINE_ATTR, self)
         self._installed = True
         return self
+
+    def _check_submodules(self) -> None:
+        for j, name, block in self.blocks:
+            for sub in self._submodules(j):
+                if not isinstance(getattr(block, sub, None), torch.nn.Module):
+                    users = sorted({m for m in self.block_methods[j] if REGISTRY[m].replaces == sub} or {FULL})
+                    raise DifaError(f"block {name} has no submodule {sub!r}, so {', '.join(map(repr, users))} cannot "
+                                    f"run there; use {FULL!r}")
 
     def _check_parallel(self) -> None:
         why = parallel.conflict(self.model, [(n, row) for (n, _), row in zip(self.layers, self.methods)],
