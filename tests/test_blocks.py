@@ -1,4 +1,4 @@
-"""Block cells (`reuse`, `forecast`, `mlp_reuse`) against naive references made of plain forward hooks, on the
+"""Block cells (`reuse`, `forecast`, `forecast2`, `foca`, `mlp_reuse`) against naive references made of plain forward hooks, on the
 real tiny pipelines; all-full exactness, undo, apply twice, and plan validation."""
 
 from __future__ import annotations
@@ -29,6 +29,19 @@ def block_plan(pipe, family, method, attention=lambda i, t: "full"):
     return fixed_plan(pipe, attention, steps=STEPS, guidance_scale=GUIDANCE[family], block=schedule(method))
 
 
+def foca_by_steps(pts, s):
+    """FoCa's predictor-corrector run one step at a time (after cache-dit's FoCaCalibrator, with the anchor slope
+    per step): from the last three computed (step, residual) points, the run after the second-last taken as the
+    first-order forecast through the first two; then BDF2 at h = 1 plus the Heun correction towards the anchor."""
+    (s0, r0), (s1, r1), (s2, r2) = pts
+    before = r1 + (r1 - r0) * ((s2 - 1 - s1) / (s1 - s0))  # the value the step before s2 had (r1 if s2 - 1 == s1)
+    anchor = (r2 - r1) / (s2 - s1)
+    prev, cur = before, r2
+    for _ in range(s2 + 1, s + 1):
+        prev, cur = cur, 2 * cur - prev + 0.5 * (anchor - (cur - prev))
+    return cur
+
+
 def naive(pipe, family, method, run=generate) -> torch.Tensor:
     """The same schedule with forward hooks only: the blocks always run, and their outputs are replaced.
     `run(pipe, family)` generates (tests/test_families.py passes its own for the other families)."""
@@ -45,7 +58,7 @@ def naive(pipe, family, method, run=generate) -> torch.Tensor:
     def on_block(j):
         def hook(module, args, kwargs, out):
             x = args[0] if args else kwargs["hidden_states"]
-            if method in ("reuse", "forecast", "forecast2") and skipping(j):
+            if method in ("reuse", "forecast", "forecast2", "foca") and skipping(j):
                 pts, s = cache[j], step[0]
                 if method == "reuse" or len(pts) < 2:
                     return x + pts[-1][1]
@@ -53,6 +66,8 @@ def naive(pipe, family, method, run=generate) -> torch.Tensor:
                     (s0, r0), (s1, r1), (s2, r2) = pts
                     d01, d12 = (r1 - r0) / (s1 - s0), (r2 - r1) / (s2 - s1)
                     return x + (r2 + (s - s2) * d12 + (s - s2) * (s - s1) * (d12 - d01) / (s2 - s0))
+                if method == "foca" and len(pts) == 3:
+                    return x + foca_by_steps(pts, s)
                 (s0, r0), (s1, r1) = pts[-2], pts[-1]
                 return x + (r1 + (r1 - r0) * ((s - s1) / (s1 - s0)))
             cache[j] = [*cache[j][-2:], (step[0], out - x)]
@@ -78,7 +93,7 @@ def naive(pipe, family, method, run=generate) -> torch.Tensor:
             h.remove()
 
 
-@pytest.mark.parametrize("method", ["reuse", "forecast", "forecast2", "mlp_reuse"])
+@pytest.mark.parametrize("method", ["reuse", "forecast", "forecast2", "foca", "mlp_reuse"])
 def test_block_method_matches_naive_hooks(family, method):
     pipe = tiny(family)
     ref = generate(pipe, family)
@@ -98,7 +113,9 @@ def test_forecast_differs_from_reuse():
     difa.apply_plan(pipe, block_plan(pipe, "dit", "forecast"))
     b = generate(pipe, "dit")
     difa.apply_plan(pipe, block_plan(pipe, "dit", "forecast2"))  # its last skipped step has three points
-    assert not torch.equal(b, a) and not torch.equal(generate(pipe, "dit"), b)
+    c = generate(pipe, "dit")
+    difa.apply_plan(pipe, block_plan(pipe, "dit", "foca"))  # computed steps two apart: not the first-order forecast
+    assert not torch.equal(b, a) and not torch.equal(c, b) and not torch.equal(generate(pipe, "dit"), b)
     difa.remove_plan(pipe)
 
 
@@ -219,3 +236,29 @@ def test_second_order_forecast_is_the_parabola_through_three_points():
     np.testing.assert_allclose(got.numpy().ravel(), want, rtol=1e-9, atol=1e-9)
     assert torch.equal(forecast2.quadratic(pts[1:], 6), forecast.extrapolate(pts[1:], 6))
     assert forecast2.quadratic(pts[2:], 6) is r[2]
+
+
+def test_foca_is_its_step_by_step_recursion_and_first_order_where_steps_are_adjacent():
+    """The closed form (three weights) against the recursion run step by step, at uneven spacings and over long
+    runs; with adjacent computed steps it is the first-order forecast; a residual linear in the step is forecast
+    exactly; the correction stays bounded where a parabola's grows."""
+    from difa.techniques import foca, forecast, forecast2
+
+    g = torch.Generator().manual_seed(0)
+    r = [torch.randn(2, 5, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+    for steps in ((0, 3, 4), (0, 2, 5), (1, 2, 6), (0, 4, 8)):
+        pts = list(zip(steps, r))
+        for s in range(steps[2] + 1, steps[2] + 7):
+            torch.testing.assert_close(foca.predict(pts, s), foca_by_steps(pts, s), rtol=0, atol=1e-12)
+    adjacent = list(zip((3, 4, 5), r))
+    for s in (6, 9):
+        torch.testing.assert_close(foca.predict(adjacent, s), forecast.extrapolate(adjacent[1:], s), rtol=0,
+                                   atol=1e-12)
+    line = [(t, r[0] + 0.5 * t * r[1]) for t in (0, 3, 4)]
+    torch.testing.assert_close(foca.predict(line, 9), r[0] + 4.5 * r[1], rtol=0, atol=1e-12)
+    bent = [(t, float(t * t) * r[0]) for t in (0, 2, 4)]  # the block's residual a parabola in the step
+    far = [(foca.predict(bent, 4 + m) - forecast.extrapolate(bent[1:], 4 + m)).abs().max() for m in (4, 40)]
+    quad = [(forecast2.quadratic(bent, 4 + m) - forecast.extrapolate(bent[1:], 4 + m)).abs().max() for m in (4, 40)]
+    assert far[1] < 1.1 * far[0] and quad[1] > 50 * quad[0]
+    assert torch.equal(foca.predict(pts[1:], 9), forecast.extrapolate(pts[1:], 9))
+    assert foca.predict(pts[2:], 9) is r[2]

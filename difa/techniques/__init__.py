@@ -13,14 +13,14 @@ from typing import Any, Mapping
 from difa.adapters import JOINT, NO_CFG
 from difa import checks
 from difa.errors import DifaError
-from difa.techniques import (agent, asc, ast, cfg_delta, cfg_forecast, deepcache, forecast, forecast2, full,
-                             mlp_reuse, reuse, tgate, tome, wars, wars_asc)
+from difa.techniques import (agent, asc, ast, cfg_delta, cfg_forecast, deepcache, foca, forecast, forecast2,
+                             full, mlp_reuse, reuse, tgate, tome, wars, wars_asc)
 from difa.techniques.protocol import BLOCK, FULL, Slot, Technique, check
 
 # Registry order is the searches' tie order among equal costs (`tgate` before `ast`: see calibration).
 TECHNIQUES: tuple[Technique, ...] = tuple(m.TECHNIQUE for m in (full, tgate, ast, wars, asc, wars_asc, tome, agent,
-                                                                reuse, forecast, forecast2, cfg_delta, cfg_forecast,
-                                                                mlp_reuse, deepcache))
+                                                                reuse, forecast, forecast2, foca, cfg_delta,
+                                                                cfg_forecast, mlp_reuse, deepcache))
 REGISTRY: dict[str, Technique] = {}
 
 
