@@ -43,6 +43,11 @@ SHAPING = ("num_inference_steps", "guidance_scale", "max_guidance_scale", "heigh
            "num_frames")
 # call arguments that are not settings: the inputs' noise and what is returned (every other argument the caller
 # passes, e.g. negative_prompt or clean_caption, is one: part of the key and passed to the calibration's calls)
+# the caller's per-step callbacks: they run in the generation the first call returns, not in the calibration's
+# other generations (their side effects - progress, saved previews, an interrupt - are the caller's, once). A
+# callback that changes the latents changes only the returned generation: the plan is then calibrated on the
+# trajectory without it (pass no such callback to the first call, or calibrate with difa.calibrate_pipeline).
+STEP_CALLBACKS = ("callback", "callback_steps", "callback_on_step_end", "callback_on_step_end_tensor_inputs")
 NOT_SETTINGS = {"generator", "latents", "output_type", "return_dict", "callback", "callback_steps",
                 "callback_on_step_end", "callback_on_step_end_tensor_inputs", "num_inference_steps"}
 
@@ -149,6 +154,8 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
 
         def replay():
             bound.arguments["generator"] = _copies(gen, first)  # the call's noise, every time
+            if outputs:  # the caller's step callbacks run in the returned (first) generation only
+                _drop(bound, STEP_CALLBACKS)
             out = call(*bound.args, **bound.kwargs)
             outputs.append(out)
             return out
@@ -191,6 +198,15 @@ def _calibrate(pipe: Any, state: Enabled, key: str, s: Mapping, given: Mapping, 
              plan.calibration.get("forwards"), plan.latency.get("predicted_fraction", float("nan")),
              plan.calibration.get("measured_error"), path)
     return plan
+
+
+def _drop(bound: inspect.BoundArguments, names: tuple[str, ...]) -> None:
+    """Remove `names` from a bound call, as named parameters or inside its **kwargs."""
+    for name, param in bound.signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and isinstance(bound.arguments.get(name), dict):
+            bound.arguments[name] = {k: v for k, v in bound.arguments[name].items() if k not in names}
+        elif name in names:
+            bound.arguments.pop(name, None)
 
 
 def _passed(adapter: Any, kwargs: Mapping) -> dict:

@@ -183,3 +183,40 @@ def test_the_first_call_is_the_calibrations_recorded_generation(tmp_path, monkey
     call(pipe)
     assert len(runs) == alone  # (the latency microbenchmark calls the denoiser, not the pipeline)
     difa.disable(pipe)
+
+
+@pytest.mark.parametrize("family", ["sd", "pixart"])
+def test_the_callers_step_callback_runs_once_per_step_of_the_first_call(tmp_path, family):
+    """The calibration's other generations do not replay the caller's step callback (SD: callback_on_step_end,
+    PixArt: the older callback): the first call runs it once per step, as a plain call does, on the same latents,
+    and returns the plain call's images."""
+    from difa.models import pipeline_call_kwargs
+
+    pipe = tiny(family)
+    seen = []
+
+    def on_step_end(p, i, t, tensors):
+        seen.append((i, tensors["latents"].clone()))
+        return {}
+
+    def on_step(i, t, latents):
+        seen.append((i, latents.clone()))
+
+    hook = dict(callback_on_step_end=on_step_end) if family == "sd" else dict(callback=on_step, callback_steps=1)
+
+    def called():
+        seen.clear()
+        out = pipe(prompt=["a red bird", "a blue car"], num_inference_steps=STEPS, guidance_scale=4.5,
+                   generator=torch.Generator().manual_seed(3), output_type="latent", **pipeline_call_kwargs(family),
+                   **hook).images
+        return out, list(seen)
+
+    ref, plain = called()
+    difa.enable(pipe, threshold=0.05, cache=tmp_path)
+    first, during = called()
+    assert [i for i, _ in during] == list(range(STEPS))
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(during, plain))
+    assert torch.equal(first, ref)
+    _, planned = called()  # the plan's call runs it once per step too
+    assert [i for i, _ in planned] == list(range(STEPS))
+    difa.disable(pipe)
