@@ -63,6 +63,6 @@ def predict(points: list[tuple[int, torch.Tensor]], step: int, config: Any = Non
     return torch.add(r2 * w2, r1, alpha=w1).add_(r0, alpha=w0)  # (B, N, C), a new tensor
 
 
-TECHNIQUE = Technique(NAME, "H", "#aec7e8", (BLOCK,), run=stand_in_run(predict, POINTS, NAME), estimate=predict,
+TECHNIQUE = Technique(NAME, "O", "#ad494a", (BLOCK,), run=stand_in_run(predict, POINTS, NAME), estimate=predict,
                       reads=(RESIDUAL,), points=POINTS, skips_block=True, block_cost=skipped_block, candidate=False,
                       doc="skip the block, forecast its residual with FoCa's predictor-corrector")
