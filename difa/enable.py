@@ -41,15 +41,14 @@ STATE_ATTR = "_difa_enabled"
 # call arguments that change what the denoiser computes on (besides the inputs): part of the settings key
 SHAPING = ("num_inference_steps", "guidance_scale", "max_guidance_scale", "height", "width", "num_images_per_prompt",
            "num_frames")
-# call arguments that are not settings: the inputs' noise and what is returned (every other argument the caller
-# passes, e.g. negative_prompt or clean_caption, is one: part of the key and passed to the calibration's calls)
 # the caller's per-step callbacks: they run in the generation the first call returns, not in the calibration's
 # other generations (their side effects - progress, saved previews, an interrupt - are the caller's, once). A
 # callback that changes the latents changes only the returned generation: the plan is then calibrated on the
 # trajectory without it (pass no such callback to the first call, or calibrate with difa.calibrate_pipeline).
 STEP_CALLBACKS = ("callback", "callback_steps", "callback_on_step_end", "callback_on_step_end_tensor_inputs")
-NOT_SETTINGS = {"generator", "latents", "output_type", "return_dict", "callback", "callback_steps",
-                "callback_on_step_end", "callback_on_step_end_tensor_inputs", "num_inference_steps"}
+# call arguments that are not settings: the inputs' noise, what is returned, the step callbacks (every other argument the caller
+# passes, e.g. negative_prompt or clean_caption, is one: part of the key and passed to the calibration's calls)
+NOT_SETTINGS = {"generator", "latents", "output_type", "return_dict", "num_inference_steps", *STEP_CALLBACKS}
 
 
 @dataclass
