@@ -46,8 +46,9 @@ SHAPING = ("num_inference_steps", "guidance_scale", "max_guidance_scale", "heigh
 # callback that changes the latents changes only the returned generation: the plan is then calibrated on the
 # trajectory without it (pass no such callback to the first call, or calibrate with difa.calibrate_pipeline).
 STEP_CALLBACKS = ("callback", "callback_steps", "callback_on_step_end", "callback_on_step_end_tensor_inputs")
-# call arguments that are not settings: the inputs' noise, what is returned, the step callbacks (every other argument the caller
-# passes, e.g. negative_prompt or clean_caption, is one: part of the key and passed to the calibration's calls)
+# call arguments that are not settings: the inputs' noise, what is returned, the step callbacks (every other
+# argument the caller passes, e.g. negative_prompt or clean_caption, is one: part of the key and passed to the
+# calibration's calls)
 NOT_SETTINGS = {"generator", "latents", "output_type", "return_dict", "num_inference_steps", *STEP_CALLBACKS}
 
 
