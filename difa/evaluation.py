@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difa import metrics
+from difa import fid as fid_metrics, metrics
 from difa.adapters import Adapter
 from difa.data import FMNIST_CLASSES, captions
 from difa.engine import Engine
@@ -242,13 +242,13 @@ def score(methods: list[Method], labels: torch.Tensor, *, fid_ref: np.ndarray | 
             if cached is not None and cached.is_file():
                 feats = np.load(cached, allow_pickle=False)
             else:
-                feats = metrics.inception_features(images, batch_size=batch, progress=True, net=net)
+                feats = fid_metrics.inception_features(images, batch_size=batch, progress=True, net=net)
                 if cached is not None:
                     metrics.save_atomic(cached, lambda f: np.save(f, feats, allow_pickle=False), follow=False,
                                         what="the baseline's feature cache")
-            row["fid"] = metrics.fid_from_features(feats, fid_ref)
+            row["fid"] = fid_metrics.fid_from_features(feats, fid_ref)
             if net.logit_weight is not None:
-                row["inception_score"] = metrics.inception_score(feats, net)[0]
+                row["inception_score"] = fid_metrics.inception_score(feats, net)[0]
         rows.append(row)
         for i in range(len(images)):
             image_rows.append({"method": m.name, "image": i, "label": int(labels[i]),

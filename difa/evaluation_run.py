@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from difa import checks, evaluation, metrics  # the module's functions by attribute: tests patch evaluation.score
+from difa import checks, evaluation, fid as fid_metrics, metrics  # the module's functions by attribute: tests patch evaluation.score
 from difa.errors import DifaError
 from difa.evaluation import BASELINE, COLUMNS, FMNIST, IMAGE_COLUMNS, MAX_REFERENCE, NO_PLAN, Method
 from difa.peers import hook_from_spec, is_hook
@@ -88,8 +88,8 @@ def check_counts(n: Any, batch: Any, ref_n: Any, *, fid: bool, fid_source: str) 
     ref_n = checks.count("ref_n", ref_n, MAX_REFERENCE, low=2) if ref_n is not None else min(n, MAX_REFERENCE)
     if fid and (n < 2 or not 2 <= ref_n <= MAX_REFERENCE):
         raise DifaError(f"FID needs n >= 2 and 2 <= ref_n <= {MAX_REFERENCE} (got n={n}, ref_n={ref_n}); or pass fid=false")
-    if fid_source not in metrics.FID_SOURCES:
-        raise DifaError(f"unknown fid_source {fid_source!r}; use one of {', '.join(metrics.FID_SOURCES)}")
+    if fid_source not in fid_metrics.FID_SOURCES:
+        raise DifaError(f"unknown fid_source {fid_source!r}; use one of {', '.join(fid_metrics.FID_SOURCES)}")
     return n, batch, ref_n
 
 
@@ -222,8 +222,8 @@ def evaluate(*, model: Mapping[str, Any], pipe: Any = None, load: Callable[[], A
 
     net = fid_ref = classifier_net = None
     if fmnist and fid:
-        net = metrics.load_fid_inception(fid_source, device)
-        fid_ref = metrics.reference_features(ref_n, cache_dir, net, batch_size=batch, progress=True)
+        net = fid_metrics.load_fid_inception(fid_source, device)
+        fid_ref = fid_metrics.reference_features(ref_n, cache_dir, net, batch_size=batch, progress=True)
         if net.logit_weight is None:
             notes.append(f"Inception Score not available from fid_source={fid_source} (no softmax layer)")
     if clf_dir is not None:

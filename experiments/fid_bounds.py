@@ -11,7 +11,7 @@ import argparse
 import torch
 from diffusers import AutoencoderKL
 
-from difa import data, metrics
+from difa import data, fid
 from difa.cli.common import report_errors
 from difa.models import resolve_path
 
@@ -28,12 +28,12 @@ def main(argv=None) -> None:
     vae = AutoencoderKL.from_pretrained(resolve_path("data/models/fmnist-vae")).eval()
     with torch.no_grad():
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    net = metrics.load_fid_inception()
+    net = fid.load_fid_inception()
     ref_n = args.ref_n or args.n
-    ref = metrics.reference_features(ref_n, "runs/cache", net)
+    ref = fid.reference_features(ref_n, "runs/cache", net)
     for name, images in (("real train images", x), ("VAE reconstructions (posterior mean)", recon)):
-        feats = metrics.inception_features((images + 1) / 2, net=net)
-        print(f"FID {args.n} {name} vs {ref_n} test images: {metrics.fid_from_features(feats, ref):.1f}", flush=True)
+        feats = fid.inception_features((images + 1) / 2, net=net)
+        print(f"FID {args.n} {name} vs {ref_n} test images: {fid.fid_from_features(feats, ref):.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""difa.metrics: FID features and distance, Inception Score math, class accuracy, fidelity, reference cache."""
+"""difa.fid and difa.metrics: FID features and distance, Inception Score math, class accuracy, fidelity, reference cache."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from difa import metrics
+from difa import fid, metrics
 from difa.data import load_fmnist
 from difa.errors import DifaError
 from difa.zoo import FMNISTClassifier
@@ -35,21 +35,21 @@ def nv_bilinear_reference(x: torch.Tensor, size: int) -> torch.Tensor:
 def test_fid_input_is_tf_resize_of_8_bit_values():
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     expected = ((nv_bilinear_reference(torch.round(x * 255), 299) - 128) / 128).clamp(-1, 127 / 128)
-    got = metrics.fid_input(x)
+    got = fid.fid_input(x)
     assert got.shape == (2, 3, 299, 299) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
     # uint8 and float inputs agree; gray is repeated to RGB; the range is TF's [-1, 127/128]
-    torch.testing.assert_close(metrics.fid_input((x * 255).round().to(torch.uint8)), got)
+    torch.testing.assert_close(fid.fid_input((x * 255).round().to(torch.uint8)), got)
     gray = x[:, :1]
-    torch.testing.assert_close(metrics.fid_input(gray), metrics.fid_input(gray.expand(-1, 3, -1, -1)))
-    ends = metrics.fid_input(torch.tensor([0.0, 1.0]).reshape(1, 1, 1, 2))
+    torch.testing.assert_close(fid.fid_input(gray), fid.fid_input(gray.expand(-1, 3, -1, -1)))
+    ends = fid.fid_input(torch.tensor([0.0, 1.0]).reshape(1, 1, 1, 2))
     assert ends.min() == -1.0 and ends.max() == 127 / 128
 
 
 def test_tf_bilinear_matrix_samples_j_times_scale():
-    m = metrics.tf_bilinear_matrix(2, 4)  # sources 0, 0.5, 1, 1.5 -> clamped at the last pixel
+    m = fid.tf_bilinear_matrix(2, 4)  # sources 0, 0.5, 1, 1.5 -> clamped at the last pixel
     torch.testing.assert_close(m, torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.0, 1.0]]))
-    assert torch.allclose(metrics.tf_bilinear_matrix(32, 299).sum(dim=1), torch.ones(299))
+    assert torch.allclose(fid.tf_bilinear_matrix(32, 299).sum(dim=1), torch.ones(299))
 
 
 @pytest.mark.parametrize("bad, hint", [
@@ -61,7 +61,7 @@ def test_tf_bilinear_matrix_samples_j_times_scale():
 ])
 def test_bad_images_are_refused_in_one_line(bad, hint):
     with pytest.raises(DifaError, match=hint) as e:
-        metrics.fid_input(bad)
+        fid.fid_input(bad)
     assert "\n" not in str(e.value)
 
 
@@ -70,53 +70,53 @@ def test_low_rank_frechet_distance_equals_pytorch_fid(n1, n2, d):
     rng = np.random.default_rng(n1 + n2 + d)
     f1 = rng.standard_normal((n1, d))
     f2 = 1.3 * rng.standard_normal((n2, d)) + 0.2
-    expected = metrics.fid_from_stats(metrics.fid_stats(f1), metrics.fid_stats(f2))  # pytorch-fid's sqrtm
-    assert metrics.frechet_distance_low_rank(f1, f2) == pytest.approx(expected, rel=1e-6)
-    assert metrics.fid_from_features(f1, f2) == pytest.approx(expected, rel=1e-6)
+    expected = fid.fid_from_stats(fid.fid_stats(f1), fid.fid_stats(f2))  # pytorch-fid's sqrtm
+    assert fid.frechet_distance_low_rank(f1, f2) == pytest.approx(expected, rel=1e-6)
+    assert fid.fid_from_features(f1, f2) == pytest.approx(expected, rel=1e-6)
 
 
 def test_fid_needs_two_images_per_set():
     with pytest.raises(DifaError, match="N >= 2"):
-        metrics.fid_from_features(np.zeros((1, 8)), np.zeros((4, 8)))
+        fid.fid_from_features(np.zeros((1, 8)), np.zeros((4, 8)))
     with pytest.raises(DifaError, match="equal D"):
-        metrics.fid_from_features(np.zeros((4, 8)), np.zeros((4, 9)))
+        fid.fid_from_features(np.zeros((4, 8)), np.zeros((4, 9)))
 
 
 @pytest.fixture(scope="module")
-def fid_net() -> metrics.FidInception:
-    return metrics.load_fid_inception(metrics.FID_HELPER)
+def fid_net() -> fid.FidInception:
+    return fid.load_fid_inception(fid.FID_HELPER)
 
 
 @pytest.fixture(scope="module")
 def real_and_noise_features(fid_net):
-    real, _ = metrics.fmnist_reference(2 * N_SET)  # (32, 3, 32, 32) in [0, 1]
+    real, _ = fid.fmnist_reference(2 * N_SET)  # (32, 3, 32, 32) in [0, 1]
     noise = torch.rand(N_SET, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    feats = metrics.inception_features(torch.cat([real, noise]), batch_size=2 * N_SET, net=fid_net)
+    feats = fid.inception_features(torch.cat([real, noise]), batch_size=2 * N_SET, net=fid_net)
     return feats[: 2 * N_SET], feats[2 * N_SET :]
 
 
 def test_default_1_pt_gives_pool3_features_and_no_logits(fid_net, real_and_noise_features):
     real, _ = real_and_noise_features
-    assert real.shape == (2 * N_SET, metrics.FEATURE_DIM) and real.dtype == np.float32
+    assert real.shape == (2 * N_SET, fid.FEATURE_DIM) and real.dtype == np.float32
     assert (real >= 0).all() and np.isfinite(real).all()  # pool_3 averages ReLU outputs
     assert fid_net.logit_weight is None
     with pytest.raises(DifaError, match="softmax layer.*pytorch-fid"):
-        metrics.inception_score(real, fid_net)
+        fid.inception_score(real, fid_net)
 
 
 def test_fid_of_real_images(real_and_noise_features):
     real, noise = real_and_noise_features
     a, b = real[:N_SET], real[N_SET:]
-    assert abs(metrics.fid_from_features(real, real)) < 1e-3
-    fid_real = metrics.fid_from_features(a, b)
-    fid_noise = metrics.fid_from_features(a, noise)
+    assert abs(fid.fid_from_features(real, real)) < 1e-3
+    fid_real = fid.fid_from_features(a, b)
+    fid_noise = fid.fid_from_features(a, noise)
     assert 0 < fid_real < 0.5 * fid_noise, (fid_real, fid_noise)
 
 
 def test_inception_features_batches_do_not_change_the_result(fid_net):
-    x, _ = metrics.fmnist_reference(3)
-    one = metrics.inception_features(x, batch_size=1, net=fid_net)
-    three = metrics.inception_features(x, batch_size=3, net=fid_net)
+    x, _ = fid.fmnist_reference(3)
+    one = fid.inception_features(x, batch_size=1, net=fid_net)
+    three = fid.inception_features(x, batch_size=3, net=fid_net)
     np.testing.assert_allclose(one, three, rtol=1e-4, atol=1e-4)
 
 
@@ -132,18 +132,18 @@ def test_inception_score_matches_torchmetrics_math():
     tm_mean, tm_std = tm.compute()
     torch.manual_seed(5)
     perm = torch.randperm(n)  # torchmetrics shuffles before splitting
-    mean, std = metrics.inception_score_from_logits(logits[perm], splits)
+    mean, std = fid.inception_score_from_logits(logits[perm], splits)
     assert mean == pytest.approx(float(tm_mean), rel=1e-9)
     assert std * np.sqrt(splits / (splits - 1)) == pytest.approx(float(tm_std), rel=1e-9)  # theirs has ddof=1
 
 
 def test_inception_score_extremes():
-    assert metrics.inception_score_from_logits(torch.zeros(20, 5), splits=2) == pytest.approx((1.0, 0.0))
+    assert fid.inception_score_from_logits(torch.zeros(20, 5), splits=2) == pytest.approx((1.0, 0.0))
     confident = 50 * torch.eye(5).repeat(4, 1)  # (20, 5): every class equally often, each image certain
-    mean, std = metrics.inception_score_from_logits(confident, splits=4)
+    mean, std = fid.inception_score_from_logits(confident, splits=4)
     assert mean == pytest.approx(5.0, rel=1e-6) and std == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(DifaError, match="splits"):
-        metrics.inception_score_from_logits(torch.zeros(3, 5), splits=4)
+        fid.inception_score_from_logits(torch.zeros(3, 5), splits=4)
 
 
 def test_pytorch_fid_source_is_inception_v3_block_3_plus_its_fc(monkeypatch):
@@ -156,14 +156,14 @@ def test_pytorch_fid_source_is_inception_v3_block_3_plus_its_fc(monkeypatch):
 
     monkeypatch.setattr(pfi, "load_state_dict_from_url", own_weights)
     torch.manual_seed(0)
-    ours = metrics.load_fid_inception(metrics.PYTORCH_FID)
+    ours = fid.load_fid_inception(fid.PYTORCH_FID)
     torch.manual_seed(0)
     theirs = pfi.InceptionV3([3], resize_input=False, normalize_input=False).eval()
-    x = metrics.fid_input(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), size=96)
+    x = fid.fid_input(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), size=96)
     with torch.inference_mode():
         torch.testing.assert_close(ours.net(x), theirs(x)[0].flatten(1))
-    assert ours.logit_weight.shape == (1008, metrics.FEATURE_DIM)
-    mean, std = metrics.inception_score(np.random.default_rng(0).random((20, 2048)), ours, splits=2)
+    assert ours.logit_weight.shape == (1008, fid.FEATURE_DIM)
+    mean, std = fid.inception_score(np.random.default_rng(0).random((20, 2048)), ours, splits=2)
     assert mean >= 1.0 and std >= 0.0
 
 
@@ -193,7 +193,7 @@ def test_class_accuracy_counts_agreeing_labels():
 
 def test_class_accuracy_runs_the_bundled_classifier_architecture():
     torch.manual_seed(0)
-    images, labels = metrics.fmnist_reference(8)
+    images, labels = fid.fmnist_reference(8)
     acc = metrics.class_accuracy(images, labels, FMNISTClassifier())
     assert 0.0 <= acc <= 1.0
 
@@ -214,13 +214,13 @@ def test_fidelity_metrics():
 
 
 def test_fmnist_reference_is_the_test_split_in_output_space():
-    x, y = metrics.fmnist_reference(5)
+    x, y = fid.fmnist_reference(5)
     raw, raw_labels = load_fmnist("test")
     assert x.shape == (5, 3, 32, 32) and 0 <= float(x.min()) and float(x.max()) <= 1
     torch.testing.assert_close(x[:, 0, 2:30, 2:30], raw[:5, 0])  # 28 px centred, black border
     assert float(x[:, :, :2].abs().max()) == 0.0 and torch.equal(y, raw_labels[:5])
     with pytest.raises(DifaError, match="1..10000"):
-        metrics.fmnist_reference(0)
+        fid.fmnist_reference(0)
 
 
 class CountingNet(torch.nn.Module):
@@ -230,18 +230,18 @@ class CountingNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return x.flatten(1)[:, : metrics.FEATURE_DIM]  # (B, 2048)
+        return x.flatten(1)[:, : fid.FEATURE_DIM]  # (B, 2048)
 
 
 def test_reference_features_are_cached_by_n_and_source(tmp_path):
     counting = CountingNet()
-    net = metrics.FidInception("stub", counting, None)
-    first = metrics.reference_features(4, cache_dir=tmp_path, net=net, batch_size=2)
-    assert first.shape == (4, metrics.FEATURE_DIM) and counting.calls == 2
-    again = metrics.reference_features(4, cache_dir=tmp_path, net=net)
+    net = fid.FidInception("stub", counting, None)
+    first = fid.reference_features(4, cache_dir=tmp_path, net=net, batch_size=2)
+    assert first.shape == (4, fid.FEATURE_DIM) and counting.calls == 2
+    again = fid.reference_features(4, cache_dir=tmp_path, net=net)
     np.testing.assert_array_equal(first, again)
     assert counting.calls == 2  # read from the cache
-    metrics.reference_features(3, cache_dir=tmp_path, net=net, batch_size=3)
+    fid.reference_features(3, cache_dir=tmp_path, net=net, batch_size=3)
     assert counting.calls == 3  # another n is another entry
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fmnist-test_n3_stub_v1.npy", "fmnist-test_n4_stub_v1.npy"]
 
