@@ -10,7 +10,7 @@ One front per (model, latency mode) from `calibrate_front` (calibration inputs a
 seed (seed 1 + repeat: never the calibration's), in alternating order; the first round is a warm-up and is not
 timed. measured = the median over repeats of (variant's seconds / baseline's seconds in the same repeat).
 error = sum |a - b| / sum |b| over all images of the timed repeats against the baseline's (the calibration's
-metric, difa.calibration.search.final_error). MACs: torch.utils.flop_counter on one image (CFG included).
+metric, difa.calibration.table.final_error). MACs: torch.utils.flop_counter on one image (CFG included).
 Results are appended to --out as they come (a rerun skips what is there).
 """
 
@@ -28,7 +28,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from difa.calibration import calibrate_front, fixed_plan, search  # noqa: E402
+from difa.calibration import calibrate_front, fixed_plan  # noqa: E402
+from difa.calibration import table as error_table  # noqa: E402
 from difa.calibration.timing import predicted_at  # noqa: E402
 from difa.evaluation import Method, batch_seed, class_inputs, count_flops, generate_batch  # noqa: E402
 from difa.models import load_configured  # noqa: E402
@@ -76,7 +77,7 @@ def run(model: str, batch: int, mode: str, budgets: list[float], repeats: int) -
                      "measured": round(statistics.median(ratios), 4), "measured_min": round(min(ratios), 4),
                      "measured_max": round(max(ratios), 4), "macs": round(macs, 4),
                      "latency_per_macs": round(statistics.median(ratios) / macs, 4),
-                     "error_unseen": round(search.final_error(torch.cat(images[m.name]), base_img), 5),
+                     "error_unseen": round(error_table.final_error(torch.cat(images[m.name]), base_img), 5),
                      "error_calib": None if m.plan is None else m.plan.calibration.get("measured_error"),
                      "kept_from_budget": None if m.plan is None else m.plan.calibration.get("kept_from_budget"),
                      "repeats": repeats, "calib_s": round(calib_s, 1), "threads": torch.get_num_threads()})

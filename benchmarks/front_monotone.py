@@ -1,12 +1,16 @@
 """Does a larger budget ever give a worse plan on seeds the calibration never saw? A front of budgets, chosen per
 budget (each budget's own best check, as single-budget calibration does, plus the calibration-error repair
 `kept_from_budget`) against the front checked as a whole (calibrate_front: one path's nested plans), with 4 and 8
-calibration inputs; each plan's final-output relative L1 against the uncompressed model on unseen seeds.
+calibration inputs; each plan's final-output relative L1 against the uncompressed model on unseen seeds. Mode
+"each path": the front of every one of the search's paths (search.PATHS) in turn, from the same calibration, as
+the front would deliver it (a larger budget checking worse keeps the smaller budget's plan): what choosing the
+path costs or gains on unseen seeds.
 
     python benchmarks/front_monotone.py [--model fmnist_dit] [--n-calib 4 8] [--images 32]
-        [--budgets 0.3 0.35 ... 0.9] [--out runs/front_monotone.json]
+        [--budgets 0.3 0.35 ... 0.9] [--modes "per budget" "whole front" "each path"] [--out runs/front_monotone.json]
 
-Unseen: class ids 0..9 cycled, batches of 8 images with seeds 1, 2, ... (the calibration uses seed 0 and the first
+Unseen: class ids 0..9 cycled (text models: a Fashion-MNIST caption per class, evaluation.class_inputs),
+batches of 8 images with seeds 1, 2, ... (the calibration uses seed 0 and the first
 n_calib inputs). Prints, per setting, each budget's predicted fraction, calibration error and unseen error, and the
 number of budget pairs (b < b') where the unseen error rises, with the largest rise.
 """
@@ -27,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from difa import apply_plan, remove_plan  # noqa: E402
 from difa.adapters import adapter_for  # noqa: E402
 from difa.calibration import calibrate_front, calibrate_pipeline, search  # noqa: E402
-from difa.evaluation import batch_seed  # noqa: E402
+from difa.calibration import table as error_table  # noqa: E402
+from difa.evaluation import batch_seed, class_inputs  # noqa: E402
 from difa.models import load_pipeline, pipeline_call_kwargs  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -44,11 +49,33 @@ def per_budget(pipe, calib, budgets, **kw) -> list:
     return out
 
 
+def each_path(pipe, calib, budgets, **kw) -> dict[str, tuple[list, float]]:
+    """Per path of search.PATHS, the front calibrate_front delivers when that path is the one taken: the search's
+    choice of path replaced for the call (the calibration is otherwise the library's own); with its seconds."""
+    real, fronts = search.front, {}
+    for k, name in enumerate(search.PATHS):
+        def take(table, latency, n_blocks, steps, methods, check, goals, k=k):
+            out = []
+            for b in goals:
+                options, seq = search.budget_options(table, latency, n_blocks, steps, methods, b)
+                for c in options:
+                    c.measured = check(c.rows)  # (one generation per distinct plan: the driver memoizes)
+                out.append((options[k], seq, []))
+            return out
+        search.front, t0 = take, time.perf_counter()
+        try:
+            fronts[name] = (calibrate_front(pipe, calib, budgets=budgets, **kw), time.perf_counter() - t0)
+        finally:
+            search.front = real
+    return fronts
+
+
 def unseen(pipe, plan, images: int, steps: int, guidance: float, extra: dict) -> torch.Tensor:
     adapter = adapter_for(pipe)
+    _, everything = class_inputs(adapter, images, seed=1)  # class ids, or one caption per class (text models)
     outs = []
     for k in range(images // 8):
-        inputs = [(8 * k + i) % 10 for i in range(8)]
+        inputs = everything[8 * k: 8 * k + 8]
         if plan is not None:
             apply_plan(pipe, plan)
         try:
@@ -71,7 +98,8 @@ def main() -> None:
     ap.add_argument("--n-calib", nargs="+", type=int, default=[4, 8])
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
-    ap.add_argument("--modes", nargs="+", default=["per budget", "whole front"], choices=["per budget", "whole front"])
+    ap.add_argument("--modes", nargs="+", default=["per budget", "whole front"],
+                    choices=["per budget", "whole front", "each path"])
     ap.add_argument("--candidates", nargs="+", default=None, help="block candidates (default: the default ones)")
     ap.add_argument("--out", default="runs/front_monotone.json")
     a = ap.parse_args()
@@ -81,18 +109,31 @@ def main() -> None:
     extra = {**pipeline_call_kwargs(cfg["family"]), **(cfg.get("call_kwargs") or {})}
     steps, guidance = int(cfg["steps"]), float(cfg["guidance_scale"])
     base = unseen(pipe, None, a.images, steps, guidance, extra)
-    results = []
+    results, seen = [], {}
+
+    def measured(plan) -> float:  # unseen error, once per distinct plan
+        key = json.dumps([plan.blocks, plan.methods])
+        if key not in seen:
+            seen[key] = error_table.final_error(unseen(pipe, plan, a.images, steps, guidance, extra), base)
+        return seen[key]
+
     for n in a.n_calib:
         calib = [cfg["inputs"][i % len(cfg["inputs"])] for i in range(n)]
         kw = dict(steps=steps, guidance_scale=guidance, seed=0, call_kwargs=extra, name=a.model,
                   **({"candidates": a.candidates} if a.candidates else {}))
+        runs = []
         for mode in a.modes:
             t0 = time.perf_counter()
+            if mode == "each path":
+                runs += [(f"path: {name}", plans, wall) for name, (plans, wall) in
+                         each_path(pipe, calib, a.budgets, **kw).items()]
+                continue
             plans = per_budget(pipe, calib, a.budgets, **kw) if mode == "per budget" else \
                 calibrate_front(pipe, calib, budgets=a.budgets, **kw)
-            wall = time.perf_counter() - t0
+            runs.append((mode, plans, time.perf_counter() - t0))
+        for mode, plans, wall in runs:
             forwards = sum(p.calibration["forwards"] for p in plans) if mode == "per budget" else plans[0].calibration["forwards"]
-            errors = [search.final_error(unseen(pipe, p, a.images, steps, guidance, extra), base) for p in plans]
+            errors = [measured(p) for p in plans]
             n_rise, worst = rises(errors)
             results.append({"model": a.model, "n_calib": n, "mode": mode, "budgets": a.budgets,
                             "candidates": a.candidates or "default",

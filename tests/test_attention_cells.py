@@ -11,6 +11,7 @@ import torch
 from difa.apply import plan_blocks, plan_layers
 from difa.calibration import attention_cells as A
 from difa.calibration import search as S
+from difa.calibration import table as T
 from difa.calibration.latency import LatencyModel
 from difa.engine import Engine
 from difa.models import pipeline_call_kwargs
@@ -107,7 +108,7 @@ def test_table_interpolates_between_probed_steps_and_drops_cells_that_cost_time(
 
 
 def _table(steps, attn):
-    traj = S.Trajectory([{}], [{}], torch.zeros(1))
+    traj = T.Trajectory([{}], [{}], torch.zeros(1))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 4, generator=g)
     for s in range(steps):
@@ -204,7 +205,7 @@ def test_a_plan_with_attention_cells_does_what_its_calibration_recorded(family, 
         difa.apply_plan(pipe, plan)
         got = final(pipe, family)
         difa.remove_plan(pipe)
-        assert S.final_error(got, ref) == pytest.approx(plan.calibration["measured_error"], abs=1e-5)
+        assert T.final_error(got, ref) == pytest.approx(plan.calibration["measured_error"], abs=1e-5)
 
 
 def test_attention_timings_at_other_batches_scale_the_methods_difference():

@@ -89,7 +89,7 @@ def test_cache_slots_give_reuse_first_then_forecast_where_it_gains_most():
     import torch
 
     from difa.calibration.cache_cap import cache_slots
-    from difa.calibration.search import Table, Trajectory
+    from difa.calibration.table import Table, Trajectory
 
     steps, g = 6, torch.Generator().manual_seed(0)
     base = torch.randn(1, 8, 4, generator=g)

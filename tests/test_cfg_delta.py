@@ -130,9 +130,10 @@ def test_greedy_halves_cells_where_that_costs_least_error_per_second():
     (a CFG cell costs none): the first moves halve cells (each one step from a computed one: the greedy's first
     round), then halves are upgraded to skips, until every cell after step 0 is skipped."""
     from difa.calibration import search as S
+    from difa.calibration import table as T
     from difa.calibration.latency import LatencyModel
 
-    steps, traj = 6, S.Trajectory([{}], [{}], torch.empty(0))
+    steps, traj = 6, T.Trajectory([{}], [{}], torch.empty(0))
     g = torch.Generator().manual_seed(1)
     for s in range(steps):
         x, c = torch.randn(1, 8, 4, generator=g), torch.randn(1, 8, 4, generator=g) * 3
@@ -147,6 +148,36 @@ def test_greedy_halves_cells_where_that_costs_least_error_per_second():
     assert halves[:4] == [0, 1, 2, 3] and seq[3].rows[0] == ["full", "cfg_delta", "full", "cfg_delta", "full", "cfg_delta"]
     assert seq[-1].rows[0] == ["full"] + ["reuse"] * (steps - 1)  # and at the end every one skipped
 
+
+
+def test_a_budget_also_checks_the_schedule_with_skipped_cells_only():
+    """The table rates CFG cells free here (a constant difference between the halves), so both paths take them;
+    where they check worse on the final output, the budget's third candidate, the every-second-step schedule with
+    skipped cells only, is the one chosen. With skip candidates only there is no third plan to check."""
+    from difa.calibration import search as S
+    from difa.calibration import table as T
+    from difa.calibration.latency import LatencyModel
+
+    steps, traj = 6, T.Trajectory([{}], [{}], torch.empty(0))
+    g = torch.Generator().manual_seed(1)
+    for s in range(steps):
+        x, c = torch.randn(1, 8, 4, generator=g), torch.randn(1, 8, 4, generator=g) * 3
+        traj.observe(0, s, torch.cat([x, x]), torch.cat([x + c, x + c + 0.5]))
+    lat = LatencyModel(step_s=1.0, fixed_s=0.0, block_s=(0.4,), ff_s=(0.2,), skip_s=(0.0,), half_s=(0.2,))
+    table, methods, budget = S.Table(traj, cond=slice(0, 1)), ["reuse", "cfg_delta"], 0.9
+    options, _ = S.budget_options(table, lat, 1, steps, methods, budget)
+    assert len(options) == len(S.PATHS) and all(o.predicted <= budget + 1e-9 for o in options)
+    assert all("cfg_delta" in o.rows[0] for o in options[:2])
+    only = options[2].rows[0]
+    assert set(only) == {"full", "reuse"} and options[2].predicted < options[1].predicted
+
+    def check(rows):  # each CFG cell costs 0.01 on the final output, each skip 0.001
+        return sum(0.01 * (m == "cfg_delta") + 0.001 * (m == "reuse") for r in rows for m in r)
+
+    chosen, _, checks = S.search(table, lat, 1, steps, methods, check, budget=budget)
+    assert chosen.rows == options[2].rows and len(checks) == len({str(o.rows) for o in options})  # each plan once
+    block_only, _ = S.budget_options(table, lat, 1, steps, ["reuse"], budget)
+    assert block_only[2] is block_only[1]
 
 
 def test_attention_in_a_cfg_cell_counts_half_its_flops():
@@ -195,7 +226,9 @@ def test_video_blocks_that_fold_frames_into_the_batch_refuse_cfg_cells(tmp_path)
                            call_kwargs=tiny_call_kwargs("svd"), latency_cache=tmp_path)
 
 
-def test_the_latency_model_times_half_blocks_only_for_cfg_cells(tmp_path):
+def test_the_latency_model_times_half_blocks_where_a_cfg_batch_runs(tmp_path):
+    """Whatever the candidates (block-only here: one latency model for every candidate set, trajectory.timed_units),
+    half blocks are timed where the pipeline runs a CFG batch, and not where it runs none."""
     import json
 
     from difa.calibration import calibrate_pipeline
@@ -204,12 +237,13 @@ def test_the_latency_model_times_half_blocks_only_for_cfg_cells(tmp_path):
 
     pipe = tiny("dit")
     halves = {}
-    for name, cands in (("cfg", ["reuse", "forecast", "cfg_forecast"]), ("blocks", ["reuse", "forecast"])):
-        calibrate_pipeline(pipe, INPUTS["dit"], threshold=0.05, budget=0.7, steps=STEPS, guidance_scale=GUIDANCE["dit"],
-                           candidates=cands, call_kwargs=pipeline_call_kwargs("dit"), latency_cache=tmp_path / name)
+    for name, guidance in (("cfg", GUIDANCE["dit"]), ("none", 1.0)):
+        calibrate_pipeline(pipe, INPUTS["dit"], threshold=0.05, steps=STEPS, guidance_scale=guidance,
+                           candidates=["reuse", "forecast"], call_kwargs=pipeline_call_kwargs("dit"),
+                           latency_cache=tmp_path / name)
         timed = [json.loads(p.read_text()) for p in (tmp_path / name).glob("*.json")]
         halves[name] = [(d["images"], d["half_s"], d["block_s"]) for d in timed]
-    assert all(h == [] for _, h, _ in halves["blocks"])
+    assert all(h == [] for _, h, _ in halves["none"])
     assert all(len(h) == len(b) and all(0 < x for x in h) for _, h, b in halves["cfg"])
     # at the calibration batch (2 images, 4 rows) half a block costs less than the block
     assert all(sum(h) < sum(b) for n, h, b in halves["cfg"] if n == len(INPUTS["dit"]))

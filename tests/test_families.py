@@ -19,7 +19,8 @@ import torch
 import difa
 from difa.adapters import adapter_for
 from difa.calibration import calibrate_pipeline, fixed_plan
-from difa.calibration.latency import Capture, decode_seconds
+from difa.calibration.latency import Capture
+from difa.calibration.served import decode_seconds
 from difa.apply import plan_blocks, plan_layers
 from difa.errors import DifaError
 from difa.plan import Plan

@@ -20,7 +20,7 @@ import difa
 from difa.adapters import adapter_for
 from difa.calibration import calibrate_pipeline, fixed_plan
 from difa.cost import cache_elements
-from difa.calibration.latency import decode_seconds
+from difa.calibration.served import decode_seconds
 from difa.apply import plan_blocks, plan_layers
 from difa.errors import DifaError
 from difa.plan import Plan

@@ -10,6 +10,7 @@ import pytest
 
 import difa
 from difa.calibration import calibrate_front, search
+from difa.calibration import table as error_table
 from difa.cli import calibrate as calibrate_cli
 from difa.errors import DifaError
 from difa.models import pipeline_call_kwargs
@@ -31,17 +32,17 @@ def test_one_trajectory_gives_one_plan_per_budget_each_checked(tmp_path):
     pipe = tiny("dit")
     budgets = [reachable(pipe, "dit", tmp_path, share) for share in (0.9, 0.2, 0.5)]
     calls = {"record": 0}
-    original = search.record
+    original = error_table.record
 
     def counting(run, model, n_blocks):
         calls["record"] += n_blocks > 0  # (the other record: a warm run timing what lies outside the denoiser)
         return original(run, model, n_blocks)
 
-    search.record, saved = counting, search.record
+    error_table.record, saved = counting, error_table.record
     try:
         plans = front(pipe, tmp_path, budgets)
     finally:
-        search.record = saved
+        error_table.record = saved
     assert calls["record"] == 1  # one recorded trajectory for the whole front
     assert [p.calibration["budget"] for p in plans] == sorted(budgets)
     errors = [p.calibration["measured_error"] for p in plans]
@@ -53,7 +54,7 @@ def test_one_trajectory_gives_one_plan_per_budget_each_checked(tmp_path):
     difa.apply_plan(pipe, plans[0])
     got = generate(pipe, "dit", seed=3)
     difa.remove_plan(pipe)
-    assert search.final_error(got, ref) == pytest.approx(plans[0].calibration["measured_error"], abs=1e-5)
+    assert error_table.final_error(got, ref) == pytest.approx(plans[0].calibration["measured_error"], abs=1e-5)
 
 
 def test_a_larger_budget_never_gets_a_worse_plan(tmp_path, monkeypatch):
@@ -102,6 +103,17 @@ def test_the_front_takes_the_path_with_less_error_over_all_budgets(monkeypatch):
     assert [c.rows[0][0] for c, _, _ in chosen] == ["s3", "s6"]
     errors.update(g6=0.01)  # now the greedy path has less error in sum: both budgets take it
     paths = {b: (cand(g.rows[0][0]), cand(s.rows[0][0])) for b, (g, s) in paths.items()}
+    chosen = search.front(None, None, 1, 1, [], lambda rows: errors[rows[0][0]], [0.3, 0.6])
+    assert [c.rows[0][0] for c, _, _ in chosen] == ["g3", "g6"]
+    # a third path (the schedule with skipped cells only, search.PATHS) with less error in sum: both take it
+    errors.update(x3=0.09, x6=0.015)
+    paths = {b: (cand(g.rows[0][0]), cand(s.rows[0][0]), cand("x" + str(b)[-1])) for b, (g, s) in paths.items()}
+    chosen = search.front(None, None, 1, 1, [], lambda rows: errors[rows[0][0]], [0.3, 0.6])
+    assert [c.rows[0][0] for c, _, _ in chosen] == ["x3", "x6"]
+    # summed as checked the third path wins (0.125 against 0.13), but the greedy path's 0.6 plan checks worse than
+    # its 0.3 one, so its front delivers 0.05 + 0.05 (the smaller budget's plan kept, calibration/trajectory.py)
+    errors.update(g3=0.05, g6=0.08, s3=0.2, s6=0.2, x3=0.06, x6=0.065)
+    paths = {b: tuple(cand(c.rows[0][0]) for c in opts) for b, opts in paths.items()}
     chosen = search.front(None, None, 1, 1, [], lambda rows: errors[rows[0][0]], [0.3, 0.6])
     assert [c.rows[0][0] for c, _, _ in chosen] == ["g3", "g6"]
 

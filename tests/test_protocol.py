@@ -19,6 +19,7 @@ import torch
 import difa
 from difa.apply import plan_blocks
 from difa.calibration import calibrate_pipeline, fixed_plan, search
+from difa.calibration import table as error_table
 from difa.calibration.latency import LatencyModel
 from difa.cost import cache_elements
 from difa.errors import DifaError
@@ -163,13 +164,13 @@ def test_a_technique_with_a_parameter(scaled, tmp_path):
     assert rgb255("#aec7e8") in colours_in(path)
 
 
-def synthetic(decay: float, blocks: int = 2, steps: int = 6) -> search.Trajectory:
+def synthetic(decay: float, blocks: int = 2, steps: int = 6) -> error_table.Trajectory:
     """Residuals r[j][s] = decay^s * base: scaled reuse with scale=decay is exact, plain reuse is not."""
     g = torch.Generator().manual_seed(0)
     base = [torch.randn(1, 8, 4, generator=g) for _ in range(blocks)]
     residual = [{s: base[j] * decay ** s for s in range(steps)} for j in range(blocks)]
     scale = [{s: float(residual[j][s].abs().sum()) for s in range(steps)} for j in range(blocks)]
-    return search.Trajectory(residual, scale, torch.zeros(1))
+    return error_table.Trajectory(residual, scale, torch.zeros(1))
 
 
 def test_the_search_scores_it_with_its_own_estimator(scaled):

@@ -13,6 +13,7 @@ import difa
 from difa.calibration import calibrate_pipeline, denoiser_calls
 from difa.calibration import attention_cells as A
 from difa.calibration import search as S
+from difa.calibration import table as T
 from difa.calibration.latency import REPS, LatencyModel
 from difa.errors import DifaError
 from difa.models import pipeline_call_kwargs
@@ -57,7 +58,7 @@ def test_budget_plan_is_within_budget_and_its_recorded_error_is_what_it_does(fam
     difa.apply_plan(pipe, plan)
     got = final(pipe, family)
     difa.remove_plan(pipe)
-    assert S.final_error(got, ref) == pytest.approx(plan.calibration["measured_error"], abs=1e-5)
+    assert T.final_error(got, ref) == pytest.approx(plan.calibration["measured_error"], abs=1e-5)
 
 
 def test_threshold_mode_keeps_the_checked_error_under_threshold(tmp_path):
@@ -115,9 +116,9 @@ def test_budget_needs_the_trajectory_search_and_block_candidates(tmp_path):
         calibrate(tiny("dit"), "dit", tmp_path, search="anneal")
 
 
-def _trajectory(steps: int, blocks: int = 1, seed: int = 0) -> S.Trajectory:
+def _trajectory(steps: int, blocks: int = 1, seed: int = 0) -> T.Trajectory:
     g = torch.Generator().manual_seed(seed)
-    traj = S.Trajectory([{} for _ in range(blocks)], [{} for _ in range(blocks)], torch.zeros(1))
+    traj = T.Trajectory([{} for _ in range(blocks)], [{} for _ in range(blocks)], torch.zeros(1))
     for j in range(blocks):
         x = torch.randn(2, 8, 4, generator=g)
         for s in range(steps):
@@ -187,3 +188,16 @@ def test_latency_prediction_matches_a_naive_sum():
     halved = lat.predict(layers, att, blocks, 3, collapsed=[False, True, False])
     assert halved["seconds"] == pytest.approx(0.5 + 1.0 + step1 / 2 + step2)
     assert lat.predict(layers, att, blocks, 3, collapsed=[False] * 3)["seconds"] == pytest.approx(p["seconds"])
+
+
+def test_fewer_candidates_plan_on_the_default_calibrations_seconds(tmp_path):
+    """One latency model per pipeline and shapes, whatever the candidates: a block-only calibration after a default
+    one times nothing new and predicts the same seconds (so the default's path of skipped cells only, search.PATHS,
+    is the block-only search's own structured path)."""
+    pipe = tiny("dit")
+    budget = reachable(pipe, "dit", tmp_path, 0.5)
+    default = calibrate(pipe, "dit", tmp_path, budget=budget)
+    cached = sorted((tmp_path / "lat").iterdir())
+    blocks = calibrate(pipe, "dit", tmp_path, budget=budget, candidates=["reuse", "forecast"])
+    assert sorted((tmp_path / "lat").iterdir()) == cached
+    assert blocks.latency["full_s"] == default.latency["full_s"] and blocks.latency["step_s"] == default.latency["step_s"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from difa.calibration.search import Table
+from difa.calibration.table import Table
 from difa.techniques import REGISTRY
 
 

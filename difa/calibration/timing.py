@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
-from difa.calibration.latency import Capture, LatencyModel, decode_seconds, measure, retile
+from difa.calibration.latency import Capture, LatencyModel, measure
+from difa.calibration.served import decode_seconds, retile
 from difa.cost import collapsed_steps
 from difa.techniques import REGISTRY
 from difa.techniques.protocol import FULL

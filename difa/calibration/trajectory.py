@@ -11,6 +11,7 @@ import torch
 
 from difa.apply import plan_blocks, plan_layers
 from difa.calibration import attention_cells, cache_cap, search
+from difa.calibration import table as error_table
 from difa.calibration.latency import Capture
 from difa.calibration.timing import latency_curve, latency_record, shape_of
 from difa.cells import executed_share
@@ -20,7 +21,7 @@ from difa.engine import Engine
 from difa.errors import DifaError
 from difa.planning import denoiser_calls, model_identity, technique_params
 from difa.plan import Plan
-from difa.techniques import REGISTRY
+from difa.techniques import REGISTRY, default_candidates
 from difa.techniques.protocol import FULL
 
 
@@ -29,9 +30,9 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
                     techniques, dtype: str, latency_cache, latency_batch: int | None,
                     max_cache_mb: float | None = None, call=None) -> list[Plan]:
     """One recorded trajectory, one latency model and one error table; then one plan per budget (ascending), or one
-    plan for `threshold` (budgets None). A front takes every plan from one of the search's two paths, the one with
-    less measured error summed over its budgets (search.front): its plans are nested, so errors on unseen seeds
-    follow the budget too. Its measured errors are non-increasing in the budget: where a larger budget's plan
+    plan for `threshold` (budgets None). A front takes every plan from one of the search's paths (search.PATHS),
+    the one with less measured error summed over its budgets (search.front): its plans are nested, so errors on
+    unseen seeds follow the budget too. Its measured errors are non-increasing in the budget: where a larger budget's plan
     checks worse than a smaller budget's, that smaller budget's plan (which fits the larger budget too) is kept,
     and the plan records `kept_from_budget`. Check generations of identical plans run once."""
     methods = [c for c in candidates if REGISTRY[c].searchable]  # (at least one: difa.checks.calibration)
@@ -74,7 +75,7 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
     full_rows = [[FULL] * calls for _ in blocks]
     capture = Capture(model, adapter, blocks, layers)
     try:
-        traj = search.record(lambda on_block: run(full_rows, on_block), model, len(blocks))
+        traj = error_table.record(lambda on_block: run(full_rows, on_block), model, len(blocks))
     finally:
         capture.close()
     # The time outside the denoiser, again on a warm all-full run: the first generation of a process pays one-time
@@ -85,18 +86,17 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
     probe = attention_cells.Scorer(names, attention_cells.cell_layers(adapter, names, block_names, attn_methods),
                                    traj.sample, attention_cells.probe_steps(calls),
                                    _guided(adapter, guidance_scale) if adapter.runs_cfg(guidance_scale) else None)
-    warm = search.record(lambda on_block: run(full_rows, scorer=probe if attn_methods else None), model, 0)
+    warm = error_table.record(lambda on_block: run(full_rows, scorer=probe if attn_methods else None), model, 0)
     traj.remainder_s = min(traj.outside_s, warm.outside_s)
-    halves = [m for m in methods if REGISTRY[m].half_batch]  # (the latency model times a half block only for them)
-    latency, curve = latency_curve(pipe, adapter, model, blocks, layers, capture, params, halves + attn_methods, traj,
-                                   len(inputs), latency_batch, dtype, latency_cache, call_kwargs,
-                                   own_calls=call is None)
+    latency, curve = latency_curve(pipe, adapter, model, blocks, layers, capture, params,
+                                   timed_units(candidates, adapter, guidance_scale), traj, len(inputs), latency_batch,
+                                   dtype, latency_cache, call_kwargs, own_calls=call is None)
     on = attention_cells.cell_layers(adapter, names, block_names, attn_methods, latency.attn_s)
     latency = replace(latency, cell_layers=on)
     curve = {b: replace(m, cell_layers=on) for b, m in curve.items()}
     rows = traj.residual[0][0].shape[0] if traj.residual and 0 in traj.residual[0] else 0  # a block call's batch
     cfg_batch = adapter.runs_cfg(guidance_scale) and rows % 2 == 0
-    table = search.Table(traj, params=params, cond=adapter.cond_slice(rows) if cfg_batch else None)
+    table = error_table.Table(traj, params=params, cond=adapter.cond_slice(rows) if cfg_batch else None)
     table.attn = attention_cells.table(probe.result(), latency, calls)  # the cells that save time
     forwards[0] += -(-probe.reruns // len(blocks))  # the probe's block reruns, in whole-model forwards
     cells = [m for m in attn_methods if any(k[2] == m for k in table.attn)]
@@ -111,7 +111,7 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
         key = tuple(map(tuple, rows))
         if key not in measured:
             block_rows, attention = attention_cells.split(rows, names, latency, calls)
-            measured[key] = search.final_error(run(block_rows, attention=attention), traj.final)
+            measured[key] = error_table.final_error(run(block_rows, attention=attention), traj.final)
         return measured[key]
 
     goals = sorted(set(budgets)) if budgets is not None else [None]
@@ -175,6 +175,21 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
                                    latency_batch or len(inputs), curve=curve),
         ))
     return plans
+
+
+def timed_units(candidates: Sequence[str], adapter, guidance_scale: float) -> list[str]:
+    """The techniques the latency model times beyond whole blocks and their stand-ins: the CFG halves and attention
+    cells that apply, of the candidates and of the default ones (techniques marked `candidate`) alike. So the model
+    is one per pipeline and shapes, whatever the candidates, and a calibration with fewer of them (block cells
+    only) plans on the same seconds as the default one: the default's path of skipped cells only (search.PATHS) is
+    then the block-only search's own. (Timed apart, the bundled PixArt's two models differed by 9% in the denoiser
+    step, enough to move budget 0.3's plan by 3 cells and its checked error from 0.37 to 0.55.) A half unit is
+    timed with the dearest stand-in of them all (calibration/latency.py)."""
+    cfg = adapter.runs_cfg(guidance_scale)
+    pool = list(dict.fromkeys([*candidates, *default_candidates()]))
+    halves = [c for c in pool if REGISTRY[c].searchable and REGISTRY[c].half_batch and cfg and adapter.temporal is None]
+    cells = [c for c in pool if attention_cells.searchable(c) and (cfg or not REGISTRY[c].shares_cfg)]
+    return halves + cells
 
 
 def _slot_bytes(capture: Capture, j: int) -> int:
