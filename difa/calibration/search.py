@@ -275,8 +275,9 @@ def front(table: Table, latency: LatencyModel, n_blocks: int, steps: int,
     for b in budgets:
         checks: list[dict] = []
         options, seq = budget_options(table, latency, n_blocks, steps, methods, b)
+        measure = _measurer(check, checks)
         for c, path in zip(options, PATHS):
-            _measurer(check, checks)(c, path)
+            measure(c, path)
         rounds.append((options, seq, checks))
     width = max(len(opts) for opts, _, _ in rounds)
     total = [sum(_running_min([opts[min(k, len(opts) - 1)].measured for opts, _, _ in rounds]))
