@@ -87,6 +87,15 @@ def unseen(pipe, plan, images: int, steps: int, guidance: float, extra: dict) ->
     return torch.cat(outs)
 
 
+def load_model(name: str):
+    """(config, pipeline, call kwargs, steps, guidance) of a bundled model config, as the CLIs load it."""
+    cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+    pipe = load_pipeline(cfg)
+    pipe.set_progress_bar_config(disable=True)
+    extra = {**pipeline_call_kwargs(cfg["family"]), **(cfg.get("call_kwargs") or {})}
+    return cfg, pipe, extra, int(cfg["steps"]), float(cfg["guidance_scale"])
+
+
 def rises(errors: list[float]) -> tuple[int, float]:
     pairs = [(a, b) for i, a in enumerate(errors) for b in errors[i + 1:] if b > a]
     return len(pairs), max([b - a for a, b in pairs] or [0.0])
@@ -103,11 +112,7 @@ def main() -> None:
     ap.add_argument("--candidates", nargs="+", default=None, help="block candidates (default: the default ones)")
     ap.add_argument("--out", default="runs/front_monotone.json")
     a = ap.parse_args()
-    cfg = yaml.safe_load((CONF / f"{a.model}.yaml").read_text())
-    pipe = load_pipeline(cfg)
-    pipe.set_progress_bar_config(disable=True)
-    extra = {**pipeline_call_kwargs(cfg["family"]), **(cfg.get("call_kwargs") or {})}
-    steps, guidance = int(cfg["steps"]), float(cfg["guidance_scale"])
+    cfg, pipe, extra, steps, guidance = load_model(a.model)
     base = unseen(pipe, None, a.images, steps, guidance, extra)
     results, seen = [], {}
 

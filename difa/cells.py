@@ -16,13 +16,15 @@ from typing import Any, Mapping, Sequence
 
 from difa.adapters import NO_CFG
 from difa.techniques import REGISTRY, slots, unfit
-from difa.techniques.protocol import FULL
+from difa.techniques.protocol import FITTED, FULL
 
 
 def writers(slot: str, params: Mapping[str, Mapping[str, Any]]) -> frozenset[str]:
     """Methods that compute `slot` under the plan's technique parameters (e.g. the window residual: `full`, and
     `asc` under DiTFastAttn's rule)."""
-    key = (slot, json.dumps(params, sort_keys=True, default=str), tuple(map(id, REGISTRY.values())))
+    # (a fitted technique's per-cell parameters, FITTED, never change what a method writes: left out of the key)
+    shown = {k: {f: v for f, v in dict(t or {}).items() if f != FITTED} for k, t in params.items()}
+    key = (slot, json.dumps(shown, sort_keys=True, default=str), tuple(map(id, REGISTRY.values())))
     if key not in _WRITERS:  # (the searches ask this in their inner loops)
         declared = slots()[slot].writers if slot in slots() else ()
         _WRITERS[key] = frozenset(n for n, t in REGISTRY.items() if slot in t.writes_for(params) or n in declared)

@@ -97,6 +97,10 @@ def retime_plan(plan: Plan, pipe: Any, steps: int) -> Plan:
     calls = denoiser_calls(pipe.scheduler, int(steps))
     if calls == plan.steps:
         return plan
+    fitted = sorted({m for row in plan.blocks for m in row if m in REGISTRY and REGISTRY[m].fit is not None})
+    if fitted:  # parameters fitted for the calibration's own steps and spacings: they do not transfer
+        raise DifaError(f"the plan's {', '.join(fitted)} cells were fitted at steps={plan.inference_steps} and do not "
+                        f"transfer to steps={steps}; recalibrate with steps={steps}")
 
     def src(t: int) -> int:
         return 0 if calls == 1 else min(plan.steps - 1, round(t * (plan.steps - 1) / (calls - 1)))

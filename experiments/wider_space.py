@@ -4,7 +4,7 @@ calibration never used (issue 29).
 
     python experiments/wider_space.py [--model fmnist_dit] [--batch 25] [--repeats 4] [--n-calib 4]
         [--budgets 0.35 0.4 ... 0.8] [--targets 0.4 0.45 0.5 0.6] [--peers taylorseer fbc cache-dit]
-        [--variants default block-only no-attention]
+        [--variants default block-only no-attention fitted]
         [--out runs/wider_space_<model>.json]   (the plans go next to it: <out>_<variant>_b<budget>.json)
 
 Calibration: the README's defaults (the model config's inputs and n_calib, seed 0), one front per candidate set
@@ -48,7 +48,8 @@ BUDGETS = [0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8]
 BLOCK_ONLY = ["reuse", "forecast"]
 # difa's candidate sets (None: the default, every candidate technique); no-attention: the default before attention
 # cells joined the search (calibration/attention_cells.py)
-VARIANTS = {"default": None, "block-only": BLOCK_ONLY, "no-attention": BLOCK_ONLY + ["cfg_delta", "cfg_forecast"]}
+VARIANTS = {"default": None, "block-only": BLOCK_ONLY, "no-attention": BLOCK_ONLY + ["cfg_delta", "cfg_forecast"],
+            "fitted": BLOCK_ONLY + ["forecast_fit"]}  # fitted: block-only with forecast_fit (not a default candidate)
 PEERS = {  # family -> {variant: (spec, params)}: each peer over the settings its own docs suggest
     # (warm-up 1 step; and 5 steps at interval 2, which reaches the 0.6-0.7 of full that interval 2 alone does not)
     "taylorseer": {f"taylorseer o{o} i{i} w{w}": ("diffusers:taylorseer",
@@ -99,7 +100,8 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", type=float, default=[0.4, 0.45, 0.5, 0.6])
     ap.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS))
     ap.add_argument("--variants", nargs="+", default=["default", "block-only"], choices=list(VARIANTS),
-                    help="difa candidate sets: the default, block-only, no-attention (block and CFG cells)")
+                    help="difa candidate sets: the default, block-only, no-attention (block and CFG cells), fitted "
+                         "(block-only and forecast_fit)")
     ap.add_argument("--n-calib", type=int, default=None, help="calibration inputs (default: the model config's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)

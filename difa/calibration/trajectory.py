@@ -22,7 +22,7 @@ from difa.errors import DifaError
 from difa.planning import denoiser_calls, model_identity, technique_params
 from difa.plan import Plan
 from difa.techniques import REGISTRY, default_candidates
-from difa.techniques.protocol import FULL
+from difa.techniques.protocol import FITTED, FULL
 
 
 def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: Sequence[float] | None, steps: int,
@@ -53,10 +53,10 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
     full_attention = [[FULL] * calls for _ in layers]
     forwards = [0]
 
-    def run(rows, on_block=None, attention=None, scorer=None) -> torch.Tensor:
+    def run(rows, on_block=None, attention=None, scorer=None, techniques=None) -> torch.Tensor:
         """One generation with block rows `rows` and attention rows `attention` (default all full); a `scorer`
         observes every block of an all-full generation that keeps every cache (attention_cells)."""
-        engine = Engine(model, adapter, layers, [list(r) for r in attention or full_attention], params,
+        engine = Engine(model, adapter, layers, [list(r) for r in attention or full_attention], techniques or params,
                         scheduler=pipe.scheduler, inference_steps=steps, blocks=blocks, block_methods=rows,
                         on_block=scorer or on_block, calibrating=scorer is not None,
                         keep_steps=None if scorer is None else {s - 1 for s in scorer.steps},
@@ -106,12 +106,26 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
         allowed = [a + tuple(cells) for a in cache_cap.cache_slots(table, calls, methods, slot_bytes,
                                                                  max_cache_mb * 2**20)]
     measured: dict[tuple, float] = {}
+    fits: dict[tuple, dict] = {}  # a checked plan -> its fitted techniques' tables (table.CheckFit)
+
+    def fitted(rows) -> dict:
+        """The technique table of a plan: `params`, with its fitted techniques' parameters (as its check fitted
+        them, table.CheckFit)."""
+        if any(REGISTRY[m].fit is not None for r in rows for m in r):
+            check(rows)  # (checked already wherever the search measured it)
+        return {**params, **fits.get(tuple(map(tuple, rows)), {})}
 
     def check(rows) -> float:  # one check generation per distinct plan, however many budgets propose it
         key = tuple(map(tuple, rows))
         if key not in measured:
             block_rows, attention = attention_cells.split(rows, names, latency, calls)
-            measured[key] = error_table.final_error(run(block_rows, attention=attention), traj.final)
+            # a fitted technique's cells: each input with parameters fitted on the other inputs (table.CheckFit)
+            fitting = {m: table.check_fit(m) for m in {m for r in rows for m in r} if REGISTRY[m].fit is not None}
+            techniques = {**params, **{m: {**params.get(m, {}), FITTED: f} for m, f in fitting.items()}}
+            measured[key] = error_table.final_error(run(block_rows, attention=attention, techniques=techniques),
+                                                    traj.final)
+            fits[key] = {m: {**params.get(m, {}), FITTED: REGISTRY[m].fitted_params(f.fits)}
+                         for m, f in fitting.items()}
         return measured[key]
 
     goals = sorted(set(budgets)) if budgets is not None else [None]
@@ -149,7 +163,7 @@ def calibrate_goals(pipe: Any, inputs: Sequence, *, threshold: float, budgets: S
             cfg_enabled=adapter.runs_cfg(guidance_scale),
             cfg_layout=adapter.cfg_layout,
             guidance_scale=float(guidance_scale),
-            techniques=params,
+            techniques=fitted(chosen.rows),
             blocks=rows,
             calibration={
                 "search": "trajectory",

@@ -14,13 +14,13 @@ from difa.adapters import JOINT, NO_CFG
 from difa import checks
 from difa.errors import DifaError
 from difa.techniques import (agent, asc, ast, cfg_delta, cfg_forecast, deepcache, foca, forecast, forecast2,
-                             full, mlp_reuse, reuse, tgate, tome, wars, wars_asc)
+                             forecast_fit, full, mlp_reuse, reuse, tgate, tome, wars, wars_asc)
 from difa.techniques.protocol import BLOCK, FULL, Slot, Technique, check
 
 # Registry order is the searches' tie order among equal costs (`tgate` before `ast`: see calibration).
 TECHNIQUES: tuple[Technique, ...] = tuple(m.TECHNIQUE for m in (full, tgate, ast, wars, asc, wars_asc, tome, agent,
-                                                                reuse, forecast, forecast2, foca, cfg_delta,
-                                                                cfg_forecast, mlp_reuse, deepcache))
+                                                                reuse, forecast, forecast_fit, forecast2, foca,
+                                                                cfg_delta, cfg_forecast, mlp_reuse, deepcache))
 REGISTRY: dict[str, Technique] = {}
 
 
@@ -126,8 +126,13 @@ def default_candidates() -> tuple[str, ...]:
 def default_params() -> dict[str, dict[str, Any]]:
     """Technique -> its Config's defaults, for the techniques that take parameters: the CLI's `techniques` table
     (Hydra then refuses unknown technique names and keys, and `techniques={tome: {ratio: 0.3}}` merges)."""
-    return {t.name: {f.name: f.default for f in dataclasses.fields(t.config)}
+    return {t.name: {f.name: _default(f) for f in dataclasses.fields(t.config)}
             for t in REGISTRY.values() if dataclasses.fields(t.config)}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A Config field's default (a fresh one where it has a factory, e.g. `forecast_fit`'s empty gain table)."""
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
 
 
 def changed_params(params: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -154,7 +159,7 @@ def check_params(params: Mapping[str, Mapping[str, Any]]) -> None:
                             f"{'known: ' + ', '.join(sorted(known)) if known else name + ' takes none'}")
         for f in dataclasses.fields(t.config):
             if f.name in table:
-                checks.like_default(f"techniques.{name}.{f.name}", table[f.name], f.default)
+                checks.like_default(f"techniques.{name}.{f.name}", table[f.name], _default(f))
         if t.check_config is not None:
             t.check_config(params)
 

@@ -26,6 +26,7 @@ BLOCK = "block"  # the kind of a block cell (a whole transformer block, or a UNe
 ATTENTION_KINDS = ("attn1", "attn2", "joint")  # self-, cross- and joint (MMDiT) attention layers
 SPATIAL, TEMPORAL = "spatial", "temporal"  # token axes: within a frame, across frames (video)
 LAYER = "layer"  # a slot of an attention layer's state (LayerState)
+FITTED = "fitted"  # the Config field holding a fitted technique's per-cell parameters (Technique.fit)
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,12 @@ class Technique:
     replaces: str | None = None  # block: the submodule whose output `replace(cell, x)` stands in for
     replace: Callable | None = None
     estimate: Callable | None = None  # block: estimate(points, step, config) -> stand-in residual (search + run)
+    # block: fit(points, step, target) -> the estimator's parameters for one cell, fitted to the residual `target`
+    # (..., n, C); its estimate then takes them in place of `config`. The search scores it cross-fitted and the
+    # check generation runs it so (calibration/table.py: CheckFit, which the check passes in the Config's field
+    # FITTED); the plan holds the fits on every input there, `fitted_params({(block, step): parameters})`
+    fit: Callable | None = None
+    fitted_params: Callable | None = None
     # block: computes the block on the conditional CFG half only and stands in for the other half. Its `run` gets
     # cell.half (computed rows, other rows) and cell.compute_half(); its estimator gets each point as a pair
     # (step, (computed half, other half)) and last the current step's (step, (computed half, None)), and returns
@@ -176,6 +183,8 @@ def check(t: Technique, slots: Mapping[str, Slot]) -> None:
     if t.half_batch and (not t.is_block or t.skips_block or not t.shares_cfg or t.estimate is None):
         raise ValueError(f"{where}: a half_batch technique is a block technique with an estimate that shares_cfg "
                          "and does not skip the block")
+    if (t.fit is None) != (t.fitted_params is None) or (t.fit is not None and t.estimate is None):
+        raise ValueError(f"{where}: fit and fitted_params go together, with an estimate")
     if t.points < 1:
         raise ValueError(f"{where}: points must be >= 1")
     if t.on_one_half is not None and not isinstance(t.on_one_half, str):
