@@ -49,7 +49,7 @@ class Config:
     fitted: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_tensors", {})  # (key, device, dtype) -> (2, C) tensor, built on first use
+        object.__setattr__(self, "_tensors", {})  # (key, device, dtype) -> (1, C) tensor, built on first use
 
     def gains(self, block: int, step: int, like: torch.Tensor, points: list | None = None) -> torch.Tensor:
         if callable(self.fitted):  # a calibration's check generation: fitted as it runs (table.CheckFit)
@@ -129,7 +129,7 @@ def check_config(params: Mapping[str, Mapping]) -> None:
                             "keyed 'block/step'; recalibrate the plan")
 
 
-TECHNIQUE = Technique(NAME, "Q", "#98df8a", (BLOCK,), config=Config, run=run, estimate=estimate, fit=fit,
+TECHNIQUE = Technique(NAME, "K", "#c5b0d5", (BLOCK,), config=Config, run=run, estimate=estimate, fit=fit,
                       fitted_params=fitted_params,
                       reads=(RESIDUAL,), points=POINTS, skips_block=True, block_cost=skipped_block, candidate=False,
                       check_config=check_config,
