@@ -129,17 +129,21 @@ class Table:
         even = torch.arange(n) % 2 == 0
         return [(torch.ones(batch, dtype=torch.bool), even), (torch.ones(batch, dtype=torch.bool), ~even)]
 
+    def fold_fits(self, t, points: list, s: int, target: torch.Tensor) -> list:
+        """[(rows, tokens, parameters fitted on the other fold)] for each fold (`_folds`) of the recorded points
+        and target (B, n, C): what the table scores and what the check generation runs (CheckFit)."""
+        folds = self._folds(*target.shape[:2])
+        return [(rows, toks, t.fit([(u, r[other][:, other_toks]) for u, r in points], s,
+                                   target[other][:, other_toks]))
+                for (rows, toks), (other, other_toks) in zip(folds, folds[::-1])]
+
     def _cross_fitted(self, res: Mapping[int, torch.Tensor], s: int, used: tuple[int, ...], t) -> float:
         """Sum |stand-in - recorded| of a fitted technique, each fold scored with the parameters fitted on the other
         (fitted and scored on the same inputs, the table would prefer it wherever it has parameters to spare)."""
         total = 0.0
-        folds = self._folds(*res[s].shape[:2])
-        for (rows, toks), (other_rows, other_toks) in zip(folds, folds[::-1]):
-            def part(u, r=rows, k=toks):
-                return res[u][r][:, k]  # (b, n', C)
-            train = [(u, res[u][other_rows][:, other_toks]) for u in used]
-            params = t.fit(train, s, res[s][other_rows][:, other_toks])
-            total += float((t.estimate([(u, part(u)) for u in used], s, params) - part(s)).abs().sum())
+        for rows, toks, params in self.fold_fits(t, [(u, res[u]) for u in used], s, res[s]):
+            guess = t.estimate([(u, res[u][rows][:, toks]) for u in used], s, params)  # (b, n', C)
+            total += float((guess - res[s][rows][:, toks]).abs().sum())
         return total
 
     def check_fit(self, method: str) -> "CheckFit":
@@ -200,16 +204,13 @@ class CheckFit:
     def __call__(self, j: int, s: int, x: torch.Tensor, points: list) -> torch.Tensor:
         res, t = self.table.traj.residual[j], self.technique
         pts, target = [(u, res[u]) for u, _ in points], res[s]  # (B, n, C) recorded, on the table's tokens
-        self.fits[(j, s)] = t.fit(pts, s, target)
-        folds = self.table._folds(*target.shape[:2])
-        if not folds[0][1].all():  # one input: in-sample
-            return self.fits[(j, s)][:, None, None, :].expand(-1, x.shape[0], 1, -1).to(x)
-        per_row = None
-        for (fold, _), (other, _) in zip(folds, folds[::-1]):
-            p = t.fit([(u, r[other]) for u, r in pts], s, target[other])  # (P, C)
-            if per_row is None:
-                per_row = p.new_zeros(p.shape[0], x.shape[0], 1, p.shape[1])
-            per_row[:, fold, 0, :] = p[:, None, :]
+        whole = self.fits[(j, s)] = t.fit(pts, s, target)  # (P, C)
+        fits = self.table.fold_fits(t, pts, s, target)
+        if not fits[0][1].all():  # one input: folds of tokens, which rows cannot take; in-sample
+            return whole[:, None, None, :].expand(-1, x.shape[0], 1, -1).to(x)
+        per_row = whole.new_zeros(whole.shape[0], x.shape[0], 1, whole.shape[1])
+        for rows, _, p in fits:
+            per_row[:, rows, 0, :] = p[:, None, :]  # (P, C) of the other fold
         return per_row.to(x)  # (P, B, 1, C): each batch row's parameters
 
 

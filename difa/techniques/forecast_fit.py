@@ -121,9 +121,9 @@ def check_config(params: Mapping[str, Mapping]) -> None:
     table = (params.get(NAME) or {}).get(FITTED, {})
     for k, v in dict(table).items():
         parts = str(k).split("/")
-        ok = len(parts) == 2 and all(p.isdigit() for p in parts) and isinstance(v, (list, tuple)) and len(v) == 1 \
-            and all(isinstance(row, (list, tuple)) and len(row) == len(v[0]) and len(row) > 0
-                    and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in row) for row in v)
+        row = v[0] if isinstance(v, (list, tuple)) and len(v) == 1 else None
+        ok = len(parts) == 2 and all(p.isdigit() for p in parts) and isinstance(row, (list, tuple)) and len(row) > 0 \
+            and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in row)
         if not ok:
             raise DifaError(f"techniques.{NAME}.fitted[{k!r}] must be [gains], one list of numbers per channel, "
                             "keyed 'block/step'; recalibrate the plan")
